@@ -1,0 +1,114 @@
+"""KaSALinear: a frozen (truncated) base linear layer plus the trainable SVD-form update.
+
+    y = base(x) + (α/r) · ΔU · diag(ΔΣ) · ΔVᵀ · dropout(x)
+
+Parameter names follow PEFT's KaSA variant so state dicts map one to one:
+    lora_A.weight  (r, n)  = ΔVᵀ   Kaiming-uniform at init
+    lora_B.weight  (m, r)  = ΔU    zeros at init (so ΔW = 0)
+    lora_diag      (r,)    = ΔΣ    N(0, 1) at init
+    base_layer               the frozen base holding W_world (m×n)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+ADAPTER_PARAM_NAMES = ("lora_A.weight", "lora_B.weight", "lora_diag")
+
+
+class KaSALinear(nn.Module):
+    """KaSA adapter around a base linear layer.
+
+    Args:
+        base_layer: the frozen layer computing x ↦ W_world x + b; its weight must already be truncated
+            (see :func:`kasa_ds.inject.apply_kasa`).
+        in_features, out_features: n and m of the (local) weight.
+        r, alpha, dropout, beta, gamma: as in :class:`kasa_ds.KaSAConfig`.
+        adapter_dtype: dtype of the adapter parameters.
+
+    forward: (..., n) → (..., m), in the dtype the base layer returns.
+    """
+
+    def __init__(self, base_layer: nn.Module, in_features: int, out_features: int, r: int, alpha: float,
+                 dropout: float = 0.0, beta: float = 1e-4, gamma: float = 1e-3,
+                 adapter_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features, self.r = in_features, out_features, r
+        self.scaling = alpha / r
+        self.beta, self.gamma = beta, gamma
+        device = _device_of(base_layer)
+        self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=adapter_dtype)
+        self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=adapter_dtype)
+        self.lora_diag = nn.Parameter(torch.empty(r, device=device, dtype=adapter_dtype))
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.reset_adapter()
+
+    def reset_adapter(self, generator: Optional[torch.Generator] = None) -> None:
+        """PEFT's KaSA init: A Kaiming-uniform (a=√5), B = 0, ΔΣ ~ N(0, 1); ΔW = 0 whatever the generator."""
+        with torch.no_grad():
+            a = self.lora_A.weight
+            bound = 1.0 / math.sqrt(a.shape[1])  # kaiming_uniform_(a=√5) on a (r, n) weight
+            a.copy_(torch.rand(a.shape, generator=generator, dtype=torch.float32).mul_(2 * bound).sub_(bound))
+            self.lora_B.weight.zero_()
+            self.lora_diag.copy_(torch.randn(self.r, generator=generator, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        h = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))
+        update = self.lora_B(h * self.lora_diag) * self.scaling
+        return result + update.to(result.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = (α/r) · ΔU · diag(ΔΣ) · ΔVᵀ, (m, n), float32."""
+        b, diag, a = self.lora_B.weight.float(), self.lora_diag.float(), self.lora_A.weight.float()
+        return (b * diag) @ a * self.scaling
+
+    def regularization_terms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(‖ΔΣ‖², ‖ΔUᵀΔU − I_r‖_F + ‖ΔVᵀΔV − I_r‖_F) in float32, differentiable. Grams are r×r."""
+        b, a, diag = self.lora_B.weight.float(), self.lora_A.weight.float(), self.lora_diag.float()
+        eye = torch.eye(self.r, device=diag.device)
+        orth = torch.linalg.norm(b.T @ b - eye) + torch.linalg.norm(a @ a.T - eye)
+        return diag.square().sum(), orth
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold ΔW into the base weight in place (forward then skips the adapter branch)."""
+        if not self.merged:
+            w = self.base_layer.weight
+            w.add_(self.delta_weight().to(w.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            w = self.base_layer.weight
+            w.sub_(self.delta_weight().to(w.dtype))
+            self.merged = False
+
+    def adapter_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        yield "lora_A.weight", self.lora_A.weight
+        yield "lora_B.weight", self.lora_B.weight
+        yield "lora_diag", self.lora_diag
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling:g}"
+
+
+def kasa_layers(model: nn.Module) -> Iterator[tuple[str, KaSALinear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, KaSALinear):
+            yield name, module
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")

@@ -1,0 +1,46 @@
+"""The KaSA regularizer  β·Σ_l ‖ΔΣ_l‖² + γ·Σ_l (‖ΔU_lᵀΔU_l − I_r‖_F + ‖ΔV_lᵀΔV_l − I_r‖_F).
+
+Summed over adapted layers (PEFT's convention; the official script takes the mean, i.e. its β, γ are L times
+ours). Layers of equal shape are stacked so each group costs one batched r×r Gram per factor instead of a Python
+loop over layers.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from .layer import KaSALinear, kasa_layers
+
+
+def kasa_regularization(model: nn.Module, beta: float | None = None, gamma: float | None = None) -> torch.Tensor:
+    """Differentiable scalar (float32). β, γ default to each layer's own (set from its KaSAConfig)."""
+    terms = regularization_terms(model)
+    if terms is None:
+        return torch.zeros(())
+    l2, orth, layer_beta, layer_gamma = terms
+    b = layer_beta if beta is None else torch.full_like(layer_beta, beta)
+    g = layer_gamma if gamma is None else torch.full_like(layer_gamma, gamma)
+    return (b * l2).sum() + (g * orth).sum()
+
+
+def regularization_terms(model: nn.Module):
+    """Per-layer (‖ΔΣ‖², orthogonality term, β, γ) as 1-D tensors in a fixed layer order, or None if no layer."""
+    groups: dict[tuple, list[KaSALinear]] = defaultdict(list)
+    for _, layer in kasa_layers(model):
+        groups[(layer.out_features, layer.in_features, layer.r, layer.lora_diag.device)].append(layer)
+    if not groups:
+        return None
+    l2s, orths, betas, gammas = [], [], [], []
+    for (_, _, r, device), layers in groups.items():
+        b = torch.stack([m.lora_B.weight for m in layers]).float()   # (L, m, r)
+        a = torch.stack([m.lora_A.weight for m in layers]).float()   # (L, r, n)
+        d = torch.stack([m.lora_diag for m in layers]).float()       # (L, r)
+        eye = torch.eye(r, device=device)
+        orths.append(torch.linalg.matrix_norm(b.mT @ b - eye) + torch.linalg.matrix_norm(a @ a.mT - eye))
+        l2s.append(d.square().sum(-1))
+        betas.append(torch.tensor([m.beta for m in layers], device=device))
+        gammas.append(torch.tensor([m.gamma for m in layers], device=device))
+    return torch.cat(l2s), torch.cat(orths), torch.cat(betas), torch.cat(gammas)

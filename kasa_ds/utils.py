@@ -1,0 +1,62 @@
+"""Small process-level helpers: rank queries, rank-0 progress bars, atomic directory writes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator, TypeVar
+
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+def rank() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", 0))
+
+
+def world_size() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_rank_zero() -> bool:
+    return rank() == 0
+
+
+def progress(items: Iterable[T], disable: bool = False, **kwargs) -> Iterable[T]:
+    """tqdm when stderr is interactive or asked for; plain iteration otherwise."""
+    if disable:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, dynamic_ncols=True, mininterval=1.0, **kwargs)
+
+
+@contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path``; on success it replaces ``path`` in one rename, on error it is removed.
+
+    A reader never sees a half-written ``path``: either the old complete one or the new complete one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            path.rename(old)
+        tmp.rename(path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
