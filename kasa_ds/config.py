@@ -104,7 +104,6 @@ class KaSAConfig:
             "rank_pattern": {},
             "alpha_pattern": {},
             "inference_mode": True,
-            "kasa_ds": {"svd_solver": self.svd_solver, "adapter_dtype": self.adapter_dtype},
         }
 
     @classmethod
@@ -117,13 +116,10 @@ class KaSAConfig:
                 raise ValueError(f"adapter_config.json sets {key}={d[key]!r}, which kasa_ds does not support")
         if d.get("bias", "none") != "none":
             raise ValueError(f"adapter_config.json sets bias={d['bias']!r}; kasa_ds supports bias='none' only")
-        extra = d.get("kasa_ds") or {}
-        modules_to_save = [m for m in (d.get("modules_to_save") or [])]
         return cls(r=int(d["r"]), alpha=float(d["lora_alpha"]), dropout=float(d.get("lora_dropout") or 0.0),
                    target_modules=d["target_modules"], beta=float(d["kasa_config"].get("beta", 1e-4)),
-                   gamma=float(d["kasa_config"].get("gamma", 1e-3)), modules_to_save=modules_to_save,
-                   exclude_modules=d.get("exclude_modules") or (),
-                   svd_solver=extra.get("svd_solver", "auto"), adapter_dtype=extra.get("adapter_dtype", "float32"))
+                   gamma=float(d["kasa_config"].get("gamma", 1e-3)), modules_to_save=d.get("modules_to_save") or (),
+                   exclude_modules=d.get("exclude_modules") or ())
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -1,0 +1,42 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+ALL_LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=False)
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_bert_classifier(seed: int = 0):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=96, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=96, num_labels=3, max_position_embeddings=64)
+    return BertForSequenceClassification(config).eval()
+
+
+def randomize_adapters(model, seed: int = 1) -> None:
+    """Give every adapter non-zero ΔU so that ΔW ≠ 0 (a fresh adapter has ΔW = 0 and would test nothing)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if "lora_" in name or (p.requires_grad and "lora_" not in name):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+@pytest.fixture
+def tokens():
+    return torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(7))
