@@ -31,12 +31,14 @@ def is_rank_zero() -> bool:
 
 
 def progress(items: Iterable[T], disable: bool = False, **kwargs) -> Iterable[T]:
-    """tqdm when stderr is interactive or asked for; plain iteration otherwise."""
+    """A tqdm bar (refreshed at most every second on a terminal, every 30 s in a log file), or plain iteration."""
     if disable:
         return items
+    import sys
+
     from tqdm.auto import tqdm
 
-    return tqdm(items, dynamic_ncols=True, mininterval=1.0, **kwargs)
+    return tqdm(items, dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0, **kwargs)
 
 
 @contextmanager

@@ -1,0 +1,331 @@
+#!/usr/bin/env python
+"""KaSA fine-tuning recipe: one entry point for a single process and for the DeepSpeed launcher.
+
+    python launch/train.py                                   # embedded default: MiniLM on Rotten Tomatoes, CPU
+    python launch/train.py --config configs/x.yaml train.lr=3e-4 kasa.r=16
+    deepspeed --num_gpus 2 launch/train.py --ds_config ds_configs/zero2.json --config configs/x.yaml
+
+Steps, in order: validate config → set up processes → tokenizer, data → model → KaSA (truncate + inject) →
+resume → eval → train (task loss + KaSA regularizer) with checkpoints → eval → adapter in <output_dir>/adapter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from kasa_ds.train_config import ConfigError, TrainConfig, dump, load_train_config  # noqa: E402  (light imports)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML recipe config (defaults: the embedded MiniLM / Rotten Tomatoes run)")
+    p.add_argument("--ds_config", "--deepspeed_config", dest="ds_config", help="DeepSpeed JSON config")
+    p.add_argument("--output_dir", help="where metrics, checkpoints and the adapter go (overrides output_dir)")
+    p.add_argument("--resume", help="auto | none | <checkpoint dir> (overrides resume)")
+    p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. train.lr=3e-4")
+    return p.parse_intermixed_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    overrides = list(args.overrides)
+    for key in ("ds_config", "output_dir", "resume"):
+        if getattr(args, key) is not None:
+            overrides.append(f"{key}={getattr(args, key)}")
+    try:
+        cfg = load_train_config(args.config, overrides)
+        fingerprint = run_fingerprint(cfg)
+        resume_from = find_resume_checkpoint(cfg, fingerprint)
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return train(cfg, fingerprint, resume_from)
+
+
+def run_fingerprint(cfg: TrainConfig) -> dict:
+    """What a checkpoint must share with this run to be resumed (model, method, data, batch geometry)."""
+    k = cfg.kasa
+    return {"model": cfg.model.path, "task": cfg.model.task, "r": k.r, "alpha": k.alpha,
+            "target_modules": k.target_modules, "modules_to_save": k.modules_to_save, "train_data": cfg.data.train,
+            "micro_batch_size": cfg.train.micro_batch_size, "seed": cfg.train.seed,
+            "gradient_accumulation_steps": cfg.train.gradient_accumulation_steps}
+
+
+def find_resume_checkpoint(cfg: TrainConfig, fingerprint: dict):
+    from kasa_ds import checkpoint
+
+    if cfg.resume == "none":
+        return None
+    path = checkpoint.latest_checkpoint(cfg.output_dir) if cfg.resume == "auto" else Path(cfg.resume)
+    if path is not None:
+        checkpoint.read_meta(path, fingerprint)  # refuse a mismatched or corrupted checkpoint before any work
+    return path
+
+
+def train(cfg: TrainConfig, fingerprint: dict, resume_from) -> int:
+    import torch
+
+    from kasa_ds import apply_kasa, checkpoint, kasa_regularization, save_adapter
+    from kasa_ds.adapter_io import adapter_state_dict, load_adapter_state
+    from kasa_ds.data import (ClassificationDataset, InstructionDataset, collate, eval_subset, global_batches,
+                              load_records, rank_slice)
+    from kasa_ds.metrics import MetricsLogger
+    from kasa_ds.models import load_model, load_tokenizer
+    from kasa_ds.utils import progress
+
+    # 1. processes and device
+    env = setup_distributed(cfg)
+    rank, world, device = env["rank"], env["world"], env["device"]
+    say = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    output_dir = Path(cfg.output_dir)
+    if rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(dump(cfg))
+    torch.manual_seed(cfg.train.seed + rank)
+
+    # 2. tokenizer and data
+    tokenizer = load_tokenizer(cfg.model)
+    if cfg.model.task == "seq_cls":
+        make = partial(ClassificationDataset, tokenizer=tokenizer, max_length=cfg.model.max_length,
+                       text_field=cfg.data.text_field, label_field=cfg.data.label_field,
+                       num_labels=cfg.model.num_labels)
+    else:
+        make = partial(InstructionDataset, tokenizer=tokenizer, max_length=cfg.model.max_length)
+    train_set = make(load_records(cfg.data.train))
+    eval_set = make(eval_subset(load_records(cfg.data.eval), cfg.data.max_eval_examples)) if cfg.data.eval else None
+    batch_of = partial(collate, pad_id=tokenizer.pad_token_id)
+
+    # 3. model and KaSA
+    model = load_model(cfg.model, tokenizer.pad_token_id).to(device)
+    report = apply_kasa(model, cfg.kasa_config(), show_progress=rank == 0)
+    say(report)
+    start_step = 0
+    if resume_from is not None:
+        load_adapter_state(model, checkpoint.load_tensors(resume_from / "adapter_model.safetensors"))
+        start_step = checkpoint.read_meta(resume_from, fingerprint)["step"]
+        say(f"resuming from {resume_from} at step {start_step}")
+
+    # 4. optimizer, schedule, engine
+    t = cfg.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg=t))
+    engine = None
+    if cfg.ds_config:
+        engine = deepspeed_engine(cfg, model, optimizer, scheduler, world)
+    if resume_from is not None:
+        restore_trainer_state(resume_from, engine, optimizer, scheduler, rank)
+    forward = engine if engine is not None else model
+
+    logger = MetricsLogger(output_dir, enabled=rank == 0, tensorboard=cfg.tensorboard)
+    evaluate_now = partial(evaluate, forward, eval_set, batch_of, t.micro_batch_size, device, rank, world,
+                           cfg.model.task)
+    before = evaluate_now() if eval_set is not None else {}
+    if before:
+        say("eval before: " + fmt(before))
+        logger.log("eval", start_step, before, {"when": "before"})
+
+    # 5. train
+    global_batch = t.micro_batch_size * t.gradient_accumulation_steps * world
+    batches = global_batches(len(train_set), global_batch, t.seed, start_step)
+    bar = progress(range(start_step, t.max_steps), disable=rank != 0, desc="train", unit="step",
+                   initial=start_step, total=t.max_steps)
+    model.train()
+    window = []
+    for step in bar:
+        tic = time.perf_counter()
+        mine = rank_slice(next(batches), rank, world)
+        task_sum = reg_value = 0.0
+        for micro in range(t.gradient_accumulation_steps):
+            ids = mine[micro * t.micro_batch_size:(micro + 1) * t.micro_batch_size]
+            batch = {k: v.to(device) for k, v in batch_of([train_set[i] for i in ids]).items()}
+            task_loss = forward(**batch).loss
+            reg = kasa_regularization(model).to(task_loss.device)
+            loss = task_loss + reg
+            if engine is not None:
+                engine.backward(loss)
+                engine.step()
+            else:
+                (loss / t.gradient_accumulation_steps).backward()
+            task_sum += task_loss.item()
+            reg_value = reg.item()
+        if engine is None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm).item()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            grad_norm = float(engine.get_global_grad_norm() or 0.0)
+        done = step + 1
+        record = {"loss": task_sum / t.gradient_accumulation_steps, "kasa_reg": reg_value,
+                  "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "step_time": time.perf_counter() - tic}
+        record["loss"] = mean_over_ranks(record["loss"], device, world)
+        window.append(record["loss"])
+        logger.log("train", done, record)
+        if rank == 0:
+            bar.set_postfix(loss=f"{record['loss']:.4f}", reg=f"{reg_value:.2e}", refresh=False)
+        if done % t.log_every == 0 or done == t.max_steps:
+            line = (f"step {done}/{t.max_steps} | loss {sum(window) / len(window):.4f} | kasa_reg {reg_value:.3e} | "
+                    f"lr {record['lr']:.2e} | grad_norm {grad_norm:.3f} | {record['step_time']:.2f} s/step")
+            (bar.write if rank == 0 and hasattr(bar, "write") else say)(line)
+            window = []
+        if eval_set is not None and done % t.eval_every == 0 and done < t.max_steps:
+            metrics = evaluate_now()
+            logger.log("eval", done, metrics)
+            say(f"eval at step {done}: " + fmt(metrics))
+            model.train()
+        if done % t.save_every == 0 or done == t.max_steps:
+            save_checkpoint(cfg, done, fingerprint, model, engine, optimizer, scheduler, rank, adapter_state_dict)
+
+    # 6. final eval and adapter
+    after = evaluate_now() if eval_set is not None else {}
+    if after:
+        logger.log("eval", t.max_steps, after, {"when": "after"})
+        say("eval before: " + fmt(before) + "\neval after:  " + fmt(after))
+    if rank == 0:
+        save_adapter(model, output_dir / "adapter", base_model_name_or_path=cfg.model.path)
+        say(f"adapter written to {output_dir / 'adapter'}")
+    logger.close()
+    return 0
+
+
+def setup_distributed(cfg: TrainConfig) -> dict:
+    """Initialize torch.distributed when launched with several ranks or DeepSpeed; pick CUDA when present."""
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if cfg.ds_config or world > 1:
+        import deepspeed
+
+        cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") == "cuda"
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+        world = torch.distributed.get_world_size()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    rank = torch.distributed.get_rank() if world > 1 or cfg.ds_config else 0
+    return {"rank": rank, "world": world, "device": torch.device("cuda", local_rank) if cuda else torch.device("cpu")}
+
+
+def deepspeed_engine(cfg: TrainConfig, model, optimizer, scheduler, world: int):
+    """deepspeed.initialize with the JSON config; batch geometry and clipping come from the recipe config."""
+    import json
+
+    import deepspeed
+
+    with open(cfg.ds_config) as f:
+        ds = json.load(f)
+    t = cfg.train
+    wanted = {"train_micro_batch_size_per_gpu": t.micro_batch_size,
+              "gradient_accumulation_steps": t.gradient_accumulation_steps,
+              "train_batch_size": t.micro_batch_size * t.gradient_accumulation_steps * world,
+              "gradient_clipping": t.max_grad_norm}
+    for key, value in wanted.items():
+        if ds.get(key, "auto") not in ("auto", value):
+            raise ConfigError(f"{cfg.ds_config}: {key}={ds[key]} disagrees with the recipe ({value}); set it to "
+                              "\"auto\" and choose it in the YAML (train.*)")
+        ds[key] = value
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage == 3:
+        raise ConfigError(f"{cfg.ds_config}: ZeRO stage 3 needs the partitioned KaSA initialization, which this "
+                          "version does not ship yet; use ds_configs/zero2.json")
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
+    return engine
+
+
+def lr_factor(step: int, cfg) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / (cfg.warmup_steps + 1)
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    progress_ = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    if cfg.lr_schedule == "linear":
+        return max(0.0, 1.0 - progress_)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress_)))
+
+
+def evaluate(forward, dataset, batch_of, batch_size, device, rank, world, task) -> dict:
+    """Loss (and accuracy for seq_cls) over the whole eval set; each rank takes a strided share, sums all-reduced."""
+    import torch
+
+    model = getattr(forward, "module", forward)
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64)  # loss·weight, weight, correct
+    with torch.no_grad():
+        idx = list(range(rank, len(dataset), world))
+        for start in range(0, len(idx), batch_size):
+            batch = {k: v.to(device) for k, v in batch_of([dataset[i] for i in idx[start:start + batch_size]]).items()}
+            out = forward(**batch)
+            if task == "seq_cls":
+                n = batch["labels"].numel()
+                totals += torch.tensor([out.loss.item() * n, n, (out.logits.argmax(-1) == batch["labels"]).sum().item()],
+                                       dtype=torch.float64)
+            else:
+                n = (batch["labels"][:, 1:] != -100).sum().item()  # tokens that carry loss after the shift
+                totals += torch.tensor([out.loss.item() * n, n, 0.0], dtype=torch.float64)
+    if world > 1:
+        torch.distributed.all_reduce(totals)
+    model.train(was_training)
+    loss = (totals[0] / totals[1]).item()
+    if task == "seq_cls":
+        return {"loss": loss, "accuracy": (totals[2] / totals[1]).item()}
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+def mean_over_ranks(value: float, device, world: int) -> float:
+    if world == 1:
+        return value
+    import torch
+
+    t = torch.tensor([value], dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return (t / world).item()
+
+
+def save_checkpoint(cfg, step, fingerprint, model, engine, optimizer, scheduler, rank, adapter_state_dict) -> None:
+    import torch
+
+    from kasa_ds import checkpoint
+
+    tmp = checkpoint.begin(cfg.output_dir, step)
+    if engine is not None:
+        engine.save_checkpoint(str(tmp), tag="deepspeed", exclude_frozen_parameters=True)
+    else:
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "trainer_state.pt")
+    torch.save(torch.get_rng_state(), tmp / f"rng_state_rank{rank}.pt")
+    if rank == 0:
+        checkpoint.save_tensors(tmp / "adapter_model.safetensors", adapter_state_dict(model))
+    checkpoint.commit(tmp, {"step": step, "fingerprint": fingerprint}, keep=cfg.train.keep_checkpoints)
+
+
+def restore_trainer_state(path: Path, engine, optimizer, scheduler, rank: int) -> None:
+    import torch
+
+    if engine is not None:
+        engine.load_checkpoint(str(path), tag="deepspeed", load_module_strict=False)
+    else:
+        state = torch.load(path / "trainer_state.pt", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    rng = path / f"rng_state_rank{rank}.pt"
+    if rng.is_file():
+        torch.set_rng_state(torch.load(rng, weights_only=True))
+
+
+def fmt(metrics: dict) -> str:
+    return " | ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

