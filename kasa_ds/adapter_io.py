@@ -30,17 +30,19 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors under PEFT's key names, detached on CPU (full shapes, never partitions)."""
+def adapter_param_items(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name without PEFT's prefix, parameter) for every adapter and modules_to_save parameter, in a fixed order."""
     config = get_config(model)
-    state: dict[str, torch.Tensor] = {}
-    for name, layer in kasa_layers(model):
-        for pname, p in layer.adapter_parameters():
-            state[f"{PREFIX}{name}.{pname}"] = p.detach().to("cpu").contiguous()
+    items = [(f"{name}.{pname}", p) for name, layer in kasa_layers(model) for pname, p in layer.adapter_parameters()]
     for name in modules_to_save(model, config):
-        for pname, p in model.get_submodule(name).named_parameters():
-            state[f"{PREFIX}{name}.{pname}"] = p.detach().to("cpu").contiguous()
-    return state
+        items += [(f"{name}.{pname}", p) for pname, p in model.get_submodule(name).named_parameters()]
+    return items
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors under PEFT's key names, detached on CPU. For ZeRO-3 partitioned parameters use
+    kasa_ds.zero.gathered_adapter_state (this function would see the empty local placeholders)."""
+    return {PREFIX + key: p.detach().to("cpu").contiguous() for key, p in adapter_param_items(model)}
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, *, state: Optional[dict[str, torch.Tensor]] = None,
@@ -98,7 +100,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, svd_solver: Optio
 
 def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Copy PEFT-keyed adapter tensors into ``model``; every adapter parameter must be present, nothing extra."""
-    expected = set(adapter_state_dict_keys(model))
+    expected = {PREFIX + key for key, _ in adapter_param_items(model)}
     unexpected = [k for k in state if k not in expected]
     missing = [k for k in expected if k not in state]
     if unexpected or missing:
@@ -113,14 +115,6 @@ def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None
                 raise ValueError(f"{key}: adapter tensor has shape {tuple(value.shape)}, model expects "
                                  f"{tuple(param.shape)}")
             param.copy_(value.to(param.dtype))
-
-
-def adapter_state_dict_keys(model: nn.Module) -> list[str]:
-    config = get_config(model)
-    keys = [f"{PREFIX}{name}.{pname}" for name, layer in kasa_layers(model) for pname, _ in layer.adapter_parameters()]
-    for name in modules_to_save(model, config):
-        keys += [f"{PREFIX}{name}.{pname}" for pname, _ in model.get_submodule(name).named_parameters()]
-    return keys
 
 
 def get_config(model: nn.Module) -> KaSAConfig:

@@ -78,8 +78,9 @@ def apply_kasa(model: nn.Module, config: KaSAConfig, *, truncate: Optional[Trunc
     wrap_targets(model, targets, config)
     saved = set_trainable(model, config)
     setattr(model, CONFIG_ATTR, config)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    numel = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731  (ZeRO-3 partitions report their full size)
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(numel(p) for p in model.parameters())
     return KaSAReport(layer_reports, saved, trainable, total, time.perf_counter() - start, config.svd_solver)
 
 

@@ -42,11 +42,15 @@ class KaSALinear(nn.Module):
         self.scaling = alpha / r
         self.beta, self.gamma = beta, gamma
         device = _device_of(base_layer)
-        self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=adapter_dtype)
-        self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=adapter_dtype)
+        self.lora_A = AdapterFactor(in_features, r, rows=True, device=device, dtype=adapter_dtype)
+        self.lora_B = AdapterFactor(r, out_features, rows=False, device=device, dtype=adapter_dtype)
         self.lora_diag = nn.Parameter(torch.empty(r, device=device, dtype=adapter_dtype))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        # ZeRO-3: a parameter is whole only inside its own module's forward, so each of ΔΣ, ΔVᵀ, ΔU computes its
+        # regularizer term there (set_regularize_in_forward) and kasa_regularization sums the cached values.
+        self.regularize_in_forward = False
+        self.reg_cache: Optional[torch.Tensor] = None
         self.reset_adapter()
 
     def reset_adapter(self, generator: Optional[torch.Generator] = None) -> None:
@@ -63,8 +67,24 @@ class KaSALinear(nn.Module):
         if self.merged:
             return result
         h = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))
-        update = self.lora_B(h * self.lora_diag) * self.scaling
+        diag = self.lora_diag
+        if self.regularize_in_forward and self.training and torch.is_grad_enabled():
+            self.reg_cache = _SquaredNorm.apply(diag)
+            h = h + 0.0 * self.reg_cache  # exact; ties the term's backward to this layer's (gathered) backward
+        update = self.lora_B(h * diag) * self.scaling
         return result + update.to(result.dtype)
+
+    def set_regularize_in_forward(self, enabled: bool = True) -> None:
+        self.regularize_in_forward = self.lora_A.regularize_in_forward = self.lora_B.regularize_in_forward = enabled
+
+    def cached_regularization_terms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(‖ΔΣ‖², orthogonality) from the last training forward; each forward's terms are returned once."""
+        terms = (self.reg_cache, self.lora_A.reg_cache, self.lora_B.reg_cache)
+        if any(t is None for t in terms):
+            raise RuntimeError("the KaSA regularizer is computed in the layers' forward here (ZeRO-3); call "
+                               "kasa_regularization(model) after a training-mode forward pass")
+        self.reg_cache = self.lora_A.reg_cache = self.lora_B.reg_cache = None
+        return terms[0], terms[1] + terms[2]
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = (α/r) · ΔU · diag(ΔΣ) · ΔVᵀ, (m, n), float32."""
@@ -100,6 +120,62 @@ class KaSALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling:g}"
+
+
+class _OrthogonalityPenalty(torch.autograd.Function):
+    """‖G − I_r‖_F with G = W Wᵀ (``rows``: W = lora_A, r×n) or Wᵀ W (W = lora_B, m×r); gradient computed in forward.
+
+    With E = G − I (r×r, symmetric): ∂‖E‖_F/∂W = 2·E·W / ‖E‖_F (rows) or 2·W·E / ‖E‖_F (cols); 0 where ‖E‖ = 0.
+    Only the gradient is saved, never W: under ZeRO-3 W is released after its module's forward.
+    """
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, rows: bool):
+        w = weight.float()
+        e = (w @ w.T if rows else w.T @ w) - torch.eye(w.shape[0] if rows else w.shape[1], device=w.device)
+        norm = torch.linalg.norm(e)
+        grad = (2 * (e @ w if rows else w @ e) / norm) if norm > 0 else torch.zeros_like(w)
+        ctx.save_for_backward(grad.to(weight.dtype))
+        return norm
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return g * grad, None
+
+
+class _SquaredNorm(torch.autograd.Function):
+    """‖d‖² with its gradient 2d saved in forward (not d itself)."""
+
+    @staticmethod
+    def forward(ctx, d: torch.Tensor):
+        ctx.save_for_backward(2 * d.detach())
+        return d.float().square().sum()
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return g * grad
+
+
+class AdapterFactor(nn.Linear):
+    """lora_A / lora_B: a bias-free linear that can compute its own orthogonality term inside its forward.
+
+    ``rows`` picks the r×r Gram: W Wᵀ for lora_A (r×n), Wᵀ W for lora_B (m×r).
+    """
+
+    def __init__(self, in_features: int, out_features: int, rows: bool, **kwargs) -> None:
+        super().__init__(in_features, out_features, bias=False, **kwargs)
+        self.rows = rows
+        self.regularize_in_forward = False
+        self.reg_cache: Optional[torch.Tensor] = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        if self.regularize_in_forward and self.training and torch.is_grad_enabled():
+            self.reg_cache = _OrthogonalityPenalty.apply(self.weight, self.rows)
+            y = y + 0.0 * self.reg_cache  # exact; ties the term's backward to this module's (gathered) backward
+        return y
 
 
 def kasa_layers(model: nn.Module) -> Iterator[tuple[str, KaSALinear]]:

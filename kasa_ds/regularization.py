@@ -27,13 +27,24 @@ def kasa_regularization(model: nn.Module, beta: float | None = None, gamma: floa
 
 
 def regularization_terms(model: nn.Module):
-    """Per-layer (‖ΔΣ‖², orthogonality term, β, γ) as 1-D tensors in a fixed layer order, or None if no layer."""
+    """Per-layer (‖ΔΣ‖², orthogonality term, β, γ) as 1-D tensors, or None if no layer.
+
+    Layers that compute their terms in forward (ZeRO-3) contribute the values of their last training forward;
+    the others are computed here, batched by shape.
+    """
     groups: dict[tuple, list[KaSALinear]] = defaultdict(list)
-    for _, layer in kasa_layers(model):
-        groups[(layer.out_features, layer.in_features, layer.r, layer.lora_diag.device)].append(layer)
-    if not groups:
-        return None
     l2s, orths, betas, gammas = [], [], [], []
+    for _, layer in kasa_layers(model):
+        if layer.regularize_in_forward:
+            l2, orth = layer.cached_regularization_terms()
+            l2s.append(l2.reshape(1))
+            orths.append(orth.reshape(1))
+            betas.append(torch.tensor([layer.beta], device=l2.device))
+            gammas.append(torch.tensor([layer.gamma], device=l2.device))
+        else:
+            groups[(layer.out_features, layer.in_features, layer.r, layer.lora_diag.device)].append(layer)
+    if not groups and not l2s:
+        return None
     for (_, _, r, device), layers in groups.items():
         b = torch.stack([m.lora_B.weight for m in layers]).float()   # (L, m, r)
         a = torch.stack([m.lora_A.weight for m in layers]).float()   # (L, r, n)
@@ -43,4 +54,5 @@ def regularization_terms(model: nn.Module):
         l2s.append(d.square().sum(-1))
         betas.append(torch.tensor([m.beta for m in layers], device=device))
         gammas.append(torch.tensor([m.gamma for m in layers], device=device))
-    return torch.cat(l2s), torch.cat(orths), torch.cat(betas), torch.cat(gammas)
+    device = l2s[0].device
+    return tuple(torch.cat([t.to(device) for t in ts]) for ts in (l2s, orths, betas, gammas))

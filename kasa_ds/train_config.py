@@ -54,7 +54,8 @@ class KaSASection:
     svd_solver: str = "auto"
     modules_to_save: list = field(default_factory=lambda: ["classifier"])
     exclude_modules: list = field(default_factory=list)
-    init_seed: Optional[int] = 0
+    init_seed: Optional[int] = 0  # same adapter init on every rank (required with several ranks)
+    max_gather_mb: int = 2048  # distributed truncation: cap on weight bytes one rank gathers at once
 
 
 @dataclass
@@ -162,6 +163,9 @@ def validate(c: TrainConfig) -> None:
          f"train.lr_schedule={t.lr_schedule!r}: choose cosine, linear or constant")
     if c.ds_config is not None:
         need(os.path.isfile(c.ds_config), f"--ds_config {c.ds_config}: file not found")
+    need(c.kasa.max_gather_mb >= 1, f"kasa.max_gather_mb={c.kasa.max_gather_mb}: must be >= 1")
+    need(c.ds_config is None or c.kasa.init_seed is not None,
+         "kasa.init_seed is null: with DeepSpeed every rank must initialize identical adapters; set kasa.init_seed")
     need(c.resume in ("auto", "none") or os.path.isdir(c.resume),
          f"resume={c.resume!r}: use auto, none or an existing checkpoint directory")
     try:

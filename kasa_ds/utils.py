@@ -7,7 +7,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator, TypeVar
+from typing import Iterable, Iterator, Optional, TypeVar
 
 import torch.distributed as dist
 
@@ -30,10 +30,29 @@ def is_rank_zero() -> bool:
     return rank() == 0
 
 
-def progress(items: Iterable[T], disable: bool = False, **kwargs) -> Iterable[T]:
-    """A tqdm bar (refreshed at most every second on a terminal, every 30 s in a log file), or plain iteration."""
+class _NullBar:
+    """What ranks other than 0 get instead of a bar: iterates like its items, ignores updates."""
+
+    def __init__(self, items=None):
+        self.items = items
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def update(self, n: int = 1) -> None: ...
+    def set_postfix(self, *args, **kwargs) -> None: ...
+    def close(self) -> None: ...
+
+    @staticmethod
+    def write(line: str) -> None:
+        print(line, flush=True)
+
+
+def progress(items: Optional[Iterable[T]] = None, disable: bool = False, **kwargs):
+    """A tqdm bar over ``items`` (or a manual one with ``total=``), refreshed at most every second on a terminal and
+    every 30 s in a log file; a no-op bar when ``disable``."""
     if disable:
-        return items
+        return _NullBar(items)
     import sys
 
     from tqdm.auto import tqdm

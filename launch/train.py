@@ -104,10 +104,32 @@ def train(cfg: TrainConfig, fingerprint: dict, resume_from) -> int:
     eval_set = make(eval_subset(load_records(cfg.data.eval), cfg.data.max_eval_examples)) if cfg.data.eval else None
     batch_of = partial(collate, pad_id=tokenizer.pad_token_id)
 
-    # 3. model and KaSA
-    model = load_model(cfg.model, tokenizer.pad_token_id).to(device)
-    report = apply_kasa(model, cfg.kasa_config(), show_progress=rank == 0)
+    # 3. model and KaSA. Under ZeRO-3 the model is built partitioned (HfDeepSpeedConfig alive during from_pretrained)
+    # and no rank ever holds it whole; with several ranks the truncation work is spread over them.
+    ds = read_ds_config(cfg, world) if cfg.ds_config else None
+    zero3 = ds is not None and ds.get("zero_optimization", {}).get("stage", 0) == 3
+    if zero3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_ds_config = HfDeepSpeedConfig(ds)  # noqa: F841  (must stay referenced while the model loads)
+    model = load_model(cfg.model, tokenizer.pad_token_id)
+    if not zero3:
+        model = model.to(device)
+    truncate = None
+    if torch.distributed.is_initialized():
+        from kasa_ds.zero import truncate_distributed
+
+        truncate = partial(truncate_distributed, max_gather_bytes=cfg.kasa.max_gather_mb << 20,
+                           show_progress=rank == 0)
+    report = apply_kasa(model, cfg.kasa_config(), truncate=truncate, show_progress=rank == 0)
     say(report)
+    if zero3:
+        from kasa_ds.zero import gathered_adapter_state, prepare_for_zero3
+
+        prepare_for_zero3(model)
+        adapter_state = partial(gathered_adapter_state, model)
+    else:
+        adapter_state = (lambda: adapter_state_dict(model)) if rank == 0 else dict
     start_step = 0
     if resume_from is not None:
         load_adapter_state(model, checkpoint.load_tensors(resume_from / "adapter_model.safetensors"))
@@ -121,8 +143,10 @@ def train(cfg: TrainConfig, fingerprint: dict, resume_from) -> int:
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg=t))
     engine = None
-    if cfg.ds_config:
-        engine = deepspeed_engine(cfg, model, optimizer, scheduler, world)
+    if ds is not None:
+        import deepspeed
+
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
     if resume_from is not None:
         restore_trainer_state(resume_from, engine, optimizer, scheduler, rank)
     forward = engine if engine is not None else model
@@ -172,12 +196,12 @@ def train(cfg: TrainConfig, fingerprint: dict, resume_from) -> int:
         record["loss"] = mean_over_ranks(record["loss"], device, world)
         window.append(record["loss"])
         logger.log("train", done, record)
-        if rank == 0:
-            bar.set_postfix(loss=f"{record['loss']:.4f}", reg=f"{reg_value:.2e}", refresh=False)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", reg=f"{reg_value:.2e}", refresh=False)
         if done % t.log_every == 0 or done == t.max_steps:
             line = (f"step {done}/{t.max_steps} | loss {sum(window) / len(window):.4f} | kasa_reg {reg_value:.3e} | "
                     f"lr {record['lr']:.2e} | grad_norm {grad_norm:.3f} | {record['step_time']:.2f} s/step")
-            (bar.write if rank == 0 and hasattr(bar, "write") else say)(line)
+            if rank == 0:
+                bar.write(line)
             window = []
         if eval_set is not None and done % t.eval_every == 0 and done < t.max_steps:
             metrics = evaluate_now()
@@ -185,15 +209,16 @@ def train(cfg: TrainConfig, fingerprint: dict, resume_from) -> int:
             say(f"eval at step {done}: " + fmt(metrics))
             model.train()
         if done % t.save_every == 0 or done == t.max_steps:
-            save_checkpoint(cfg, done, fingerprint, model, engine, optimizer, scheduler, rank, adapter_state_dict)
+            save_checkpoint(cfg, done, fingerprint, adapter_state, engine, optimizer, scheduler, rank)
 
     # 6. final eval and adapter
     after = evaluate_now() if eval_set is not None else {}
     if after:
         logger.log("eval", t.max_steps, after, {"when": "after"})
         say("eval before: " + fmt(before) + "\neval after:  " + fmt(after))
+    state = adapter_state()  # collective under ZeRO-3
     if rank == 0:
-        save_adapter(model, output_dir / "adapter", base_model_name_or_path=cfg.model.path)
+        save_adapter(model, output_dir / "adapter", state=state, base_model_name_or_path=cfg.model.path)
         say(f"adapter written to {output_dir / 'adapter'}")
     logger.close()
     return 0
@@ -218,11 +243,9 @@ def setup_distributed(cfg: TrainConfig) -> dict:
     return {"rank": rank, "world": world, "device": torch.device("cuda", local_rank) if cuda else torch.device("cpu")}
 
 
-def deepspeed_engine(cfg: TrainConfig, model, optimizer, scheduler, world: int):
-    """deepspeed.initialize with the JSON config; batch geometry and clipping come from the recipe config."""
+def read_ds_config(cfg: TrainConfig, world: int) -> dict:
+    """The DeepSpeed JSON with batch geometry and clipping taken from the recipe config ("auto" in the JSON)."""
     import json
-
-    import deepspeed
 
     with open(cfg.ds_config) as f:
         ds = json.load(f)
@@ -236,12 +259,7 @@ def deepspeed_engine(cfg: TrainConfig, model, optimizer, scheduler, world: int):
             raise ConfigError(f"{cfg.ds_config}: {key}={ds[key]} disagrees with the recipe ({value}); set it to "
                               "\"auto\" and choose it in the YAML (train.*)")
         ds[key] = value
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
-    if stage == 3:
-        raise ConfigError(f"{cfg.ds_config}: ZeRO stage 3 needs the partitioned KaSA initialization, which this "
-                          "version does not ship yet; use ds_configs/zero2.json")
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
-    return engine
+    return ds
 
 
 def lr_factor(step: int, cfg) -> float:
@@ -263,17 +281,22 @@ def evaluate(forward, dataset, batch_of, batch_size, device, rank, world, task) 
     was_training = model.training
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64)  # loss·weight, weight, correct
+    # every rank runs the same number of forwards (ZeRO-3 forwards are collectives); a rank whose share has run out
+    # evaluates example 0 with weight 0
+    idx = list(range(rank, len(dataset), world))
+    n_batches = math.ceil(math.ceil(len(dataset) / world) / batch_size)
     with torch.no_grad():
-        idx = list(range(rank, len(dataset), world))
-        for start in range(0, len(idx), batch_size):
-            batch = {k: v.to(device) for k, v in batch_of([dataset[i] for i in idx[start:start + batch_size]]).items()}
+        for b in range(n_batches):
+            ids = idx[b * batch_size:(b + 1) * batch_size]
+            weight = 1.0 if ids else 0.0
+            batch = {k: v.to(device) for k, v in batch_of([dataset[i] for i in (ids or [0])]).items()}
             out = forward(**batch)
             if task == "seq_cls":
-                n = batch["labels"].numel()
-                totals += torch.tensor([out.loss.item() * n, n, (out.logits.argmax(-1) == batch["labels"]).sum().item()],
-                                       dtype=torch.float64)
+                n = batch["labels"].numel() * weight
+                correct = (out.logits.argmax(-1) == batch["labels"]).sum().item() * weight
+                totals += torch.tensor([out.loss.item() * n, n, correct], dtype=torch.float64)
             else:
-                n = (batch["labels"][:, 1:] != -100).sum().item()  # tokens that carry loss after the shift
+                n = (batch["labels"][:, 1:] != -100).sum().item() * weight  # tokens with loss after the shift
                 totals += torch.tensor([out.loss.item() * n, n, 0.0], dtype=torch.float64)
     if world > 1:
         torch.distributed.all_reduce(totals)
@@ -294,7 +317,7 @@ def mean_over_ranks(value: float, device, world: int) -> float:
     return (t / world).item()
 
 
-def save_checkpoint(cfg, step, fingerprint, model, engine, optimizer, scheduler, rank, adapter_state_dict) -> None:
+def save_checkpoint(cfg, step, fingerprint, adapter_state, engine, optimizer, scheduler, rank) -> None:
     import torch
 
     from kasa_ds import checkpoint
@@ -305,8 +328,9 @@ def save_checkpoint(cfg, step, fingerprint, model, engine, optimizer, scheduler,
     else:
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "trainer_state.pt")
     torch.save(torch.get_rng_state(), tmp / f"rng_state_rank{rank}.pt")
+    state = adapter_state()  # collective under ZeRO-3
     if rank == 0:
-        checkpoint.save_tensors(tmp / "adapter_model.safetensors", adapter_state_dict(model))
+        checkpoint.save_tensors(tmp / "adapter_model.safetensors", state)
     checkpoint.commit(tmp, {"step": step, "fingerprint": fingerprint}, keep=cfg.train.keep_checkpoints)
 
 
