@@ -132,7 +132,8 @@ def train(cfg: TrainConfig, fingerprint: dict, resume_from) -> int:
         adapter_state = (lambda: adapter_state_dict(model)) if rank == 0 else dict
     start_step = 0
     if resume_from is not None:
-        load_adapter_state(model, checkpoint.load_tensors(resume_from / "adapter_model.safetensors"))
+        if ds is None:  # under DeepSpeed, engine.load_checkpoint restores the trainable parameters (partitioned)
+            load_adapter_state(model, checkpoint.load_tensors(resume_from / "adapter_model.safetensors"))
         start_step = checkpoint.read_meta(resume_from, fingerprint)["step"]
         say(f"resuming from {resume_from} at step {start_step}" + (" (the run is complete: evaluating only; "
             "pass --resume none for a fresh run)" if start_step >= cfg.train.max_steps else ""))
