@@ -56,6 +56,7 @@ class KaSASection:
     exclude_modules: list = field(default_factory=list)
     init_seed: Optional[int] = 0  # same adapter init on every rank (required with several ranks)
     max_gather_mb: int = 2048  # distributed truncation: cap on weight bytes one rank gathers at once
+    svd_cache: Optional[str] = None  # directory written by tools/precompute_svd.py: skip the SVDs
 
 
 @dataclass
@@ -139,6 +140,9 @@ def validate(c: TrainConfig) -> None:
 
     c.model.path, c.data.train, c.data.eval = (resolve_path(p) for p in (c.model.path, c.data.train, c.data.eval))
     c.ds_config = resolve_path(c.ds_config)
+    c.kasa.svd_cache = resolve_path(c.kasa.svd_cache)
+    need(c.kasa.svd_cache is None or os.path.isdir(c.kasa.svd_cache),
+         f"kasa.svd_cache={c.kasa.svd_cache}: directory not found (write it with tools/precompute_svd.py)")
 
     need(c.model.task in ("seq_cls", "causal_lm"), f"model.task={c.model.task!r}: choose seq_cls or causal_lm")
     need(c.model.dtype in ("float32", "bfloat16", "float16"),

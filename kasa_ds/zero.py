@@ -41,8 +41,17 @@ DEFAULT_MAX_GATHER_BYTES = 2 << 30
 
 
 @dataclass
+class WorkItem:
+    """One weight to truncate: its name, shape (m, n) and size in bytes as stored."""
+
+    name: str
+    shape: tuple[int, int]
+    nbytes: int
+
+
+@dataclass
 class Assignment:
-    target: Target
+    index: int  # into the list given to plan()
     owner: int
     round: int
 
@@ -58,69 +67,72 @@ def svd_cost(shape: tuple[int, int]) -> float:
     return m * n * k + 4.0 * k ** 3
 
 
-def plan(targets: list[Target], world: int, max_gather_bytes: int = DEFAULT_MAX_GATHER_BYTES) -> list[Assignment]:
-    """Owner and round of every target; deterministic, identical on all ranks.
+def plan(items: list[WorkItem], world: int, max_gather_bytes: int = DEFAULT_MAX_GATHER_BYTES) -> list[Assignment]:
+    """Owner and round of every item, in the items' order; deterministic, identical on all ranks.
 
     Longest-processing-time-first: the costliest weight goes to the least loaded rank. A new round starts when a
     weight would push its owner's gathered bytes in the current round past ``max_gather_bytes`` (a weight larger than
     the cap gets a round of its own on its owner).
     """
-    order = sorted(range(len(targets)), key=lambda i: (-svd_cost(targets[i].shape), i))
+    order = sorted(range(len(items)), key=lambda i: (-svd_cost(items[i].shape), i))
     load = [0.0] * world
     round_bytes = [0] * world
     current = 0
-    out: list[Optional[Assignment]] = [None] * len(targets)
+    out: list[Optional[Assignment]] = [None] * len(items)
     for i in order:
-        t = targets[i]
+        item = items[i]
         owner = min(range(world), key=lambda r: (load[r], r))
-        nbytes = t.module.weight.element_size() * t.shape[0] * t.shape[1]
-        if round_bytes[owner] and round_bytes[owner] + nbytes > max_gather_bytes:
+        if round_bytes[owner] and round_bytes[owner] + item.nbytes > max_gather_bytes:
             current += 1
             round_bytes = [0] * world
-        round_bytes[owner] += nbytes
-        load[owner] += svd_cost(t.shape)
-        out[i] = Assignment(t, owner, current)
+        round_bytes[owner] += item.nbytes
+        load[owner] += svd_cost(item.shape)
+        out[i] = Assignment(i, owner, current)
     return [a for a in out if a is not None]
+
+
+def work_items(targets: list[Target]) -> list[WorkItem]:
+    return [WorkItem(t.name, t.shape, t.module.weight.element_size() * t.shape[0] * t.shape[1]) for t in targets]
 
 
 def truncate_distributed(targets: list[Target], config: KaSAConfig, *, group=None,
                          max_gather_bytes: int = DEFAULT_MAX_GATHER_BYTES, show_progress: bool = True) -> list[LayerReport]:
     """Step 2 of ``apply_kasa`` over all ranks of ``group`` (default: the world). Collective: call on every rank."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    assignments = plan(targets, world, max_gather_bytes)
+    assignments = plan(work_items(targets), world, max_gather_bytes)
     rounds = sorted({a.round for a in assignments})
     reports: dict[str, LayerReport] = {}
     bar = progress(total=len(targets), desc=f"KaSA truncation ({world} ranks)", unit="layer",
                    disable=not (show_progress and rank == 0))
     for rnd in rounds:
-        batch = [a for a in assignments if a.round == rnd]  # a fixed order, the same on every rank
+        batch = [(targets[a.index], a.owner) for a in assignments if a.round == rnd]  # same order on every rank
         mine: dict[str, torch.Tensor] = {}
-        for a in batch:
-            full = _gather_to_owner(a.target.module.weight, a.owner, rank, world, group)
-            if a.owner == rank:
-                mine[a.target.name] = full
+        for target, owner in batch:
+            full = _gather_to_owner(target.module.weight, owner, rank, world, group)
+            if owner == rank:
+                mine[target.name] = full
         solved = {}
         for name, weight in mine.items():  # owners solve concurrently, each its own weights
             tic = time.perf_counter()
             tail = tail_factors(weight, config.r, config.svd_solver)
             solved[name] = (tail.left.float(), tail.right.float(), tail.tail_energy, time.perf_counter() - tic)
-        for a in batch:
-            m, n = a.target.shape
-            weight = a.target.module.weight
+        for target, owner in batch:
+            m, n = target.shape
+            weight = target.module.weight
             device = _comm_device(weight)
-            if a.owner == rank:
-                left, right, energy, seconds = solved.pop(a.target.name)
+            if owner == rank:
+                left, right, energy, seconds = solved.pop(target.name)
                 meta = torch.tensor([energy, seconds], dtype=torch.float64, device=device)
                 left, right = left.to(device).contiguous(), right.to(device).contiguous()
             else:
                 meta = torch.empty(2, dtype=torch.float64, device=device)
                 left = torch.empty(m, config.r, dtype=torch.float32, device=device)
                 right = torch.empty(config.r, n, dtype=torch.float32, device=device)
-            src = dist.get_global_rank(group, a.owner) if group is not None else a.owner
+            src = dist.get_global_rank(group, owner) if group is not None else owner
             for t in (left, right, meta):
                 dist.broadcast(t, src=src, group=group)
-            _rewrite_local(weight, left, right, rank, world)
-            reports[a.target.name] = LayerReport(a.target.name, a.target.shape, meta[0].item(), meta[1].item())
+            rewrite_local(weight, left, right, rank)
+            reports[target.name] = LayerReport(target.name, target.shape, meta[0].item(), meta[1].item())
             bar.update(1)
     bar.close()
     return [reports[t.name] for t in targets]
@@ -140,8 +152,10 @@ def _gather_to_owner(weight: nn.Parameter, owner: int, rank: int, world: int, gr
     return torch.cat(gathered)[: weight.ds_numel].view(weight.ds_shape)
 
 
-def _rewrite_local(weight: nn.Parameter, left: torch.Tensor, right: torch.Tensor, rank: int, world: int) -> None:
-    """W ← W − left·right on what this rank holds: its ZeRO-3 shard (and a persistent full copy), or the weight."""
+def rewrite_local(weight: nn.Parameter, left: torch.Tensor, right: torch.Tensor, rank: int) -> None:
+    """W ← W − left·right on what this rank holds: its ZeRO-3 shard (and a persistent full copy), or the weight.
+
+    ``rank`` is this process's index in the group the weight is partitioned over (its shard's position)."""
     with torch.no_grad():
         if not is_partitioned(weight):
             weight.sub_((left @ right).to(weight.device, weight.dtype))

@@ -116,7 +116,14 @@ def train(cfg: TrainConfig, fingerprint: dict, resume_from) -> int:
     if not zero3:
         model = model.to(device)
     truncate = None
-    if torch.distributed.is_initialized():
+    cache = None
+    if cfg.kasa.svd_cache:
+        from kasa_ds.models import model_dir
+        from kasa_ds.svd_cache import SVDCache
+
+        cache = SVDCache(cfg.kasa.svd_cache, model_dir(cfg.model), cfg.kasa_config())
+        truncate = partial(cache.truncate, show_progress=rank == 0)
+    elif torch.distributed.is_initialized():
         from kasa_ds.zero import truncate_distributed
 
         truncate = partial(truncate_distributed, max_gather_bytes=cfg.kasa.max_gather_mb << 20,
@@ -319,6 +326,8 @@ def mean_over_ranks(value: float, device, world: int) -> float:
 
 
 def save_checkpoint(cfg, step, fingerprint, adapter_state, engine, optimizer, scheduler, rank) -> None:
+    import json
+
     import torch
 
     from kasa_ds import checkpoint
@@ -330,8 +339,11 @@ def save_checkpoint(cfg, step, fingerprint, adapter_state, engine, optimizer, sc
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "trainer_state.pt")
     torch.save(torch.get_rng_state(), tmp / f"rng_state_rank{rank}.pt")
     state = adapter_state()  # collective under ZeRO-3
-    if rank == 0:
+    if rank == 0:  # the checkpoint directory is also a PEFT adapter (tools/export_adapter.py copies it out)
         checkpoint.save_tensors(tmp / "adapter_model.safetensors", state)
+        (tmp / "adapter_config.json").write_text(json.dumps(
+            cfg.kasa_config().to_peft_dict(cfg.model.path, "SEQ_CLS" if cfg.model.task == "seq_cls" else "CAUSAL_LM"),
+            indent=2))
     checkpoint.commit(tmp, {"step": step, "fingerprint": fingerprint}, keep=cfg.train.keep_checkpoints)
 
 

@@ -98,19 +98,18 @@ def test_zero3_matches_single_process(base_dir, reference, tmp_path, world):
 
 def test_plan_balances_owners_and_bounds_rounds():
     from kasa_ds.inject import find_targets
-    from kasa_ds.zero import plan, svd_cost
+    from kasa_ds.zero import plan, svd_cost, work_items
 
     model = tiny_llama()
-    targets = find_targets(model, KaSAConfig(**CONFIG_KW))
+    items = work_items(find_targets(model, KaSAConfig(**CONFIG_KW)))
     for world in (1, 2, 3, 8):
-        assignments = plan(targets, world, max_gather_bytes=40_000)
-        assert sorted(a.target.name for a in assignments) == sorted(t.name for t in targets)
-        load = [sum(svd_cost(a.target.shape) for a in assignments if a.owner == r) for r in range(world)]
-        biggest = max(svd_cost(t.shape) for t in targets)
+        assignments = plan(items, world, max_gather_bytes=40_000)
+        assert sorted(a.index for a in assignments) == list(range(len(items)))
+        load = [sum(svd_cost(items[a.index].shape) for a in assignments if a.owner == r) for r in range(world)]
+        biggest = max(svd_cost(i.shape) for i in items)
         assert max(load) - min(load) <= biggest  # LPT: no rank is more than one weight behind
         for rnd in {a.round for a in assignments}:
             for r in range(world):
-                mine = [a for a in assignments if a.round == rnd and a.owner == r]
-                nbytes = sum(4 * a.target.shape[0] * a.target.shape[1] for a in mine)
-                assert len(mine) <= 1 or nbytes <= 40_000
-    assert plan(targets, 2) == plan(targets, 2)  # deterministic
+                mine = [items[a.index] for a in assignments if a.round == rnd and a.owner == r]
+                assert len(mine) <= 1 or sum(i.nbytes for i in mine) <= 40_000
+    assert plan(items, 2) == plan(items, 2)  # deterministic

@@ -1,0 +1,82 @@
+"""A precomputed truncation: the dropped factors of every target weight of a checkpoint, reused across runs.
+
+Layout of a cache directory (written by tools/precompute_svd.py):
+    kasa_svd_cache.json          {"fingerprint": {model files, r, solver}, "entries": {key: file}}
+    factors-rank00000.safetensors  <key>.left (m×r), <key>.right (r×n), float32; one file per writing rank
+``key`` is the weight's module name as in the checkpoint. A cache is used only if the model files (sizes and
+safetensors headers), r and the solver all match; otherwise loading it fails with a message naming what differs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+
+from .config import KaSAConfig
+from .hf_checkpoint import fingerprint, module_key
+from .inject import LayerReport, Target
+from .utils import progress
+
+INDEX = "kasa_svd_cache.json"
+
+
+def cache_fingerprint(model_dir: str | os.PathLike, config: KaSAConfig) -> dict:
+    return {"model_files": fingerprint(model_dir), "r": config.r, "svd_solver": config.svd_solver}
+
+
+class SVDCache:
+    """Read access to a cache directory, validated against a model directory and a KaSAConfig."""
+
+    def __init__(self, cache_dir: str | os.PathLike, model_dir: str | os.PathLike, config: KaSAConfig) -> None:
+        self.dir = Path(cache_dir)
+        index_file = self.dir / INDEX
+        if not index_file.is_file():
+            raise FileNotFoundError(f"{self.dir} is not a KaSA SVD cache (no {INDEX}); write one with "
+                                    "tools/precompute_svd.py")
+        index = json.loads(index_file.read_text())
+        expected = cache_fingerprint(model_dir, config)
+        diff = [k for k in expected if index["fingerprint"].get(k) != expected[k]]
+        if diff:
+            raise ValueError(f"SVD cache {self.dir} was made for other {', '.join(diff)} (cache: "
+                             f"{ {k: index['fingerprint'].get(k) for k in diff if k != 'model_files'} }); "
+                             "recompute it with tools/precompute_svd.py or drop kasa.svd_cache")
+        self.entries: dict[str, str] = index["entries"]
+
+    def keys(self) -> set[str]:
+        return {k + ".weight" for k in self.entries}
+
+    def factors(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        with safe_open(str(self.dir / self.entries[key]), "pt") as f:
+            return f.get_tensor(key + ".left"), f.get_tensor(key + ".right")
+
+    def truncate(self, targets: list[Target], config: KaSAConfig, show_progress: bool = True) -> list[LayerReport]:
+        """Step 2 of apply_kasa from the cache: each rank rewrites what it holds (its ZeRO-3 shard or the weight);
+        no gather, no SVD, no collective."""
+        from .zero import rewrite_local
+
+        keys = self.keys()
+        missing = [t.name for t in targets if module_key(t.name, keys) is None]
+        if missing:
+            raise ValueError(f"SVD cache {self.dir} has no entry for {len(missing)} targets (e.g. {missing[:2]}); it "
+                             "was made for other target_modules: recompute it")
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        reports = []
+        for t in progress(targets, desc="KaSA truncation (cache)", unit="layer", disable=not show_progress or rank):
+            tic = time.perf_counter()
+            left, right = self.factors(module_key(t.name, keys))
+            weight = t.module.weight
+            device = weight.ds_tensor.device if hasattr(weight, "ds_tensor") else weight.device
+            rewrite_local(weight, left.to(device), right.to(device), rank)
+            reports.append(LayerReport(t.name, t.shape, float("nan"), time.perf_counter() - tic))
+        return reports
+
+
+def open_cache(cache_dir: Optional[str], model_dir: str, config: KaSAConfig) -> Optional[SVDCache]:
+    return SVDCache(cache_dir, model_dir, config) if cache_dir else None

@@ -1,0 +1,110 @@
+"""Merge a KaSA adapter into its base checkpoint: W_world + ΔW, streamed tensor by tensor into safetensors shards.
+
+Memory is bounded by one weight plus one output shard (a 70B merge fits a node's CPU RAM). The truncation is
+recomputed per weight with the adapter's solver, or read from a precomputed SVD cache. The output is a plain HF
+checkpoint (config, tokenizer, shards + index) that transformers loads with no kasa_ds or PEFT installed.
+
+    python tools/merge.py --base BASE_DIR --adapter ADAPTER_DIR --out MERGED_DIR [--dtype bfloat16]
+                          [--svd-cache CACHE_DIR] [--max-shard-gb 5]
+
+The base directory is never written to; the output is written to a temporary sibling and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from kasa_ds.adapter_io import PREFIX, WEIGHTS_FILE, read_adapter_config  # noqa: E402
+from kasa_ds.hf_checkpoint import ShardWriter, iter_tensors, list_tensors, module_key  # noqa: E402
+from kasa_ds.svd_cache import SVDCache  # noqa: E402
+from kasa_ds.truncation import tail_factors  # noqa: E402
+from kasa_ds.utils import atomic_directory, progress  # noqa: E402
+
+COPY_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+              "generation_config.json", "merges.txt", "vocab.json", "added_tokens.json")
+
+
+def merge(base: Path, adapter: Path, out: Path, dtype: torch.dtype = torch.bfloat16, svd_cache: Path | None = None,
+          max_shard_bytes: int = 5 << 30) -> Path:
+    base, adapter, out = base.resolve(), adapter.resolve(), out.resolve()
+    if out == base or base in out.parents:
+        raise SystemExit(f"error: --out {out} is the base model directory (or inside it); the base is never written")
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"error: --out {out} exists and is not empty; choose a new directory")
+    config = read_adapter_config(adapter)
+    tensors = list_tensors(base)
+    keys = set(tensors)
+    ad = load_file(str(adapter / WEIGHTS_FILE))  # adapter-sized: r·(m+n) per layer
+    modules = sorted({k[len(PREFIX):].rsplit(".lora_", 1)[0] for k in ad if ".lora_" in k})
+    plan = {}  # checkpoint module name -> adapter module name
+    for name in modules:
+        ck = module_key(name, keys, _prefixes(name))
+        if ck is None:
+            raise SystemExit(f"error: adapter module {name} has no weight in {base}; wrong base model?")
+        plan[ck] = name
+    saved = {k[len(PREFIX):]: v for k, v in ad.items() if ".lora_" not in k}  # modules_to_save tensors
+    cache = SVDCache(svd_cache, base, config) if svd_cache else None
+    with atomic_directory(out) as tmp:
+        writer = ShardWriter(tmp, max_shard_bytes)
+        bar = progress(total=len(tensors), desc="merge", unit="tensor")
+        for key, tensor in iter_tensors(base):
+            name = key.removesuffix(".weight")
+            if key.endswith(".weight") and name in plan:
+                tensor = _merged(tensor, name, plan[name], ad, config, cache)
+            else:
+                saved_key = next((k for k in (key, *(p + "." + key for p in _prefixes(key))) if k in saved), None)
+                if saved_key is not None:
+                    tensor = saved.pop(saved_key)
+            writer.add(key, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+            bar.update(1)
+        for key, tensor in saved.items():  # modules_to_save absent from the base (a new classification head)
+            writer.add(key, tensor.to(dtype))
+        writer.close()
+        bar.close()
+        hf_config = json.loads((base / "config.json").read_text())
+        hf_config["torch_dtype"] = hf_config["dtype"] = str(dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+        for name in COPY_FILES:
+            if (base / name).is_file():
+                shutil.copy2(base / name, tmp / name)
+    return out
+
+
+def _merged(weight: torch.Tensor, ck_name: str, ad_name: str, ad: dict, config, cache) -> torch.Tensor:
+    w = weight.float()
+    if cache is not None:
+        left, right = cache.factors(ck_name)
+    else:
+        tail = tail_factors(w, config.r, config.svd_solver)
+        left, right = tail.left.float(), tail.right.float()
+    a = ad[f"{PREFIX}{ad_name}.lora_A.weight"].float()
+    b = ad[f"{PREFIX}{ad_name}.lora_B.weight"].float()
+    d = ad[f"{PREFIX}{ad_name}.lora_diag"].float()
+    return w - left @ right + (b * d) @ a * config.scaling
+
+
+def _prefixes(name: str) -> tuple[str, ...]:
+    """A head model's base prefix (``bert`` in ``bert.encoder...``) may be absent from a base checkpoint's keys."""
+    head = name.split(".", 1)[0]
+    return (head,) if "." in name else ()
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", type=Path, required=True)
+    p.add_argument("--adapter", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--svd-cache", type=Path)
+    p.add_argument("--max-shard-gb", type=float, default=5.0)
+    a = p.parse_args()
+    print(merge(a.base, a.adapter, a.out, getattr(torch, a.dtype), a.svd_cache, int(a.max_shard_gb * (1 << 30))))
