@@ -12,12 +12,13 @@ Solvers (``KaSAConfig.svd_solver``):
     ``svd``        full SVD in float32 (what PEFT does);
     ``svd_fp64``   full SVD in float64 (the reference);
     ``gram``       bottom-r eigenvectors of the smaller Gram matrix (WᵀW, n×n if n ≤ m, else WWᵀ), float32.
-                   Falls back to float64 for a weight whose tail lies below float32 resolution (see
-                   :func:`_fp32_gram_is_resolved`);
+                   Where float32 cannot separate the r-th from the (r+1)-th eigenvector (small gap, see
+                   :func:`_fp32_leak`), the bottom r+p float32 eigenvectors are refined by a float64 Rayleigh–Ritz
+                   step on that small subspace; only if that is not enough either is the weight redone in float64;
     ``gram_fp64``  the same in float64;
     ``auto``       ``gram``.
 The Gram form is also what makes truncation distributable: for a row-sharded W the Gram is a sum of per-shard Grams
-(one all-reduce of n×n), see :func:`tail_basis_from_gram`.
+(one all-reduce of n×n), and :func:`factors_from_gram_basis` applies a tail basis to any shard.
 """
 
 from __future__ import annotations
@@ -64,16 +65,15 @@ def tail_factors(weight: torch.Tensor, r: int, solver: str = "auto") -> TailFact
     w = weight.detach().to(dtype)
     rows_are_short = w.shape[0] < w.shape[1]  # Gram over the smaller dimension
     gram = w @ w.T if rows_are_short else w.T @ w
-    basis, eigvals = tail_basis_from_gram(gram, r)
-    if dtype == torch.float32 and not _fp32_gram_is_resolved(eigvals, r):
-        return tail_factors(weight, r, "gram_fp64")
-    return _factors_from_basis(w, basis, rows_are_short, eigvals, r)
-
-
-def tail_basis_from_gram(gram: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bottom-r eigenvectors of a symmetric PSD Gram (p×p) → (basis (p×r), all eigenvalues ascending)."""
     eigvals, eigvecs = torch.linalg.eigh(gram)
-    return eigvecs[:, :r], eigvals
+    if dtype == torch.float64 or _fp32_leak(eigvals, r, r) < _FP32_GRAM_ERROR_BUDGET:
+        return _factors_from_basis(w, eigvecs[:, :r], rows_are_short, eigvals, r)
+    k = eigvals.numel()
+    p = min(max(r, 16), k - r - 1)  # extra vectors for the refinement; a kept direction must stay outside
+    if p > 0 and _fp32_leak(eigvals, r, r + p) < _FP32_GRAM_ERROR_BUDGET:
+        basis = _rayleigh_ritz_fp64(w, eigvecs[:, :r + p], rows_are_short, r)
+        return _factors_from_basis(w.double(), basis, rows_are_short, eigvals, r)
+    return tail_factors(weight, r, "gram_fp64")
 
 
 def factors_from_gram_basis(weight: torch.Tensor, basis: torch.Tensor, basis_is_left: bool) -> tuple[torch.Tensor,
@@ -117,21 +117,30 @@ def _factors_from_basis(w: torch.Tensor, basis: torch.Tensor, basis_is_left: boo
     return TailFactors(left, right, energy)
 
 
-def _fp32_gram_is_resolved(eigvals: torch.Tensor, r: int) -> bool:
-    """Whether float32 eigenvectors separate the dropped and kept subspaces well enough.
+def _fp32_leak(eigvals: torch.Tensor, r: int, subspace: int) -> float:
+    """Estimated relative error of W_world from float32 eigenvectors whose bottom ``subspace`` (≥ r) are resolved
+    among themselves exactly (subspace > r: by :func:`_rayleigh_ritz_fp64`).
 
     First-order perturbation: eigh of a Gram in float32 has backward error ≈ c·ε·λ_max (c ≈ 2 observed here), which
-    rotates the tail basis by sin θ ≈ c·ε·λ_max / gap (gap = λ_{r+1} − λ_r) and leaks ≈ sin θ · √λ_{r+1} of kept
-    energy into W_world. Relative to ‖W‖_F = √(Σλ) that must stay under the budget, else the caller recomputes in
-    float64. For a 1024×1024 Gaussian at r=16 this predicts 2.7e-6; measured 3.8e-6.
+    mixes the subspace with the kept directions by sin θ ≈ c·ε·λ_max / gap (gap = λ_{subspace+1} − λ_r), leaking
+    ≈ sin θ · √λ_{subspace+1} of kept energy into W_world, relative to ‖W‖_F = √(Σλ). For a 1024×1024 Gaussian at
+    r = 16 (subspace = r) this predicts 2.7e-6; measured 3.8e-6.
     """
     lam = eigvals.double().clamp_min(0)
-    eps = 2 * torch.finfo(torch.float32).eps
-    gap = (lam[r] - lam[r - 1]).item()
+    gap = (lam[subspace] - lam[r - 1]).item()
     if gap <= 0:
-        return False
-    leak = eps * lam[-1].item() / gap * lam[r].sqrt().item()
-    return leak / max(lam.sum().sqrt().item(), 1e-300) < _FP32_GRAM_ERROR_BUDGET
+        return float("inf")
+    sin_theta = min(1.0, 2 * torch.finfo(torch.float32).eps * lam[-1].item() / gap)
+    return sin_theta * lam[subspace].sqrt().item() / max(lam.sum().sqrt().item(), 1e-300)
+
+
+def _rayleigh_ritz_fp64(w: torch.Tensor, basis: torch.Tensor, basis_is_left: bool, r: int) -> torch.Tensor:
+    """Bottom-r eigenvectors of the Gram restricted to span(basis), in float64: resolves the mixing that float32
+    leaves among nearly equal eigenvalues inside the subspace. Costs O(p·m·n) for p = basis columns."""
+    q, _ = torch.linalg.qr(basis.double())
+    y = (q.T @ w.double()).T if basis_is_left else w.double() @ q  # Wᵀq or Wq: the Gram's action on the subspace
+    ritz_vals, ritz_vecs = torch.linalg.eigh(y.T @ y)
+    return q @ ritz_vecs[:, :r]
 
 
 def _as_float32(t: TailFactors) -> TailFactors:

@@ -3,8 +3,8 @@
 Tolerances (relative Frobenius error of W_world, inputs float32):
 - float64 solvers: ≤ 1e-7. The only error is rounding W_world back to float32 storage (≈ 2.5e-8 measured).
 - float32 solvers: ≤ 1e-4, the accuracy the KaSA core issue asks of the fast path. Full float32 SVD reaches
-  8e-5 on a real MiniLM weight at r = k−1; the Gram solver stays under ≈ 3.5e-5 (its float64 fallback guards the
-  ill-separated tails, see kasa_ds.truncation._fp32_gram_is_resolved).
+  8e-5 on a real MiniLM weight at r = k−1; the Gram solver stays under ≈ 3.5e-5 (its float64 Rayleigh–Ritz refinement
+  and fallback guard the ill-separated tails, see kasa_ds.truncation._fp32_leak).
 """
 
 import pytest

@@ -6,6 +6,12 @@ of the original weight.
 
     python tools/bench_init.py                       # hidden 1024, ff 2816, 4 layers, 7 targets, r = 16
     python tools/bench_init.py --smoke               # tiny shapes, one repeat (what the tests run)
+    python tools/bench_init.py --zero3               # + DeepSpeed ZeRO-3 at 1 and 2 ranks, and a 70B projection
+
+--zero3 launches real DeepSpeed jobs (CPU accelerator on a machine without GPUs): the model is built partitioned
+(HfDeepSpeedConfig + zero.Init), then initialized by PEFT's KaSA (``get_peft_model``: it gathers each weight and runs
+a full SVD on every rank, one weight after another) or by kasa_ds (each weight gathered to one owner, owners work
+concurrently, factors broadcast). The machine's cores are split evenly over the ranks of each run.
 """
 
 from __future__ import annotations
@@ -62,6 +68,100 @@ def max_rel_error(weights: dict[str, torch.Tensor], references: dict[str, torch.
     return max(((weights[k].double() - ref).norm() / ref.norm()).item() for k, ref in references.items())
 
 
+LLAMA_70B = dict(hidden=8192, ff=28672, layers=80, heads=64, kv_heads=8)
+
+
+def zero3_worker(method: str, a, out: str) -> None:
+    """One DeepSpeed rank: build the model partitioned, time the KaSA initialization, rank 0 writes the seconds."""
+    import deepspeed
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    world = torch.distributed.get_world_size()
+    ds = {"train_micro_batch_size_per_gpu": 1, "train_batch_size": world, "zero_optimization": {"stage": 3}}
+    keep = HfDeepSpeedConfig(ds)  # noqa: F841
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=a.hidden, intermediate_size=a.ff, num_hidden_layers=a.layers,
+                         num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, tie_word_embeddings=False)
+    with deepspeed.zero.Init(config_dict_or_path=ds):
+        model = LlamaForCausalLM(config)
+    torch.distributed.barrier()
+    tic = time.perf_counter()
+    if method == "peft":
+        init_peft(model, a.r, a.solver)
+    else:
+        from kasa_ds import KaSAConfig, apply_kasa
+        from kasa_ds.zero import truncate_distributed
+
+        apply_kasa(model, KaSAConfig(r=a.r, alpha=2 * a.r, target_modules=TARGETS, svd_solver=a.solver),
+                   truncate=lambda ts, c: truncate_distributed(ts, c, show_progress=False), show_progress=False)
+    torch.distributed.barrier()
+    seconds = time.perf_counter() - tic
+    if torch.distributed.get_rank() == 0:
+        Path(out).write_text(json.dumps({"seconds": seconds, "world": world, "threads": torch.get_num_threads()}))
+
+
+def run_zero3(a) -> dict:
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+
+    cores = os.cpu_count() or 1
+    results = {}
+    shape = ["--hidden", str(a.hidden), "--ff", str(a.ff), "--layers", str(a.layers), "--heads", str(a.heads),
+             "--kv-heads", str(a.kv_heads), "--r", str(a.r), "--solver", a.solver]
+    for world in (1, 2):
+        for method in ("peft", "kasa_ds"):
+            with tempfile.TemporaryDirectory() as tmp:
+                out = Path(tmp) / "r.json"
+                env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
+                       "OMP_NUM_THREADS": str(max(1, cores // world))}
+                cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(world), "--master_port",
+                       str(29400 + world), __file__, "--zero3-worker", method, "--out", str(out), *shape]
+                proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"{method} at {world} ranks failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+                results[f"{method}@{world}"] = json.loads(out.read_text())["seconds"]
+    return results
+
+
+def project_70b(a) -> dict:
+    """Seconds to initialize KaSA on a 70B Llama on P ranks, from per-matrix costs measured here.
+
+    The float32 Gram solver is timed on this machine for the 70B matrix shapes divided by 8 in each dimension
+    (1024×1024, 128×1024 (k/v), 3584×1024, 1024×3584); its cost model m·n·k + 4k³ (Gram + eigh) then scales each to
+    full size (×512). kasa_ds on P ranks takes the largest per-rank load of kasa_ds.zero.plan over the 560 matrices;
+    PEFT-style takes the sum (every rank does every matrix). Gathers are left out (a few seconds at NVLink speed for
+    140 GB), and so is the GPU's speed-up over this CPU, which divides both columns alike.
+    """
+    from kasa_ds.truncation import tail_factors
+    from kasa_ds.zero import WorkItem, plan, svd_cost
+
+    h, ff, kv = LLAMA_70B["hidden"], LLAMA_70B["ff"], LLAMA_70B["hidden"] * LLAMA_70B["kv_heads"] // LLAMA_70B["heads"]
+    shapes = {"q_proj": (h, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, h), "gate_proj": (ff, h),
+              "up_proj": (ff, h), "down_proj": (h, ff)}
+    seconds_per_cost = []
+    for m, n in set(shapes.values()):
+        w = torch.randn(m // 8, n // 8)
+        tail_factors(w, a.r, "gram")
+        tic = time.perf_counter()
+        tail_factors(w, a.r, "gram")
+        seconds_per_cost.append((time.perf_counter() - tic) / svd_cost(w.shape))
+    rate = statistics.median(seconds_per_cost)
+    items = [WorkItem(f"{layer}.{name}", shape, 2 * shape[0] * shape[1]) for layer in range(LLAMA_70B["layers"])
+             for name, shape in shapes.items()]
+    total = sum(svd_cost(i.shape) for i in items) * rate
+    out = {"seconds_per_matrix_unit": rate, "peft_style_seconds": total}
+    for p in (8, 64, 512):
+        loads = [0.0] * p
+        for asg in plan(items, p):
+            loads[asg.owner] += svd_cost(items[asg.index].shape) * rate
+        out[f"kasa_ds_seconds@{p}"] = max(loads)
+    return out
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden", type=int, default=1024)
@@ -74,7 +174,13 @@ def main(argv=None) -> dict:
     p.add_argument("--solver", default="auto", help="kasa_ds svd_solver")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, one repeat")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--zero3", action="store_true", help="also time ZeRO-3 at 1 and 2 ranks and project to 70B")
+    p.add_argument("--zero3-worker", choices=["peft", "kasa_ds"], help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.zero3_worker:
+        return zero3_worker(a.zero3_worker, a, a.out)
     if a.smoke:
         a.hidden, a.ff, a.layers, a.heads, a.kv_heads, a.r, a.repeats = 64, 176, 1, 4, 4, 4, 1
 
@@ -108,6 +214,23 @@ def main(argv=None) -> dict:
     for label in ("peft", "kasa_ds"):
         print(f"{label:10s} {med[label]:9.3f} {errors[label]:20.2e}")
     print(f"speedup kasa_ds / PEFT: {result['speedup_kasa_ds_over_peft']:.2f}x")
+    if a.zero3:
+        z = run_zero3(a)
+        result["zero3_seconds"] = z
+        print("\nDeepSpeed ZeRO-3 (model built partitioned), seconds:")
+        print(f"{'ranks':>5s} {'PEFT KaSA':>10s} {'kasa_ds':>9s} {'PEFT/kasa_ds':>13s}")
+        for world in (1, 2):
+            print(f"{world:5d} {z[f'peft@{world}']:10.2f} {z[f'kasa_ds@{world}']:9.2f} "
+                  f"{z[f'peft@{world}'] / z[f'kasa_ds@{world}']:12.2f}x")
+        print(f"kasa_ds 2 ranks vs 1 rank: {z['kasa_ds@1'] / z['kasa_ds@2']:.2f}x")
+        proj = project_70b(a)
+        result["projection_70b"] = proj
+        print("\nProjection, Llama-70B (80 layers, hidden 8192, ff 28672, 8 kv heads; 560 matrices, r="
+              f"{a.r}), seconds of this machine's compute:")
+        print(f"  PEFT-style (every rank does every SVD): {proj['peft_style_seconds']:.0f}")
+        for pp in (8, 64, 512):
+            s_ = proj[f"kasa_ds_seconds@{pp}"]
+            print(f"  kasa_ds on {pp:3d} ranks: {s_:8.1f}  ({proj['peft_style_seconds'] / s_:.0f}x)")
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=2))
     return result
