@@ -57,9 +57,9 @@ def fully_partitioned_zero3(tmp: Path) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+@pytest.mark.parametrize("stage", ["zero2", "zero3", "zero3_offload"])
 def test_two_ranks_match_single_process(tmp_path, tiny_model, stage):
-    ds_config = REPO / "ds_configs/zero2.json" if stage == "zero2" else fully_partitioned_zero3(tmp_path)
+    ds_config = fully_partitioned_zero3(tmp_path) if stage == "zero3" else REPO / f"ds_configs/{stage}.json"
     base = ["--config", str(REPO / "configs/tiny_llama_instruct.yaml"), f"model.path={tiny_model}", *COMMON]
     launch([*base, "--output_dir", str(tmp_path / "single"), "train.micro_batch_size=8"], 1, tmp_path)
     launch([*base, "--ds_config", str(ds_config), "--output_dir", str(tmp_path / "zero2"),
