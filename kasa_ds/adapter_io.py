@@ -11,6 +11,7 @@ The truncated base is not stored: like PEFT, loading re-runs the truncation on t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -28,6 +29,8 @@ from .utils import atomic_directory
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+EXTRA_FILE = "kasa_ds_config.json"  # what PEFT's format has no field for (solver, adapter dtype, 4-bit mode)
+EXTRA_KEYS = ("svd_solver", "adapter_dtype", "quant_mode")
 
 
 def adapter_param_items(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -65,6 +68,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, state: Optional[d
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         with open(tmp / CONFIG_FILE, "w") as f:
             json.dump(config.to_peft_dict(base, task_type), f, indent=2)
+        with open(tmp / EXTRA_FILE, "w") as f:
+            json.dump({k: getattr(config, k) for k in EXTRA_KEYS}, f, indent=2)
     return Path(path)
 
 
@@ -74,7 +79,12 @@ def read_adapter_config(path: str | os.PathLike) -> KaSAConfig:
     if missing:
         raise FileNotFoundError(f"{path} is not a KaSA adapter directory: missing {', '.join(missing)}")
     with open(path / CONFIG_FILE) as f:
-        return KaSAConfig.from_peft_dict(json.load(f))
+        config = KaSAConfig.from_peft_dict(json.load(f))
+    if (path / EXTRA_FILE).is_file():  # absent in adapters written by PEFT
+        with open(path / EXTRA_FILE) as f:
+            extra = json.load(f)
+        config = dataclasses.replace(config, **{k: v for k, v in extra.items() if k in EXTRA_KEYS})
+    return config
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, *, svd_solver: Optional[str] = None,

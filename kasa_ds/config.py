@@ -27,6 +27,8 @@ class KaSAConfig:
         exclude_modules: names (same matching rule as ``target_modules``) never adapted.
         adapter_dtype: dtype of ΔU, ΔΣ, ΔV (float32 by default, like PEFT's autocast of 16-bit adapters).
         init_seed: seed for the adapter initialization; None draws from the global torch RNG.
+        quant_mode: on bitsandbytes 4-bit bases, ``low_rank_correction`` (keep the 4-bit base, subtract the frozen
+            tail in forward) or ``requantize`` (quantize W_world back to 4 bits); see :mod:`kasa_ds.quant`.
     """
 
     r: int = 8
@@ -40,6 +42,7 @@ class KaSAConfig:
     exclude_modules: Sequence[str] = field(default_factory=tuple)
     adapter_dtype: str = "float32"
     init_seed: Optional[int] = None
+    quant_mode: str = "low_rank_correction"
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -55,6 +58,8 @@ class KaSAConfig:
         if self.adapter_dtype not in ("float32", "bfloat16", "float16", "float64"):
             raise ValueError(f"KaSAConfig.adapter_dtype must be float32/bfloat16/float16/float64, got "
                              f"{self.adapter_dtype!r}")
+        if self.quant_mode not in ("low_rank_correction", "requantize"):
+            raise ValueError(f"KaSAConfig.quant_mode must be low_rank_correction or requantize, got {self.quant_mode!r}")
         if isinstance(self.target_modules, str):
             try:
                 re.compile(self.target_modules)

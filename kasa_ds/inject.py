@@ -18,7 +18,8 @@ from torch import nn
 
 from .config import KaSAConfig
 from .layer import KaSALinear, kasa_layers
-from .truncation import check_rank, truncate_weight
+from .quant import dequantize, is_4bit, requantize_
+from .truncation import TailFactors, check_rank, tail_factors, truncate_weight
 from .utils import is_rank_zero, progress
 
 CONFIG_ATTR = "kasa_config"  # where apply_kasa leaves the config on the model
@@ -28,6 +29,7 @@ CONFIG_ATTR = "kasa_config"  # where apply_kasa leaves the config on the model
 class Target:
     name: str
     module: nn.Linear
+    correction: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # QKaSA low_rank_correction: (left, right)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -130,10 +132,25 @@ def truncate_locally(targets: list[Target], config: KaSAConfig, show_progress: b
                              "ZeRO-3 partitioned models use kasa_ds.zero)")
         tic = time.perf_counter()
         with torch.no_grad():
-            world, tail = truncate_weight(weight, config.r, config.svd_solver)
-            weight.copy_(world)
+            if is_4bit(t.module):
+                tail = truncate_4bit(t, config)
+            else:
+                world, tail = truncate_weight(weight, config.r, config.svd_solver)
+                weight.copy_(world)
         reports.append(LayerReport(t.name, t.shape, tail.tail_energy, time.perf_counter() - tic))
     return reports
+
+
+def truncate_4bit(t: Target, config: KaSAConfig, original: Optional[torch.Tensor] = None) -> TailFactors:
+    """QKaSA: the tail of the dequantized (or ``original`` 16-bit) weight, applied per ``config.quant_mode``."""
+    w = original.float() if original is not None else dequantize(t.module)
+    tail = tail_factors(w, config.r, config.svd_solver)
+    left, right = tail.left.float(), tail.right.float()
+    if config.quant_mode == "requantize":
+        requantize_(t.module, w - left @ right)
+    else:
+        t.correction = (left, right)
+    return tail
 
 
 def wrap_targets(model: nn.Module, targets: list[Target], config: KaSAConfig) -> None:
@@ -144,6 +161,8 @@ def wrap_targets(model: nn.Module, targets: list[Target], config: KaSAConfig) ->
                            config.dropout, config.beta, config.gamma, adapter_dtype=dtype)
         if config.init_seed is not None:
             layer.reset_adapter(torch.Generator().manual_seed(config.init_seed * 1_000_003 + index))
+        if t.correction is not None:
+            layer.set_base_correction(*t.correction)
         model.set_submodule(t.name, layer)
 
 

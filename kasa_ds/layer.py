@@ -47,6 +47,9 @@ class KaSALinear(nn.Module):
         self.lora_diag = nn.Parameter(torch.empty(r, device=device, dtype=adapter_dtype))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        # QKaSA low_rank_correction: the frozen dropped tail of a 4-bit base, W_eff = Q(W) − tail_left·tail_right
+        self.register_buffer("tail_left", None)  # (m, r)
+        self.register_buffer("tail_right", None)  # (r, n)
         # ZeRO-3: a parameter is whole only inside its own module's forward, so each of ΔΣ, ΔVᵀ, ΔU computes its
         # regularizer term there (set_regularize_in_forward) and kasa_regularization sums the cached values.
         self.regularize_in_forward = False
@@ -62,8 +65,15 @@ class KaSALinear(nn.Module):
             self.lora_B.weight.zero_()
             self.lora_diag.copy_(torch.randn(self.r, generator=generator, dtype=torch.float32))
 
+    def set_base_correction(self, left: torch.Tensor, right: torch.Tensor) -> None:
+        """Subtract the frozen rank-r ``left @ right`` from the base in forward (a 4-bit base kept untouched)."""
+        self.tail_left, self.tail_right = left.detach().contiguous(), right.detach().contiguous()
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
+        if self.tail_left is not None:
+            xt = x.to(self.tail_right.dtype)
+            result = result - ((xt @ self.tail_right.T) @ self.tail_left.T).to(result.dtype)
         if self.merged:
             return result
         h = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))
@@ -101,6 +111,9 @@ class KaSALinear(nn.Module):
     @torch.no_grad()
     def merge(self) -> None:
         """Fold ΔW into the base weight in place (forward then skips the adapter branch)."""
+        if self.tail_left is not None or type(self.base_layer).__name__ == "Linear4bit":
+            raise ValueError("a 4-bit base cannot absorb ΔW in place; use merge_kasa, which dequantizes into a 16-bit "
+                             "nn.Linear")
         if not self.merged:
             w = self.base_layer.weight
             w.add_(self.delta_weight().to(w.dtype))

@@ -33,6 +33,11 @@ def load_model(section: ModelSection, pad_token_id: int) -> nn.Module:
         model = AutoModelForCausalLM.from_pretrained(model_dir(section), **kwargs)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id
+    if section.quantize:
+        from .quant import quantize_linears_
+
+        compute = torch.bfloat16 if torch.cuda.is_available() and section.dtype == "bfloat16" else torch.float32
+        quantize_linears_(model, section.quantize, section.double_quant, compute)
     if section.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

@@ -32,6 +32,8 @@ class ModelSection:
     dtype: str = "float32"  # float32 | bfloat16 | float16: dtype of the frozen base
     max_length: int = 64
     gradient_checkpointing: bool = False
+    quantize: Optional[str] = None  # nf4 | fp4: QKaSA on a bitsandbytes 4-bit base (every linear but the head)
+    double_quant: bool = True
 
 
 @dataclass
@@ -55,6 +57,7 @@ class KaSASection:
     modules_to_save: list = field(default_factory=lambda: ["classifier"])
     exclude_modules: list = field(default_factory=list)
     init_seed: Optional[int] = 0  # same adapter init on every rank (required with several ranks)
+    quant_mode: str = "low_rank_correction"  # 4-bit bases: low_rank_correction | requantize
     max_gather_mb: int = 2048  # distributed truncation: cap on weight bytes one rank gathers at once
     svd_cache: Optional[str] = None  # directory written by tools/precompute_svd.py: skip the SVDs
 
@@ -92,7 +95,7 @@ class TrainConfig:
         modules_to_save = k.modules_to_save if self.model.task == "seq_cls" else []
         return KaSAConfig(r=k.r, alpha=k.alpha, dropout=k.dropout, target_modules=k.target_modules, beta=k.beta,
                           gamma=k.gamma, svd_solver=k.svd_solver, modules_to_save=modules_to_save,
-                          exclude_modules=k.exclude_modules, init_seed=k.init_seed)
+                          exclude_modules=k.exclude_modules, init_seed=k.init_seed, quant_mode=k.quant_mode)
 
 
 def load_train_config(path: Optional[str], overrides: list[str] = ()) -> TrainConfig:
@@ -147,6 +150,9 @@ def validate(c: TrainConfig) -> None:
     need(c.model.task in ("seq_cls", "causal_lm"), f"model.task={c.model.task!r}: choose seq_cls or causal_lm")
     need(c.model.dtype in ("float32", "bfloat16", "float16"),
          f"model.dtype={c.model.dtype!r}: choose float32, bfloat16 or float16")
+    need(c.model.quantize in (None, "nf4", "fp4"), f"model.quantize={c.model.quantize!r}: choose nf4, fp4 or null")
+    need(c.model.quantize is None or c.ds_config is None,
+         "model.quantize with --ds_config: 4-bit bases under DeepSpeed are not supported yet; train QKaSA in one process")
     need(c.model.max_length >= 8, f"model.max_length={c.model.max_length}: must be >= 8")
     need(c.model.num_labels >= 2, f"model.num_labels={c.model.num_labels}: must be >= 2")
     if c.model.path != EMBEDDED_MODEL:

@@ -1,0 +1,92 @@
+"""QKaSA: KaSA on bitsandbytes 4-bit bases (NF4/FP4, optional double quantization).
+
+The truncation always runs in float32 on the dequantized weight (or on the original 16-bit weight when the caller
+has it), then one of two modes applies it (``KaSAConfig.quant_mode``):
+
+    requantize           W_world is quantized back to 4 bits and replaces the base (one 4-bit base per task);
+    low_rank_correction  the 4-bit base is left untouched and the layer subtracts the frozen rank-r tail as two small
+                         factors in its forward, y = Q(W)x − L(Rx) + ΔW x (one quantized base can serve many tasks;
+                         the effective base has exactly the tail of the dequantized weight removed).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+QUANT_MODES = ("low_rank_correction", "requantize")
+
+
+def is_4bit(module: nn.Module) -> bool:
+    return type(module).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4")
+
+
+def training_layout_(module: nn.Module) -> None:
+    """Keep a 4-bit layer in bitsandbytes' canonical layout: on CPU it otherwise repacks its weight for inference at
+    the first eval-mode forward, after which training, dequantizing and merging fail. Undoes such a repack."""
+    if hasattr(module, "support_avx512bf16_for_cpu"):
+        module.support_avx512bf16_for_cpu = False
+    state = getattr(module.weight, "quant_state", None)
+    if state is not None and getattr(state, "packing_format_for_cpu", False):
+        from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+
+        module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(module.weight.data, state)
+
+
+def dequantize(module: nn.Module) -> torch.Tensor:
+    """The (m×n) float32 weight a 4-bit layer computes with."""
+    import bitsandbytes.functional as bnbF
+
+    training_layout_(module)
+    w = module.weight
+    return bnbF.dequantize_4bit(w.data, w.quant_state).float()
+
+
+def requantize_(module: nn.Module, weight: torch.Tensor) -> None:
+    """Replace a 4-bit layer's weight by ``weight`` (m×n) quantized with the layer's own settings."""
+    from bitsandbytes.nn import Params4bit
+
+    old = module.weight
+    state = old.quant_state
+    new = Params4bit(weight.to(torch.float32).contiguous().cpu(), requires_grad=False, quant_type=state.quant_type,
+                     blocksize=state.blocksize, compress_statistics=state.nested,
+                     quant_storage=old.quant_storage)
+    module.weight = new.to(old.device)
+
+
+def quantize_linears_(model: nn.Module, quant_type: str = "nf4", double_quant: bool = True,
+                      compute_dtype: torch.dtype = torch.float32, skip: tuple[str, ...] = ("lm_head", "score",
+                                                                                          "classifier")) -> int:
+    """Replace every nn.Linear (except heads) by a bitsandbytes Linear4bit holding its weight, in place.
+
+    What ``from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True))`` does on a GPU, done on
+    the loaded model so it also runs on a CPU-only machine. Returns the number of layers quantized.
+    """
+    from bitsandbytes.nn import Linear4bit, Params4bit
+
+    count = 0
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear or name.rsplit(".", 1)[-1] in skip:
+            continue
+        q = Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                       compute_dtype=compute_dtype, compress_statistics=double_quant, quant_type=quant_type,
+                       device="meta")
+        q.weight = Params4bit(module.weight.detach().float().cpu(), requires_grad=False, quant_type=quant_type,
+                              compress_statistics=double_quant)
+        if module.bias is not None:
+            q.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
+        q = q.to(module.weight.device)
+        training_layout_(q)
+        model.set_submodule(name, q)
+        count += 1
+    return count
+
+
+def effective_weight(layer: nn.Module, original: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The m×n float32 base weight a KaSALinear around a 4-bit layer computes with (before ΔW)."""
+    w = dequantize(layer.base_layer)
+    if layer.tail_left is not None:
+        w = w - layer.tail_left.float() @ layer.tail_right.float()
+    return w

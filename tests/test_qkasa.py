@@ -1,0 +1,117 @@
+"""QKaSA on real bitsandbytes 4-bit (NF4, double quantization) layers, CPU.
+
+Tolerances: float64 checks of the effective base use the float32 Gram solver (≤ 1e-5 relative, as in
+test_truncation) on the *dequantized* weight, so quantization error does not enter them. The requantize check uses
+the NF4 bound itself: per element |Q(x) − x| ≤ h·a_q + |a_q − a|, with h the largest half-gap of the NF4 code book,
+a the absmax of the element's 64-block and a_q the block scale as stored (8-bit with double quantization; the
+block's absmax element maps to the ±1 code, so a_q is the block's largest dequantized magnitude).
+"""
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("bitsandbytes", reason="bitsandbytes is a [dev] dependency (QKaSA)")
+import bitsandbytes.functional as bnbF  # noqa: E402
+
+from conftest import ALL_LLAMA_TARGETS, randomize_adapters, tiny_llama  # noqa: E402
+from kasa_ds import KaSAConfig, apply_kasa, kasa_layers, kasa_regularization, load_adapter, merge_kasa, save_adapter  # noqa: E402,E501
+from kasa_ds.quant import dequantize, effective_weight, quantize_linears_  # noqa: E402
+from kasa_ds.truncation import reference_world  # noqa: E402
+
+
+def quantized_llama():
+    model = tiny_llama()
+    assert quantize_linears_(model, "nf4", double_quant=True) == 2 * 7
+    return model
+
+
+def test_low_rank_correction_removes_exactly_the_tail_of_the_dequantized_weight(tokens):
+    model = quantized_llama()
+    before = {n: (m.weight.data.clone(), dequantize(m)) for n, m in model.named_modules()
+              if type(m).__name__ == "Linear4bit"}
+    plain = model(tokens).logits
+    apply_kasa(model, KaSAConfig(r=4, target_modules=ALL_LLAMA_TARGETS), show_progress=False)
+    for name, layer in kasa_layers(model):
+        packed, deq = before[name]
+        assert torch.equal(layer.base_layer.weight.data, packed)  # the 4-bit base is untouched
+        ref = reference_world(deq, 4)
+        assert ((effective_weight(layer).double() - ref).norm() / ref.norm()).item() <= 1e-5
+        x = torch.randn(3, layer.in_features)
+        expected = torch.nn.functional.linear(x, effective_weight(layer), layer.base_layer.bias)
+        torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)  # ΔW = 0 at init
+    assert not torch.allclose(model(tokens).logits, plain, atol=1e-4)  # the truncation took effect
+
+
+def test_requantize_is_within_the_4bit_bound():
+    model = quantized_llama()
+    deq = {n: dequantize(m) for n, m in model.named_modules() if type(m).__name__ == "Linear4bit"}
+    apply_kasa(model, KaSAConfig(r=4, target_modules=ALL_LLAMA_TARGETS, quant_mode="requantize"),
+               show_progress=False)
+    code = bnbF.get_4bit_type("nf4", device="cpu").float().sort().values
+    half_gap = (code[1:] - code[:-1]).max().item() / 2
+    for name, layer in kasa_layers(model):
+        assert layer.tail_left is None  # no correction: the tail is gone from the 4-bit weight itself
+        world = reference_world(deq[name], 4).float()
+        got = dequantize(layer.base_layer)
+        absmax = world.flatten().view(-1, 64).abs().max(dim=1, keepdim=True).values
+        stored = got.flatten().view(-1, 64).abs().max(dim=1, keepdim=True).values
+        bound = (half_gap * stored + (stored - absmax).abs()).expand(-1, 64).reshape(world.shape)
+        assert ((got - world).abs() <= bound + 1e-6).all(), name
+
+
+def test_4bit_forward_backward_trains_adapters_only(tokens):
+    model = quantized_llama()
+    apply_kasa(model, KaSAConfig(r=4, target_modules=ALL_LLAMA_TARGETS), show_progress=False)
+    model.train()
+    loss = model(tokens, labels=tokens).loss + kasa_regularization(model)
+    loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == {n for n, p in model.named_parameters() if p.requires_grad} and with_grad
+    assert all("lora_" in n for n in with_grad)
+
+
+@pytest.mark.parametrize("mode", ["low_rank_correction", "requantize"])
+def test_merge_to_16bit_and_adapter_round_trip(tmp_path, tokens, mode):
+    model = quantized_llama()
+    apply_kasa(model, KaSAConfig(r=4, target_modules=ALL_LLAMA_TARGETS, quant_mode=mode), show_progress=False)
+    randomize_adapters(model)
+    adapted = model(tokens).logits.detach()
+    save_adapter(model, tmp_path / "adapter")
+    fresh = quantized_llama()  # the same base quantized the same way (deterministic)
+    load_adapter(fresh, tmp_path / "adapter", show_progress=False)
+    assert fresh.kasa_config.quant_mode == mode
+    torch.testing.assert_close(fresh(tokens).logits, adapted, atol=1e-5, rtol=1e-5)
+    merged = merge_kasa(copy.deepcopy(model))
+    assert not any(type(m).__name__ == "Linear4bit" for m in merged.modules() if m is not merged.lm_head)
+    # the merged nn.Linear holds the dequantized effective weight + ΔW: same numbers, float32 summation order
+    torch.testing.assert_close(merged(tokens).logits, adapted, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_recipe_fine_tunes_a_4bit_base(tmp_path):
+    """launch/train.py with model.quantize=nf4 on the causal-LM path: eval loss goes down, the adapter is written,
+    and a 4-bit base under DeepSpeed is refused up front."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(repo / "tools"))
+    from make_tiny_llama import build
+
+    spec = importlib.util.spec_from_file_location("recipe_q", repo / "launch/train.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    model = build(tmp_path / "tiny", hidden=64, layers=2, vocab=320)
+    args = ["--config", str(repo / "configs/tiny_llama_instruct.yaml"), f"model.path={model}", "model.quantize=nf4",
+            "--output_dir", str(tmp_path / "run"), "train.max_steps=12", "data.max_eval_examples=16",
+            "model.max_length=96", "train.micro_batch_size=4"]
+    assert recipe.main(args) == 0
+    evals = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if '"eval"' in l]
+    assert evals[-1]["loss"] < evals[0]["loss"] - 0.1
+    assert (tmp_path / "run" / "adapter" / "kasa_ds_config.json").is_file()
+    assert recipe.main([*args, "--ds_config", str(repo / "ds_configs/zero2.json")]) == 2
