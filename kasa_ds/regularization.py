@@ -1,8 +1,9 @@
 """The KaSA regularizer  β·Σ_l ‖ΔΣ_l‖² + γ·Σ_l (‖ΔU_lᵀΔU_l − I_r‖_F + ‖ΔV_lᵀΔV_l − I_r‖_F).
 
 Summed over adapted layers (PEFT's convention; the official script takes the mean, i.e. its β, γ are L times
-ours). Layers of equal shape are stacked so each group costs one batched r×r Gram per factor instead of a Python
-loop over layers.
+ours). Each layer's r×r Grams are computed from its parameters directly (autograd keeps references, no copies:
+stacking the factors first would save a copy of every adapter for backward), then stacked (r×r each) so the norms
+and the sum are single batched operations.
 """
 
 from __future__ import annotations
@@ -42,17 +43,23 @@ def regularization_terms(model: nn.Module):
             betas.append(torch.tensor([layer.beta], device=l2.device))
             gammas.append(torch.tensor([layer.gamma], device=l2.device))
         else:
-            groups[(layer.out_features, layer.in_features, layer.r, layer.lora_diag.device)].append(layer)
+            groups[(layer.r, layer.lora_diag.device)].append(layer)
     if not groups and not l2s:
         return None
-    for (_, _, r, device), layers in groups.items():
-        b = torch.stack([m.lora_B.weight for m in layers]).float()   # (L, m, r)
-        a = torch.stack([m.lora_A.weight for m in layers]).float()   # (L, r, n)
-        d = torch.stack([m.lora_diag for m in layers]).float()       # (L, r)
+    for (r, device), layers in groups.items():
+        gram_b = torch.stack([_gram(m.lora_B.weight, cols=True) for m in layers])   # (L, r, r): ΔUᵀΔU
+        gram_a = torch.stack([_gram(m.lora_A.weight, cols=False) for m in layers])  # (L, r, r): ΔVᵀΔV
+        d = torch.stack([m.lora_diag for m in layers]).float()                       # (L, r)
         eye = torch.eye(r, device=device)
-        orths.append(torch.linalg.matrix_norm(b.mT @ b - eye) + torch.linalg.matrix_norm(a @ a.mT - eye))
+        orths.append(torch.linalg.matrix_norm(gram_b - eye) + torch.linalg.matrix_norm(gram_a - eye))
         l2s.append(d.square().sum(-1))
         betas.append(torch.tensor([m.beta for m in layers], device=device))
         gammas.append(torch.tensor([m.gamma for m in layers], device=device))
     device = l2s[0].device
     return tuple(torch.cat([t.to(device) for t in ts]) for ts in (l2s, orths, betas, gammas))
+
+
+def _gram(w: torch.Tensor, cols: bool) -> torch.Tensor:
+    """wᵀw (cols) or wwᵀ, r×r, in float32."""
+    w = w.float()
+    return w.T @ w if cols else w @ w.T

@@ -1,0 +1,156 @@
+"""Per-step time and peak memory of KaSA (kasa_ds) vs PEFT LoRA vs PEFT KaSA on the same model, batch and length.
+
+Timing: the three run interleaved in one process (one step of each in turn, rotating the order), after warm-up;
+medians and ratios to PEFT LoRA are printed. A step = forward, task loss (+ the KaSA regularizer for the KaSA
+methods, as each library exposes it), backward, AdamW step, zero_grad.
+Memory: on CUDA, torch.cuda.max_memory_allocated per method. On CPU (no allocator statistics), what the methods can
+differ in, counted exactly: the bytes autograd saves for backward in one step (unique storages, via
+saved_tensors_hooks; parameters themselves excluded) plus trainable state (parameter, gradient, two AdamW moments).
+
+    python tools/bench_step.py                  # Llama hidden 512, 4 layers, batch 4 × 128 tokens, r = 16
+    python tools/bench_step.py --smoke          # 3 steps on a tiny model (what the tests run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+METHODS = ("peft_lora", "peft_kasa", "kasa_ds")
+
+
+def build(method: str, a, device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.ff, num_hidden_layers=a.layers,
+                         num_attention_heads=a.heads, num_key_value_heads=a.heads, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).to(device)
+    if method == "kasa_ds":
+        from kasa_ds import KaSAConfig, apply_kasa, kasa_regularization
+
+        apply_kasa(model, KaSAConfig(r=a.r, alpha=2 * a.r, target_modules=TARGETS), show_progress=False)
+        return model, lambda m: kasa_regularization(m)
+    from peft import KasaConfig, LoraConfig, get_peft_model
+
+    kasa = KasaConfig() if method == "peft_kasa" else None
+    model = get_peft_model(model, LoraConfig(r=a.r, lora_alpha=2 * a.r, target_modules=TARGETS, kasa_config=kasa))
+    return model, (lambda m: m.base_model._get_kasa_loss()) if kasa else None
+
+
+def make_step(model, reg, batch):
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def step():
+        loss = model(**batch).loss
+        if reg is not None:
+            loss = loss + reg(model)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def batch_for(a, device):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, a.vocab, (a.batch, a.seq), generator=g).to(device)
+    return {"input_ids": ids, "labels": ids}
+
+
+def saved_and_state_bytes(model, reg, batch) -> int:
+    """Bytes autograd saves for backward in one forward (+ regularizer), unique storages, parameters excluded, plus
+    4 × trainable bytes (parameter, gradient, AdamW exp_avg and exp_avg_sq)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(**batch).loss
+        if reg is not None:
+            loss = loss + reg(model)
+    loss.backward()
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return sum(seen.values()) + 4 * trainable
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, default in (("hidden", 512), ("ff", 1376), ("layers", 4), ("heads", 8), ("vocab", 2000), ("r", 16),
+                          ("batch", 4), ("seq", 128), ("steps", 20), ("warmup", 3), ("memory-steps", 3)):
+        p.add_argument(f"--{name}", type=int, default=default)
+    p.add_argument("--smoke", action="store_true", help="tiny model, 3 steps")
+    p.add_argument("--json")
+    a = p.parse_args(argv)
+    if a.smoke:
+        a.hidden, a.ff, a.layers, a.heads, a.vocab, a.r, a.batch, a.seq, a.steps, a.warmup, a.memory_steps = \
+            64, 176, 1, 4, 128, 4, 2, 16, 3, 1, 2
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    runs = {}
+    for method in METHODS:
+        model, reg = build(method, a, device)
+        runs[method] = make_step(model, reg, batch_for(a, device))
+    for _ in range(a.warmup):
+        for method in METHODS:
+            runs[method]()
+    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    for i in range(a.steps):
+        order = METHODS[i % 3:] + METHODS[:i % 3]
+        for method in order:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            tic = time.perf_counter()
+            runs[method]()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[method].append(time.perf_counter() - tic)
+    median = {m: statistics.median(v) for m, v in times.items()}
+    memory = {}
+    runs.clear()
+    for method in METHODS:
+        model, reg = build(method, a, device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            step = make_step(model, reg, batch_for(a, device))
+            torch.cuda.reset_peak_memory_stats()
+            for _ in range(a.memory_steps):
+                step()
+            memory[method] = torch.cuda.max_memory_allocated()
+        else:
+            memory[method] = saved_and_state_bytes(model, reg, batch_for(a, device))
+        del model
+    result = {"config": vars(a) | {"device": str(device), "threads": torch.get_num_threads(),
+                                   "torch": torch.__version__},
+              "median_step_seconds": median, "peak_memory_bytes": memory,
+              "time_ratio_vs_peft_lora": {m: median[m] / median["peft_lora"] for m in METHODS},
+              "memory_ratio_vs_peft_lora": {m: memory[m] / max(memory["peft_lora"], 1) for m in METHODS}}
+    kind = "peak allocated" if device.type == "cuda" else "saved-for-backward + state"
+    print(f"Llama hidden={a.hidden} layers={a.layers}, batch {a.batch}×{a.seq}, r={a.r}, 7 targets, {device}, "
+          f"median of {a.steps} interleaved steps")
+    print(f"{'method':10s} {'step ms':>9s} {'vs LoRA':>8s} {kind + ' MB':>26s} {'vs LoRA':>8s}")
+    for m in METHODS:
+        print(f"{m:10s} {median[m] * 1e3:9.1f} {result['time_ratio_vs_peft_lora'][m]:7.3f}x "
+              f"{memory[m] / 2**20:26.1f} {result['memory_ratio_vs_peft_lora'][m]:7.3f}x")
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
