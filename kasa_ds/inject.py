@@ -103,6 +103,9 @@ def find_targets(model: nn.Module, config: KaSAConfig) -> list[Target]:
             if any(isinstance(c, nn.Linear) for c in module.children()):
                 continue  # a container whose name matches (e.g. 'attention'); its linears are matched by their names
             errors.append(f"{name}: {type(module).__name__} is not an nn.Linear")
+        elif any(config.is_module_to_save(name[:i]) for i in range(len(name)) if name[i] == "."):
+            errors.append(f"{name}: it lies inside a module of modules_to_save, which is trained in full; add it "
+                          "to exclude_modules")
         elif name + ".weight" in shared:
             errors.append(f"{name}: its weight is tied to {shared[name + '.weight']}; truncating it would change that "
                           "module too. Exclude it (exclude_modules) or untie the weights")
@@ -177,7 +180,10 @@ def set_trainable(model: nn.Module, config: KaSAConfig) -> list[str]:
     if config.modules_to_save and not saved:
         raise ValueError(f"modules_to_save={list(config.modules_to_save)} matched no module in the model")
     for name in saved:
-        for p in model.get_submodule(name).parameters():
+        for pname, p in model.get_submodule(name).named_parameters():
+            if not p.is_floating_point():
+                raise ValueError(f"modules_to_save {name}: {pname} is quantized ({p.dtype}) and cannot be trained; "
+                                 "keep that module in 16/32 bits when quantizing the model")
             p.requires_grad_(True)
     return saved
 

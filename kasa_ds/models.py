@@ -22,7 +22,9 @@ def load_tokenizer(section: ModelSection):
     return tok
 
 
-def load_model(section: ModelSection, pad_token_id: int) -> nn.Module:
+def load_model(section: ModelSection, pad_token_id: int, keep_full_precision=lambda name: False) -> nn.Module:
+    """The HF model for ``section.task``; with ``section.quantize`` every linear but the heads and the modules
+    ``keep_full_precision(name)`` names becomes 4-bit."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     kwargs = dict(dtype=getattr(torch, section.dtype), local_files_only=True)
@@ -37,7 +39,7 @@ def load_model(section: ModelSection, pad_token_id: int) -> nn.Module:
         from .quant import quantize_linears_
 
         compute = torch.bfloat16 if torch.cuda.is_available() and section.dtype == "bfloat16" else torch.float32
-        quantize_linears_(model, section.quantize, section.double_quant, compute)
+        quantize_linears_(model, section.quantize, section.double_quant, compute, keep=keep_full_precision)
     if section.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

@@ -11,7 +11,7 @@ has it), then one of two modes applies it (``KaSAConfig.quant_mode``):
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -56,10 +56,14 @@ def requantize_(module: nn.Module, weight: torch.Tensor) -> None:
     module.weight = new.to(old.device)
 
 
+HEADS = ("lm_head", "score", "classifier")
+
+
 def quantize_linears_(model: nn.Module, quant_type: str = "nf4", double_quant: bool = True,
-                      compute_dtype: torch.dtype = torch.float32, skip: tuple[str, ...] = ("lm_head", "score",
-                                                                                          "classifier")) -> int:
-    """Replace every nn.Linear (except heads) by a bitsandbytes Linear4bit holding its weight, in place.
+                      compute_dtype: torch.dtype = torch.float32,
+                      keep: Callable[[str], bool] = lambda name: False) -> int:
+    """Replace every nn.Linear by a bitsandbytes Linear4bit holding its weight, in place, except heads and the
+    modules ``keep(name)`` is true for (e.g. those trained in full, modules_to_save).
 
     What ``from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True))`` does on a GPU, done on
     the loaded model so it also runs on a CPU-only machine. Returns the number of layers quantized.
@@ -68,7 +72,7 @@ def quantize_linears_(model: nn.Module, quant_type: str = "nf4", double_quant: b
 
     count = 0
     for name, module in list(model.named_modules()):
-        if type(module) is not nn.Linear or name.rsplit(".", 1)[-1] in skip:
+        if type(module) is not nn.Linear or name.rsplit(".", 1)[-1] in HEADS or keep(name):
             continue
         q = Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
                        compute_dtype=compute_dtype, compress_statistics=double_quant, quant_type=quant_type,

@@ -13,8 +13,6 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Optional
-
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
@@ -76,7 +74,3 @@ class SVDCache:
             rewrite_local(weight, left.to(device), right.to(device), rank)
             reports.append(LayerReport(t.name, t.shape, float("nan"), time.perf_counter() - tic))
         return reports
-
-
-def open_cache(cache_dir: Optional[str], model_dir: str, config: KaSAConfig) -> Optional[SVDCache]:
-    return SVDCache(cache_dir, model_dir, config) if cache_dir else None

@@ -54,8 +54,10 @@ class KaSASection:
     beta: float = 1e-4
     gamma: float = 1e-3
     svd_solver: str = "auto"
-    modules_to_save: list = field(default_factory=lambda: ["classifier"])
-    exclude_modules: list = field(default_factory=list)
+    # the head and BERT's pooler (a sentence-transformers checkpoint never trained the [CLS] pooler the HF
+    # classification head reads; training it in full removes a long loss plateau at ln 2)
+    modules_to_save: list = field(default_factory=lambda: ["classifier", "pooler"])
+    exclude_modules: list = field(default_factory=lambda: ["pooler.dense"])
     init_seed: Optional[int] = 0  # same adapter init on every rank (required with several ranks)
     quant_mode: str = "low_rank_correction"  # 4-bit bases: low_rank_correction | requantize
     max_gather_mb: int = 2048  # distributed truncation: cap on weight bytes one rank gathers at once
@@ -67,9 +69,9 @@ class TrainSection:
     max_steps: int = 300
     micro_batch_size: int = 16
     gradient_accumulation_steps: int = 1
-    lr: float = 3e-3
+    lr: float = 1e-3
     weight_decay: float = 0.0
-    warmup_steps: int = 10
+    warmup_steps: int = 30
     lr_schedule: str = "cosine"  # cosine | linear | constant
     max_grad_norm: float = 1.0
     eval_every: int = 100

@@ -20,12 +20,6 @@ def rank() -> int:
     return int(os.environ.get("RANK", 0))
 
 
-def world_size() -> int:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", 1))
-
-
 def is_rank_zero() -> bool:
     return rank() == 0
 

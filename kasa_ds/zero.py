@@ -119,7 +119,7 @@ def truncate_distributed(targets: list[Target], config: KaSAConfig, *, group=Non
         for target, owner in batch:
             m, n = target.shape
             weight = target.module.weight
-            device = _comm_device(weight)
+            device = _comm_device()
             if owner == rank:
                 left, right, energy, seconds = solved.pop(target.name)
                 meta = torch.tensor([energy, seconds], dtype=torch.float64, device=device)
@@ -142,7 +142,7 @@ def _gather_to_owner(weight: nn.Parameter, owner: int, rank: int, world: int, gr
     """The full weight (m×n) on ``owner``, None elsewhere. Collective for a partitioned weight."""
     if not is_partitioned(weight):
         return weight.detach() if rank == owner else None
-    device = _comm_device(weight)
+    device = _comm_device()
     shard = weight.ds_tensor.detach().to(device)
     gathered = [torch.empty_like(shard) for _ in range(world)] if rank == owner else None
     dst = dist.get_global_rank(group, owner) if group is not None else owner
@@ -174,7 +174,7 @@ def rewrite_local(weight: nn.Parameter, left: torch.Tensor, right: torch.Tensor,
             weight.data.sub_((left @ right).to(weight.data.device, weight.dtype).view_as(weight.data))
 
 
-def _comm_device(t: torch.Tensor) -> torch.device:
+def _comm_device() -> torch.device:
     """Where collectives on ``t`` must run: the accelerator for NCCL, the CPU for gloo."""
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())

@@ -112,23 +112,25 @@ def train(cfg: TrainConfig, fingerprint: dict, resume_from) -> int:
         from transformers.integrations import HfDeepSpeedConfig
 
         hf_ds_config = HfDeepSpeedConfig(ds)  # noqa: F841  (must stay referenced while the model loads)
-    model = load_model(cfg.model, tokenizer.pad_token_id)
+    kasa_config = cfg.kasa_config()
+    in_saved_module = lambda name: any(kasa_config.is_module_to_save(name[:i])  # noqa: E731
+                                       for i in range(1, len(name) + 1) if i == len(name) or name[i] == ".")
+    model = load_model(cfg.model, tokenizer.pad_token_id, keep_full_precision=in_saved_module)
     if not zero3:
         model = model.to(device)
     truncate = None
-    cache = None
     if cfg.kasa.svd_cache:
         from kasa_ds.models import model_dir
         from kasa_ds.svd_cache import SVDCache
 
-        cache = SVDCache(cfg.kasa.svd_cache, model_dir(cfg.model), cfg.kasa_config())
+        cache = SVDCache(cfg.kasa.svd_cache, model_dir(cfg.model), kasa_config)
         truncate = partial(cache.truncate, show_progress=rank == 0)
     elif torch.distributed.is_initialized():
         from kasa_ds.zero import truncate_distributed
 
         truncate = partial(truncate_distributed, max_gather_bytes=cfg.kasa.max_gather_mb << 20,
                            show_progress=rank == 0)
-    report = apply_kasa(model, cfg.kasa_config(), truncate=truncate, show_progress=rank == 0)
+    report = apply_kasa(model, kasa_config, truncate=truncate, show_progress=rank == 0)
     say(report)
     if zero3:
         from kasa_ds.zero import gathered_adapter_state, prepare_for_zero3

@@ -195,3 +195,14 @@ def test_regularizer_computed_in_forward_equals_batched_path(tokens):
     kasa_regularization(model)  # consumes the terms cached by the train-mode forward above
     with pytest.raises(RuntimeError, match="after a training-mode forward"):
         kasa_regularization(model)
+
+
+def test_target_inside_modules_to_save_is_refused():
+    from conftest import tiny_bert_classifier
+
+    with pytest.raises(ValueError, match="inside a module of modules_to_save.*exclude_modules"):
+        apply_kasa(tiny_bert_classifier(), KaSAConfig(r=2, target_modules=["dense"], modules_to_save=["pooler"]),
+                   show_progress=False)
+    report = apply_kasa(tiny_bert_classifier(), KaSAConfig(r=2, target_modules=["dense"], modules_to_save=["pooler"],
+                                                           exclude_modules=["pooler.dense"]), show_progress=False)
+    assert all("pooler" not in lr.name for lr in report.layers)

@@ -6,12 +6,10 @@ and gradients are float32 r×r Gram computations (1e-5 relative). Logits through
 tests/test_peft_interop.py (PEFT re-truncates with its own float32 SVD).
 """
 
-import copy
 import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest

@@ -8,7 +8,6 @@ logits.safetensors (forward of the sharded model), adapter/ (PEFT adapter, gathe
 """
 
 import json
-import os
 import sys
 from pathlib import Path
 
