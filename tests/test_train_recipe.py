@@ -45,6 +45,7 @@ def test_embedded_default_runs_and_writes_a_loadable_adapter(tmp_path, capsys):
     assert [r["step"] for r in train] == [1, 2, 3, 4]
     assert all(r["kasa_reg"] > 0 and r["loss"] > 0 for r in train)
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000004"]  # keep_checkpoints=1, no tmp left
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))  # TensorBoard is installed with [dev]
     # the final adapter loads on the original base and is not a fresh (ΔW = 0) one
     from transformers import AutoModelForSequenceClassification
 
@@ -148,3 +149,15 @@ def test_batch_order_is_independent_of_world_size():
     assert next(resumed) == next(fresh)
     assert sorted(sum((next(global_batches(100, 8, 3, s)) for s in range(12)), [])) == sorted(
         torch.randperm(100, generator=torch.Generator().manual_seed(300009))[:96].tolist())
+
+
+def test_hf_dataset_saved_to_disk_trains(tiny_llama_dir, tmp_path):
+    """data.train / data.eval may be directories written by datasets' save_to_disk."""
+    datasets = pytest.importorskip("datasets", reason="datasets is a [dev] dependency")
+    records = [json.loads(line) for line in (REPO / "data/rt_instruct/train.jsonl").read_text().splitlines()[:64]]
+    datasets.Dataset.from_list(records).save_to_disk(str(tmp_path / "train_ds"))
+    datasets.Dataset.from_list(records[:8]).save_to_disk(str(tmp_path / "eval_ds"))
+    out = tmp_path / "run"
+    assert recipe.main(causal_args(tiny_llama_dir, out, f"data.train={tmp_path / 'train_ds'}",
+                                   f"data.eval={tmp_path / 'eval_ds'}", "train.max_steps=2")) == 0
+    assert len(read_metrics(out)) == 2 and read_metrics(out, "eval")
