@@ -124,12 +124,9 @@ class ShardWriter:
         (self.out_dir / INDEX).write_text(json.dumps(index, indent=2))
 
 
-def module_key(model_name: str, keys: set[str], prefixes: tuple[str, ...] = ()) -> Optional[str]:
-    """The checkpoint key of ``<model_name>.weight``: the same name, or without a head model's base prefix
-    (``bert.encoder...`` in a BertForSequenceClassification vs ``encoder...`` in a BertModel checkpoint)."""
-    candidates = [model_name] + [model_name.removeprefix(p + ".") for p in prefixes if model_name.startswith(p + ".")]
-    candidates += [p + "." + model_name for p in prefixes]
-    for c in candidates:
-        if c + ".weight" in keys:
-            return c
-    return None
+def module_key(model_name: str, keys: set[str]) -> Optional[str]:
+    """The checkpoint name of module ``model_name`` (whose ``.weight`` is in ``keys``): the same name, or the name
+    without a head model's base prefix (``bert.encoder...`` in a BertForSequenceClassification, ``encoder...`` in a
+    BertModel checkpoint)."""
+    candidates = [model_name] + ([model_name.split(".", 1)[1]] if "." in model_name else [])
+    return next((c for c in candidates if c + ".weight" in keys), None)

@@ -43,6 +43,9 @@ def main(argv=None) -> int:
             overrides.append(f"{key}={getattr(args, key)}")
     try:
         cfg = load_train_config(args.config, overrides)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and cfg.ds_config is None:
+            raise ConfigError(f"{os.environ['WORLD_SIZE']} ranks without --ds_config: nothing would synchronize "
+                              "their gradients; pass --ds_config ds_configs/zero0.json (data parallel) or zero2/zero3")
         fingerprint = run_fingerprint(cfg)
         resume_from = find_resume_checkpoint(cfg, fingerprint)
     except (ConfigError, ValueError) as e:
@@ -290,7 +293,7 @@ def evaluate(forward, dataset, batch_of, batch_size, device, rank, world, task) 
     model = getattr(forward, "module", forward)
     was_training = model.training
     model.eval()
-    totals = torch.zeros(3, dtype=torch.float64)  # loss·weight, weight, correct
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss·weight, weight, correct (NCCL: on the GPU)
     # every rank runs the same number of forwards (ZeRO-3 forwards are collectives); a rank whose share has run out
     # evaluates example 0 with weight 0
     idx = list(range(rank, len(dataset), world))
@@ -304,10 +307,10 @@ def evaluate(forward, dataset, batch_of, batch_size, device, rank, world, task) 
             if task == "seq_cls":
                 n = batch["labels"].numel() * weight
                 correct = (out.logits.argmax(-1) == batch["labels"]).sum().item() * weight
-                totals += torch.tensor([out.loss.item() * n, n, correct], dtype=torch.float64)
+                totals += torch.tensor([out.loss.item() * n, n, correct], dtype=torch.float64, device=device)
             else:
                 n = (batch["labels"][:, 1:] != -100).sum().item() * weight  # tokens with loss after the shift
-                totals += torch.tensor([out.loss.item() * n, n, 0.0], dtype=torch.float64)
+                totals += torch.tensor([out.loss.item() * n, n, 0.0], dtype=torch.float64, device=device)
     if world > 1:
         torch.distributed.all_reduce(totals)
     model.train(was_training)
@@ -322,7 +325,7 @@ def mean_over_ranks(value: float, device, world: int) -> float:
         return value
     import torch
 
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=device)  # NCCL reduces GPU tensors only
     torch.distributed.all_reduce(t)
     return (t / world).item()
 

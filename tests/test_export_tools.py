@@ -149,3 +149,25 @@ def test_export_adapter_takes_the_newest_complete_checkpoint(tmp_path):
     load_adapter(fresh, out, show_progress=False)
     for (_, a), (_, b) in zip(kasa_layers(fresh), kasa_layers(model)):
         assert torch.equal(a.lora_B.weight, b.lora_B.weight)  # step 4's values
+
+
+def test_merge_head_model_adapter_into_base_checkpoint(tmp_path):
+    """The embedded default's case: a BertForSequenceClassification adapter (bert.encoder..., plus classifier and
+    pooler as modules_to_save) merged into the BertModel checkpoint of the MiniLM package (encoder...)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from kasa_ds.assets import embedded_model_dir
+    from merge import merge
+
+    base_dir = embedded_model_dir()
+    model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=2).eval()
+    apply_kasa(model, KaSAConfig(r=8, target_modules=["query", "value", "dense"], exclude_modules=["pooler.dense"],
+                                 modules_to_save=["classifier", "pooler"]), show_progress=False)
+    randomize_adapters(model)
+    save_adapter(model, tmp_path / "adapter")
+    out = merge(base_dir, tmp_path / "adapter", tmp_path / "merged", torch.float32)
+    merged = AutoModelForSequenceClassification.from_pretrained(out, num_labels=2).eval()
+    batch = AutoTokenizer.from_pretrained(base_dir)(["a fine film", "a dull, lifeless mess"], return_tensors="pt",
+                                                    padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, model(**batch).logits, atol=1e-4, rtol=1e-4)

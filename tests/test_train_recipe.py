@@ -108,6 +108,12 @@ def test_bad_config_is_one_clear_line_before_any_model_loads(args, message, caps
     assert "KaSA:" not in captured.out  # nothing was loaded
 
 
+def test_several_ranks_without_deepspeed_are_refused(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert recipe.main(["train.max_steps=1"]) == 2
+    assert "2 ranks without --ds_config" in capsys.readouterr().err
+
+
 def test_bad_yaml_and_cli_exit_code(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  path: [unclosed\n")

@@ -47,7 +47,7 @@ def merge(base: Path, adapter: Path, out: Path, dtype: torch.dtype = torch.bfloa
     modules = sorted({k[len(PREFIX):].rsplit(".lora_", 1)[0] for k in ad if ".lora_" in k})
     plan = {}  # checkpoint module name -> adapter module name
     for name in modules:
-        ck = module_key(name, keys, _prefixes(name))
+        ck = module_key(name, keys)
         if ck is None:
             raise SystemExit(f"error: adapter module {name} has no weight in {base}; wrong base model?")
         plan[ck] = name
@@ -61,8 +61,8 @@ def merge(base: Path, adapter: Path, out: Path, dtype: torch.dtype = torch.bfloa
             if key.endswith(".weight") and name in plan:
                 tensor = _merged(tensor, name, plan[name], ad, config, cache)
             else:
-                saved_key = next((k for k in (key, *(p + "." + key for p in _prefixes(key))) if k in saved), None)
-                if saved_key is not None:
+                saved_key = next((k for k in saved if k == key or k.split(".", 1)[-1] == key), None)
+                if saved_key is not None:  # a modules_to_save tensor trained with the adapter
                     tensor = saved.pop(saved_key)
             writer.add(key, tensor.to(dtype) if tensor.is_floating_point() else tensor)
             bar.update(1)
@@ -90,12 +90,6 @@ def _merged(weight: torch.Tensor, ck_name: str, ad_name: str, ad: dict, config, 
     b = ad[f"{PREFIX}{ad_name}.lora_B.weight"].float()
     d = ad[f"{PREFIX}{ad_name}.lora_diag"].float()
     return w - left @ right + (b * d) @ a * config.scaling
-
-
-def _prefixes(name: str) -> tuple[str, ...]:
-    """A head model's base prefix (``bert`` in ``bert.encoder...``) may be absent from a base checkpoint's keys."""
-    head = name.split(".", 1)[0]
-    return (head,) if "." in name else ()
 
 
 if __name__ == "__main__":
