@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import free_port
+
 pytest.importorskip("deepspeed", reason="DeepSpeed is a [dev] dependency (pip install -e .[dev])")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,7 +30,7 @@ def launch(args, world: int, tmp: Path):
         cmd = [sys.executable, str(REPO / "launch/train.py"), *args]
     else:
         cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(world),
-               "--master_port", str(29500 + os.getpid() % 1000), str(REPO / "launch/train.py"), *args]
+               "--master_port", str(free_port()), str(REPO / "launch/train.py"), *args]
     proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -95,7 +97,7 @@ def test_zero3_killed_run_resumes_with_the_same_losses(tmp_path, tiny_model):
     out = tmp_path / "cut"
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port",
-           str(29700 + os.getpid() % 500), str(REPO / "launch/train.py"), *args, "--output_dir", str(out),
+           str(free_port()), str(REPO / "launch/train.py"), *args, "--output_dir", str(out),
            "train.log_every=1"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ALL_LLAMA_TARGETS, randomize_adapters, tiny_llama
+from conftest import free_port, ALL_LLAMA_TARGETS, randomize_adapters, tiny_llama
 from kasa_ds import KaSAConfig, apply_kasa, kasa_layers, load_adapter, save_adapter
 from kasa_ds.svd_cache import SVDCache
 
@@ -90,7 +90,7 @@ def test_precompute_cache_one_and_two_ranks_and_reuse(base_and_adapter, tokens, 
     subprocess.run([sys.executable, str(REPO / "tools/precompute_svd.py"), *args, "--out", str(tmp_path / "c1")],
                    check=True, capture_output=True, env=env, timeout=300)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                str(29800 + os.getpid() % 100)]
+                str(free_port())]
     subprocess.run([*torchrun, str(REPO / "tools/precompute_svd.py"), *args, "--out", str(tmp_path / "c2")],
                    check=True, capture_output=True, env=env, timeout=300)
     one = {k: v for f in (tmp_path / "c1").glob("*.safetensors") for k, v in load_file(str(f)).items()}

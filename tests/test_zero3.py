@@ -19,7 +19,7 @@ pytest.importorskip("deepspeed", reason="DeepSpeed is a [dev] dependency")
 peft = pytest.importorskip("peft", minversion="0.21", reason="PEFT >= 0.21 is a [dev] dependency")
 from safetensors.torch import load_file  # noqa: E402
 
-from conftest import tiny_llama  # noqa: E402
+from conftest import free_port, tiny_llama  # noqa: E402
 from kasa_ds import KaSAConfig, apply_kasa, kasa_layers, kasa_regularization  # noqa: E402
 from zero3_common import ADAPTER_SEED, CONFIG_KW, TOKENS_SEED, randomize  # noqa: E402
 
@@ -58,7 +58,7 @@ def reference(base_dir):
 def run_worker(base_dir, out, world):
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(world), "--master_port",
-           str(29600 + world + os.getpid() % 500), str(REPO / "tests/distributed/zero3_worker.py"), str(base_dir),
+           str(free_port()), str(REPO / "tests/distributed/zero3_worker.py"), str(base_dir),
            str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and (out / "done").is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
