@@ -16,9 +16,12 @@ replicated (ZeRO ≤ 2, DDP: every rank holds the whole weight). Every rank runs
 Results equal the single-process truncation of the same weights with the same solver, whatever the world size:
 the owner computes exactly what one process would.
 
-Regularizer under ZeRO-3: adapter parameters are partitioned outside forward, so each KaSALinear computes its own
-terms inside its forward (where DeepSpeed has gathered it: :func:`prepare_for_zero3` marks KaSALinear a ZeRO-3
-leaf module, gathering its whole subtree for forward and backward) and ``kasa_regularization`` sums them.
+Regularizer under ZeRO-3: adapter parameters are partitioned outside forward, and its three terms are separable
+(‖ΔΣ‖² needs ΔΣ only, ‖ΔVᵀΔV − I‖ needs lora_A only, ‖ΔUᵀΔU − I‖ lora_B only), so :func:`prepare_for_zero3` has each
+computed inside the forward of the module owning its parameter, where DeepSpeed's own hooks have gathered it, with
+its gradient taken analytically there (kasa_ds.layer); ``kasa_regularization`` sums them. Each term is tied (× 0)
+into its module's output, so its gradient arrives during that module's backward, while the parameter is gathered:
+the loss must therefore depend on the model's output, as any training loss does (task loss + regularizer).
 """
 
 from __future__ import annotations
