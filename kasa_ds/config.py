@@ -86,6 +86,11 @@ class KaSAConfig:
     def is_module_to_save(self, name: str) -> bool:
         return _matches(name, self.modules_to_save)
 
+    def in_module_to_save(self, name: str, include_self: bool = True) -> bool:
+        """Whether ``name`` (or, with include_self=False, only one of its ancestors) is a module to save."""
+        ancestors = [name[:i] for i in range(len(name)) if name[i] == "."]
+        return any(self.is_module_to_save(n) for n in ancestors + ([name] if include_self else []))
+
     # PEFT's adapter_config.json (LoraConfig with kasa_config) <-> KaSAConfig
     def to_peft_dict(self, base_model_name_or_path: Optional[str] = None,
                      task_type: Optional[str] = None) -> dict[str, Any]:

@@ -103,7 +103,7 @@ def find_targets(model: nn.Module, config: KaSAConfig) -> list[Target]:
             if any(isinstance(c, nn.Linear) for c in module.children()):
                 continue  # a container whose name matches (e.g. 'attention'); its linears are matched by their names
             errors.append(f"{name}: {type(module).__name__} is not an nn.Linear")
-        elif any(config.is_module_to_save(name[:i]) for i in range(len(name)) if name[i] == "."):
+        elif config.in_module_to_save(name, include_self=False):
             errors.append(f"{name}: it lies inside a module of modules_to_save, which is trained in full; add it "
                           "to exclude_modules")
         elif name + ".weight" in shared:
@@ -144,9 +144,9 @@ def truncate_locally(targets: list[Target], config: KaSAConfig, show_progress: b
     return reports
 
 
-def truncate_4bit(t: Target, config: KaSAConfig, original: Optional[torch.Tensor] = None) -> TailFactors:
-    """QKaSA: the tail of the dequantized (or ``original`` 16-bit) weight, applied per ``config.quant_mode``."""
-    w = original.float() if original is not None else dequantize(t.module)
+def truncate_4bit(t: Target, config: KaSAConfig) -> TailFactors:
+    """QKaSA: the tail of the dequantized weight, applied per ``config.quant_mode``."""
+    w = dequantize(t.module)
     tail = tail_factors(w, config.r, config.svd_solver)
     left, right = tail.left.float(), tail.right.float()
     if config.quant_mode == "requantize":

@@ -17,8 +17,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-ADAPTER_PARAM_NAMES = ("lora_A.weight", "lora_B.weight", "lora_diag")
-
+from .quant import effective_weight, is_4bit
 
 class KaSALinear(nn.Module):
     """KaSA adapter around a base linear layer.
@@ -111,7 +110,7 @@ class KaSALinear(nn.Module):
     @torch.no_grad()
     def merge(self) -> None:
         """Fold ΔW into the base weight in place (forward then skips the adapter branch)."""
-        if self.tail_left is not None or type(self.base_layer).__name__ == "Linear4bit":
+        if is_4bit(self.base_layer):
             raise ValueError("a 4-bit base cannot absorb ΔW in place; use merge_kasa, which dequantizes into a 16-bit "
                              "nn.Linear")
         if not self.merged:
@@ -125,6 +124,21 @@ class KaSALinear(nn.Module):
             w = self.base_layer.weight
             w.sub_(self.delta_weight().to(w.dtype))
             self.merged = False
+
+    @torch.no_grad()
+    def merged_module(self) -> nn.Module:
+        """The plain layer computing W_world + ΔW: the base itself (merged in place), or for a 4-bit base a new
+        nn.Linear in its compute dtype holding the dequantized effective weight + ΔW."""
+        if not is_4bit(self.base_layer):
+            self.merge()
+            return self.base_layer
+        base = self.base_layer
+        dtype = base.compute_dtype or torch.float32
+        linear = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None, device="meta")
+        linear.weight = nn.Parameter((effective_weight(self) + self.delta_weight()).to(dtype), requires_grad=False)
+        if base.bias is not None:
+            linear.bias = nn.Parameter(base.bias.detach().to(dtype), requires_grad=False)
+        return linear
 
     def adapter_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         yield "lora_A.weight", self.lora_A.weight

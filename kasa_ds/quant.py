@@ -1,7 +1,7 @@
 """QKaSA: KaSA on bitsandbytes 4-bit bases (NF4/FP4, optional double quantization).
 
-The truncation always runs in float32 on the dequantized weight (or on the original 16-bit weight when the caller
-has it), then one of two modes applies it (``KaSAConfig.quant_mode``):
+The truncation runs in float32 on the dequantized weight (tools/qkasa_modes.py also measures truncating the original
+16-bit weights), then one of two modes applies it (``KaSAConfig.quant_mode``):
 
     requantize           W_world is quantized back to 4 bits and replaces the base (one 4-bit base per task);
     low_rank_correction  the 4-bit base is left untouched and the layer subtracts the frozen rank-r tail as two small
@@ -11,7 +11,7 @@ has it), then one of two modes applies it (``KaSAConfig.quant_mode``):
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 from torch import nn
@@ -88,7 +88,7 @@ def quantize_linears_(model: nn.Module, quant_type: str = "nf4", double_quant: b
     return count
 
 
-def effective_weight(layer: nn.Module, original: Optional[torch.Tensor] = None) -> torch.Tensor:
+def effective_weight(layer: nn.Module) -> torch.Tensor:
     """The m×n float32 base weight a KaSALinear around a 4-bit layer computes with (before ΔW)."""
     w = dequantize(layer.base_layer)
     if layer.tail_left is not None:

@@ -60,7 +60,8 @@ class SVDCache:
         from .zero import rewrite_local
 
         keys = self.keys()
-        missing = [t.name for t in targets if module_key(t.name, keys) is None]
+        names = {t.name: module_key(t.name, keys) for t in targets}
+        missing = [name for name, key in names.items() if key is None]
         if missing:
             raise ValueError(f"SVD cache {self.dir} has no entry for {len(missing)} targets (e.g. {missing[:2]}); it "
                              "was made for other target_modules: recompute it")
@@ -68,7 +69,7 @@ class SVDCache:
         reports = []
         for t in progress(targets, desc="KaSA truncation (cache)", unit="layer", disable=not show_progress or rank):
             tic = time.perf_counter()
-            left, right = self.factors(module_key(t.name, keys))
+            left, right = self.factors(names[t.name])
             weight = t.module.weight
             device = weight.ds_tensor.device if hasattr(weight, "ds_tensor") else weight.device
             rewrite_local(weight, left.to(device), right.to(device), rank)

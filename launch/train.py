@@ -116,9 +116,7 @@ def train(cfg: TrainConfig, fingerprint: dict, resume_from) -> int:
 
         hf_ds_config = HfDeepSpeedConfig(ds)  # noqa: F841  (must stay referenced while the model loads)
     kasa_config = cfg.kasa_config()
-    in_saved_module = lambda name: any(kasa_config.is_module_to_save(name[:i])  # noqa: E731
-                                       for i in range(1, len(name) + 1) if i == len(name) or name[i] == ".")
-    model = load_model(cfg.model, tokenizer.pad_token_id, keep_full_precision=in_saved_module)
+    model = load_model(cfg.model, tokenizer.pad_token_id, keep_full_precision=kasa_config.in_module_to_save)
     if not zero3:
         model = model.to(device)
     truncate = None

@@ -43,7 +43,7 @@ def randomize_adapters(model, seed: int = 1) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
-            if "lora_" in name or (p.requires_grad and "lora_" not in name):
+            if "lora_" in name or p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 

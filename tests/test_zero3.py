@@ -19,9 +19,9 @@ pytest.importorskip("deepspeed", reason="DeepSpeed is a [dev] dependency")
 peft = pytest.importorskip("peft", minversion="0.21", reason="PEFT >= 0.21 is a [dev] dependency")
 from safetensors.torch import load_file  # noqa: E402
 
-from conftest import free_port, tiny_llama  # noqa: E402
+from conftest import free_port, randomize_adapters, tiny_llama  # noqa: E402
 from kasa_ds import KaSAConfig, apply_kasa, kasa_layers, kasa_regularization  # noqa: E402
-from zero3_common import ADAPTER_SEED, CONFIG_KW, TOKENS_SEED, randomize  # noqa: E402
+from zero3_common import ADAPTER_SEED, CONFIG_KW, TOKENS_SEED  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,7 +42,7 @@ def reference(base_dir):
     apply_kasa(model, KaSAConfig(**CONFIG_KW), show_progress=False)
     truncated = {n: m.base_layer.weight.detach().clone() for n, m in kasa_layers(model)}
     init = {f"{n}.{p}": t.detach().clone() for n, m in kasa_layers(model) for p, t in m.adapter_parameters()}
-    randomize(model, ADAPTER_SEED)
+    randomize_adapters(model, ADAPTER_SEED)
     model.train()
     tokens = torch.randint(0, model.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(TOKENS_SEED))
     model(input_ids=tokens)

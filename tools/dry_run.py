@@ -44,8 +44,7 @@ def dry_run(config_path: str, world: int, overrides: list[str] = ()) -> dict:
     targets = find_targets(model, kasa)
     total = sum(p.numel() for p in model.parameters())
     adapter = sum(kasa.r * (t.shape[0] + t.shape[1]) + kasa.r for t in targets)
-    saved = sum(p.numel() for n, p in model.named_parameters() if any(kasa.is_module_to_save(n[:i])
-                for i in range(1, len(n)) if n[i] == "."))
+    saved = sum(p.numel() for n, p in model.named_parameters() if kasa.in_module_to_save(n, include_self=False))
     items = work_items(targets)
     assignments = plan(items, world, cfg.kasa.max_gather_mb << 20)
     cost = [0.0] * world

@@ -23,7 +23,8 @@ from transformers.integrations import HfDeepSpeedConfig  # noqa: E402
 
 from kasa_ds import KaSAConfig, apply_kasa, kasa_layers, kasa_regularization, save_adapter  # noqa: E402
 from kasa_ds.zero import gathered_adapter_state, prepare_for_zero3, truncate_distributed  # noqa: E402
-from zero3_common import ADAPTER_SEED, CONFIG_KW, TOKENS_SEED, randomize  # noqa: E402
+from conftest import randomize_adapters  # noqa: E402
+from zero3_common import ADAPTER_SEED, CONFIG_KW, TOKENS_SEED  # noqa: E402
 
 
 def main(base_dir: str, out_dir: str) -> None:
@@ -50,7 +51,7 @@ def main(base_dir: str, out_dir: str) -> None:
     if rank == 0:
         save_adapter(model, out / "adapter_init", state=state)
 
-    randomize(model, ADAPTER_SEED)  # identical on every rank; adapters are not partitioned yet
+    randomize_adapters(model, ADAPTER_SEED)  # identical on every rank; adapters are not partitioned yet
     prepare_for_zero3(model)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
