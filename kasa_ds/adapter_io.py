@@ -24,6 +24,7 @@ from torch import nn
 from .config import KaSAConfig
 from .inject import CONFIG_ATTR, KaSAReport, apply_kasa, modules_to_save
 from .layer import kasa_layers
+from .tp_shard import sharded_factor, split_factor, tp_layers
 from .utils import atomic_directory
 
 PREFIX = "base_model.model."
@@ -109,7 +110,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, svd_solver: Optio
 
 
 def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy PEFT-keyed adapter tensors into ``model``; every adapter parameter must be present, nothing extra."""
+    """Copy PEFT-keyed adapter tensors into ``model``; every adapter parameter must be present, nothing extra.
+
+    On a tensor-parallel model a full-shape factor is cut to this rank's shard, so an adapter trained at any TP size
+    (or on one process, or by PEFT) loads at any other."""
     expected = {PREFIX + key for key, _ in adapter_param_items(model)}
     unexpected = [k for k in state if k not in expected]
     missing = [k for k in expected if k not in state]
@@ -118,13 +122,21 @@ def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None
                          f"{len(unexpected)} unexpected keys (e.g. {unexpected[:2]}); was it trained on another "
                          "architecture or with other target_modules?")
     params = dict(model.named_parameters())
+    shards = _tp_shards(model)
     with torch.no_grad():
         for key, value in state.items():
             param = params[key[len(PREFIX):]]
+            if key[len(PREFIX):] in shards and tuple(param.shape) != tuple(value.shape):
+                value = split_factor(value, shards[key[len(PREFIX):]], shards[key[len(PREFIX):]].tp_rank)
             if tuple(param.shape) != tuple(value.shape):
                 raise ValueError(f"{key}: adapter tensor has shape {tuple(value.shape)}, model expects "
                                  f"{tuple(param.shape)}")
             param.copy_(value.to(param.dtype))
+
+
+def _tp_shards(model: nn.Module) -> dict:
+    """Parameter name → ShardSpec for every tensor-parallel layer's split factor (a full adapter is cut on load)."""
+    return {f"{name}.{sharded_factor(layer.spec)}": layer.spec for name, layer in tp_layers(model)}
 
 
 def get_config(model: nn.Module) -> KaSAConfig:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Optional
 
 import torch
@@ -19,6 +20,9 @@ from torch import nn
 from .config import KaSAConfig
 from .layer import KaSALinear, kasa_layers
 from .quant import dequantize, is_4bit, requantize_
+from .tp_integrations import shard_spec
+from .tp_layer import KaSAParallelLinear
+from .tp_shard import ShardSpec, truncate_tensor_parallel
 from .truncation import TailFactors, check_rank, tail_factors, truncate_weight
 from .utils import is_rank_zero, progress
 
@@ -28,11 +32,15 @@ CONFIG_ATTR = "kasa_config"  # where apply_kasa leaves the config on the model
 @dataclass
 class Target:
     name: str
-    module: nn.Linear
+    module: nn.Module  # nn.Linear, bitsandbytes Linear4bit, or a tensor-parallel linear (spec set)
     correction: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # QKaSA low_rank_correction: (left, right)
+    spec: Optional[ShardSpec] = None  # tensor-parallel base: how its weight is split over the TP group
 
     @property
     def shape(self) -> tuple[int, int]:
+        """(m, n) of the whole weight (for a TP base: before splitting)."""
+        if self.spec is not None:
+            return self.spec.full_shape
         return self.module.out_features, self.module.in_features
 
 
@@ -75,7 +83,7 @@ def apply_kasa(model: nn.Module, config: KaSAConfig, *, truncate: Optional[Trunc
     """
     start = time.perf_counter()
     targets = find_targets(model, config)
-    truncate = truncate or (lambda ts, cfg: truncate_locally(ts, cfg, show_progress=show_progress))
+    truncate = truncate or partial(default_truncate, show_progress=show_progress)
     layer_reports = truncate(targets, config)
     wrap_targets(model, targets, config)
     saved = set_trainable(model, config)
@@ -84,6 +92,14 @@ def apply_kasa(model: nn.Module, config: KaSAConfig, *, truncate: Optional[Trunc
     trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
     total = sum(numel(p) for p in model.parameters())
     return KaSAReport(layer_reports, saved, trainable, total, time.perf_counter() - start, config.svd_solver)
+
+
+def default_truncate(targets: list[Target], config: KaSAConfig, show_progress: bool = True) -> list[LayerReport]:
+    """Tensor-parallel targets over their groups (collective), the others in this process."""
+    tp = [t for t in targets if t.spec is not None]
+    local = [t for t in targets if t.spec is None]
+    reports = truncate_tensor_parallel(tp, config, show_progress=show_progress) if tp else []
+    return reports + truncate_locally(local, config, show_progress=show_progress) if local else reports
 
 
 def find_targets(model: nn.Module, config: KaSAConfig) -> list[Target]:
@@ -95,6 +111,21 @@ def find_targets(model: nn.Module, config: KaSAConfig) -> list[Target]:
     targets, errors = [], []
     for name, module in model.named_modules():
         if not name or not config.is_target(name):
+            continue
+        try:
+            spec = shard_spec(module, name)
+        except ValueError as e:
+            errors.append(str(e))
+            continue
+        if spec is not None:  # a tensor-parallel linear (megatron-core, AutoTP)
+            if config.in_module_to_save(name, include_self=False):
+                errors.append(f"{name}: it lies inside a module of modules_to_save; add it to exclude_modules")
+                continue
+            try:
+                check_rank(config.r, spec.full_shape, name)
+                targets.append(Target(name, module, spec=spec))
+            except ValueError as e:
+                errors.append(str(e))
             continue
         if type(module).__name__ == "Conv1D":
             errors.append(f"{name}: GPT-2 style Conv1D (transposed weight) is not supported, as in PEFT's KaSA; "
@@ -160,8 +191,12 @@ def wrap_targets(model: nn.Module, targets: list[Target], config: KaSAConfig) ->
     """Step 3: replace each target by a KaSALinear that holds it; adapter init is seeded per layer if asked."""
     dtype = getattr(torch, config.adapter_dtype)
     for index, t in enumerate(targets):
-        layer = KaSALinear(t.module, t.module.in_features, t.module.out_features, config.r, config.alpha,
-                           config.dropout, config.beta, config.gamma, adapter_dtype=dtype)
+        if t.spec is not None:
+            layer = KaSAParallelLinear(t.module, t.spec, config.r, config.alpha, config.dropout, config.beta,
+                                       config.gamma, adapter_dtype=dtype)
+        else:
+            layer = KaSALinear(t.module, t.module.in_features, t.module.out_features, config.r, config.alpha,
+                               config.dropout, config.beta, config.gamma, adapter_dtype=dtype)
         if config.init_seed is not None:
             layer.reset_adapter(torch.Generator().manual_seed(config.init_seed * 1_000_003 + index))
         if t.correction is not None:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .layer import KaSALinear, kasa_layers
+from .tp_layer import KaSAParallelLinear
 
 
 def kasa_regularization(model: nn.Module, beta: float | None = None, gamma: float | None = None) -> torch.Tensor:
@@ -30,14 +31,17 @@ def kasa_regularization(model: nn.Module, beta: float | None = None, gamma: floa
 def regularization_terms(model: nn.Module):
     """Per-layer (‖ΔΣ‖², orthogonality term, β, γ) as 1-D tensors, or None if no layer.
 
-    Layers that compute their terms in forward (ZeRO-3) contribute the values of their last training forward;
-    the others are computed here, batched by shape.
+    Layers that compute their terms in forward (ZeRO-3) contribute the values of their last training forward,
+    tensor-parallel layers their own terms (one r×r all-reduce each); the others are computed here, batched by shape.
+    Under TP every rank of a TP group gets the same value, and that must be so: call it on every rank.
     """
     groups: dict[tuple, list[KaSALinear]] = defaultdict(list)
     l2s, orths, betas, gammas = [], [], [], []
     for _, layer in kasa_layers(model):
-        if layer.regularize_in_forward:
-            l2, orth = layer.cached_regularization_terms()
+        if layer.regularize_in_forward or isinstance(layer, KaSAParallelLinear):
+            # ZeRO-3: the terms of the last forward; TP: Grams all-reduced over the layer's TP group
+            l2, orth = (layer.cached_regularization_terms() if layer.regularize_in_forward
+                        else layer.regularization_terms())
             l2s.append(l2.reshape(1))
             orths.append(orth.reshape(1))
             betas.append(torch.tensor([layer.beta], device=l2.device))

@@ -89,6 +89,33 @@ def factors_from_gram_basis(weight: torch.Tensor, basis: torch.Tensor, basis_is_
     return w @ basis, basis.T
 
 
+def gram_tail_basis(gram: torch.Tensor, r: int, solver: str = "auto") -> tuple[torch.Tensor, float]:
+    """Bottom-r eigenvectors (d×r, float64) of a float64 Gram (d×d) and the fraction of its trace they carry.
+
+    The sharded paths reduce Grams in float64 (a float32 Gram alone cannot be refined: its own rounding is the
+    ε·λ_max that limits eigh). The same ladder as :func:`tail_factors`: float32 eigh where :func:`_fp32_leak` says
+    it suffices, else a float64 Rayleigh–Ritz step on the bottom r+p float32 vectors, else float64 eigh.
+    """
+    gram = gram.double()
+    if solver in ("auto", "gram"):
+        eigvals, eigvecs = torch.linalg.eigh(gram.float())
+        k = eigvals.numel()
+        p = min(max(r, 16), k - r - 1)
+        if _fp32_leak(eigvals, r, r) < _FP32_GRAM_ERROR_BUDGET:
+            return eigvecs[:, :r].double(), _energy(eigvals, r)
+        if p > 0 and _fp32_leak(eigvals, r, r + p) < _FP32_GRAM_ERROR_BUDGET:
+            q, _ = torch.linalg.qr(eigvecs[:, :r + p].double())
+            ritz_vals, ritz_vecs = torch.linalg.eigh(q.T @ gram @ q)
+            return q @ ritz_vecs[:, :r], _energy(eigvals, r)
+    eigvals, eigvecs = torch.linalg.eigh(gram)
+    return eigvecs[:, :r], _energy(eigvals, r)
+
+
+def _energy(eigvals: torch.Tensor, r: int) -> float:
+    lam = eigvals.double().clamp_min(0)
+    return (lam[:r].sum() / lam.sum().clamp_min(1e-300)).item()
+
+
 def truncate_weight(weight: torch.Tensor, r: int, solver: str = "auto") -> tuple[torch.Tensor, TailFactors]:
     """W_world in ``weight``'s dtype and device, and the dropped factors."""
     tail = tail_factors(weight, r, solver)
@@ -113,8 +140,7 @@ def _svd_tail(weight: torch.Tensor, r: int, dtype: torch.dtype) -> TailFactors:
 def _factors_from_basis(w: torch.Tensor, basis: torch.Tensor, basis_is_left: bool, eigvals: torch.Tensor,
                         r: int) -> TailFactors:
     left, right = factors_from_gram_basis(w, basis, basis_is_left)
-    energy = (eigvals[:r].clamp_min(0).sum() / eigvals.clamp_min(0).sum().clamp_min(1e-300)).item()
-    return TailFactors(left, right, energy)
+    return TailFactors(left, right, _energy(eigvals, r))
 
 
 def _fp32_leak(eigvals: torch.Tensor, r: int, subspace: int) -> float:
