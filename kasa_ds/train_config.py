@@ -89,6 +89,7 @@ class TrainConfig:
     train: TrainSection = field(default_factory=TrainSection)
     output_dir: str = "outputs/default"
     ds_config: Optional[str] = None  # DeepSpeed JSON; set by --ds_config
+    tensor_parallel: int = 1  # > 1: DeepSpeed AutoTP of this size (HF models), KaSA adapters sharded with the base
     resume: str = "auto"  # auto (newest complete checkpoint in output_dir, if any) | none | <checkpoint dir>
     tensorboard: bool = True  # also log to TensorBoard when it is installed
 
@@ -175,6 +176,14 @@ def validate(c: TrainConfig) -> None:
          f"train.lr_schedule={t.lr_schedule!r}: choose cosine, linear or constant")
     if c.ds_config is not None:
         need(os.path.isfile(c.ds_config), f"--ds_config {c.ds_config}: file not found")
+    need(c.tensor_parallel >= 1, f"tensor_parallel={c.tensor_parallel}: must be >= 1")
+    if c.tensor_parallel > 1:
+        need(c.ds_config is not None, f"tensor_parallel={c.tensor_parallel} needs the DeepSpeed launcher and "
+             "--ds_config (AutoTP runs inside DeepSpeed), e.g. ds_configs/zero2.json")
+        need(c.model.quantize is None, "tensor_parallel with model.quantize: 4-bit bases are not tensor-parallel")
+        # measured: AutoTP leaves the seq-cls head of a Llama wrong on TP rank > 0 in training mode
+        need(c.model.task == "causal_lm", "tensor_parallel is supported for model.task=causal_lm (AutoTP does not "
+             "train sequence-classification heads correctly); use data parallelism (--ds_config only) for seq_cls")
     need(c.kasa.max_gather_mb >= 1, f"kasa.max_gather_mb={c.kasa.max_gather_mb}: must be >= 1")
     need(c.ds_config is None or c.kasa.init_seed is not None,
          "kasa.init_seed is null: with DeepSpeed every rank must initialize identical adapters; set kasa.init_seed")

@@ -111,6 +111,9 @@ def train(cfg: TrainConfig, fingerprint: dict, resume_from) -> int:
     # and no rank ever holds it whole; with several ranks the truncation work is spread over them.
     ds = read_ds_config(cfg, world) if cfg.ds_config else None
     zero3 = ds is not None and ds.get("zero_optimization", {}).get("stage", 0) == 3
+    tp = cfg.tensor_parallel
+    if tp > 1 and zero3:
+        raise SystemExit("error: tensor_parallel with ZeRO-3 is not supported; use ds_configs/zero2.json (TP + ZeRO-2)")
     if zero3:
         from transformers.integrations import HfDeepSpeedConfig
 
@@ -119,6 +122,15 @@ def train(cfg: TrainConfig, fingerprint: dict, resume_from) -> int:
     model = load_model(cfg.model, tokenizer.pad_token_id, keep_full_precision=kasa_config.in_module_to_save)
     if not zero3:
         model = model.to(device)
+    dp_rank, dp_world = rank, world  # which share of each global batch this rank takes (TP ranks share one)
+    if tp > 1:
+        from deepspeed.utils import groups
+
+        from kasa_ds.tp_integrations import autotp_shard
+
+        model = autotp_shard(model, ds)  # q/k/v/gate/up → LinearLayer, o/down → LinearAllreduce; KaSA follows
+        dp_rank, dp_world = groups.get_data_parallel_rank(), groups.get_data_parallel_world_size()
+        say(f"tensor parallel: {tp}-way AutoTP × {dp_world} data-parallel replicas")
     truncate = None
     if cfg.kasa.svd_cache:
         from kasa_ds.models import model_dir
@@ -126,7 +138,7 @@ def train(cfg: TrainConfig, fingerprint: dict, resume_from) -> int:
 
         cache = SVDCache(cfg.kasa.svd_cache, model_dir(cfg.model), kasa_config)
         truncate = partial(cache.truncate, show_progress=rank == 0)
-    elif torch.distributed.is_initialized():
+    elif torch.distributed.is_initialized() and tp == 1:  # (TP bases: apply_kasa's own collective truncation)
         from kasa_ds.zero import truncate_distributed
 
         truncate = partial(truncate_distributed, max_gather_bytes=cfg.kasa.max_gather_mb << 20,
@@ -138,6 +150,10 @@ def train(cfg: TrainConfig, fingerprint: dict, resume_from) -> int:
 
         prepare_for_zero3(model)
         adapter_state = partial(gathered_adapter_state, model)
+    elif tp > 1:
+        from kasa_ds.tp_shard import gathered_tp_adapter_state
+
+        adapter_state = partial(gathered_tp_adapter_state, model)  # collective: the full adapter on every rank
     else:
         adapter_state = (lambda: adapter_state_dict(model)) if rank == 0 else dict
     start_step = 0
@@ -163,7 +179,7 @@ def train(cfg: TrainConfig, fingerprint: dict, resume_from) -> int:
     forward = engine if engine is not None else model
 
     logger = MetricsLogger(output_dir, enabled=rank == 0, tensorboard=cfg.tensorboard)
-    evaluate_now = partial(evaluate, forward, eval_set, batch_of, t.micro_batch_size, device, rank, world,
+    evaluate_now = partial(evaluate, forward, eval_set, batch_of, t.micro_batch_size, device, dp_rank, dp_world,
                            cfg.model.task)
     before = evaluate_now() if eval_set is not None else {}
     if before:
@@ -171,7 +187,7 @@ def train(cfg: TrainConfig, fingerprint: dict, resume_from) -> int:
         logger.log("eval", start_step, before, {"when": "before"})
 
     # 5. train
-    global_batch = t.micro_batch_size * t.gradient_accumulation_steps * world
+    global_batch = t.micro_batch_size * t.gradient_accumulation_steps * dp_world
     batches = global_batches(len(train_set), global_batch, t.seed, start_step)
     bar = progress(range(start_step, t.max_steps), disable=rank != 0, desc="train", unit="step",
                    initial=start_step, total=t.max_steps)
@@ -179,7 +195,7 @@ def train(cfg: TrainConfig, fingerprint: dict, resume_from) -> int:
     window = []
     for step in bar:
         tic = time.perf_counter()
-        mine = rank_slice(next(batches), rank, world)
+        mine = rank_slice(next(batches), dp_rank, dp_world)
         task_sum = reg_value = 0.0
         for micro in range(t.gradient_accumulation_steps):
             ids = mine[micro * t.micro_batch_size:(micro + 1) * t.micro_batch_size]
@@ -261,10 +277,20 @@ def read_ds_config(cfg: TrainConfig, world: int) -> dict:
     with open(cfg.ds_config) as f:
         ds = json.load(f)
     t = cfg.train
+    if cfg.tensor_parallel > 1:
+        size = ds.setdefault("tensor_parallel", {}).setdefault("autotp_size", cfg.tensor_parallel)
+        if size != cfg.tensor_parallel:
+            raise ConfigError(f"{cfg.ds_config}: tensor_parallel.autotp_size={size} disagrees with the recipe's "
+                              f"tensor_parallel={cfg.tensor_parallel}; set one of them")
+        if world % cfg.tensor_parallel:
+            raise ConfigError(f"tensor_parallel={cfg.tensor_parallel} does not divide the {world} ranks")
     wanted = {"train_micro_batch_size_per_gpu": t.micro_batch_size,
               "gradient_accumulation_steps": t.gradient_accumulation_steps,
               "train_batch_size": t.micro_batch_size * t.gradient_accumulation_steps * world,
               "gradient_clipping": t.max_grad_norm}
+    if cfg.tensor_parallel > 1:  # DeepSpeed derives it from the data-parallel size once AutoTP has set its groups
+        wanted.pop("train_batch_size")
+        ds.pop("train_batch_size", None)
     for key, value in wanted.items():
         if ds.get(key, "auto") not in ("auto", value):
             raise ConfigError(f"{cfg.ds_config}: {key}={ds[key]} disagrees with the recipe ({value}); set it to "

@@ -117,3 +117,28 @@ def test_zero3_killed_run_resumes_with_the_same_losses(tmp_path, tiny_model):
     assert sorted(resumed) == list(range(1, 31))
     assert [resumed[s] for s in range(1, 31)] == pytest.approx(full, rel=1e-5)
     assert not list((out / "checkpoints").glob(".*tmp"))  # no half-written checkpoint survives
+
+
+@pytest.mark.slow
+def test_tensor_parallel_recipe_matches_single_process(tmp_path, tiny_model):
+    """`tensor_parallel: 2` in the recipe: AutoTP + ZeRO-2 on 2 ranks (one TP group, both ranks on the same batches)
+    equals one process step for step (causal LM instruction tuning); the checkpoint holds DeepSpeed's per-TP-rank files and the gathered adapter
+    equals the single-process adapter."""
+    base = ["--config", str(REPO / "configs/tiny_llama_instruct.yaml"), f"model.path={tiny_model}", "kasa.dropout=0.0",
+            "data.max_eval_examples=16", "train.max_steps=3", "train.save_every=3", "train.micro_batch_size=4"]
+    launch([*base, "--output_dir", str(tmp_path / "single")], 1, tmp_path)
+    proc = launch([*base, "--ds_config", str(REPO / "ds_configs/zero2.json"), "tensor_parallel=2",
+                   "--output_dir", str(tmp_path / "tp")], 2, tmp_path)
+    assert "tensor parallel: 2-way AutoTP × 1 data-parallel replicas" in proc.stdout
+    single, tp = losses(tmp_path / "single"), losses(tmp_path / "tp")
+    assert len(tp) == 3 and tp == pytest.approx(single, rel=1e-5)
+    ckpt = tmp_path / "tp" / "checkpoints" / "step-0000003" / "deepspeed"
+    assert {p.name for p in ckpt.glob("mp_rank_0*_model_states.pt")} == {"mp_rank_00_model_states.pt",
+                                                                         "mp_rank_01_model_states.pt"}
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "single" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "tp" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].shape == b[k].shape and (a[k] - b[k]).abs().max() <= 1e-4 * max(1.0, a[k].abs().max()), k

@@ -126,7 +126,7 @@ def test_unsupported_tp_layout_is_refused_before_any_work():
                                   tensor_model_parallel_size=1)
         model = torch.nn.ModuleDict({"up": ColumnParallelLinear(16, 32, config=cfg, init_method=torch.nn.init.zeros_,
                                                                 bias=False, gather_output=False)})
-        model.up.sequence_parallel = True  # (megatron refuses the config flag at TP=1; the layer flag is what KaSA reads)
+        model.up.sequence_parallel = True  # megatron refuses the config flag at TP=1; KaSA reads the layer's
         with pytest.raises(ValueError, match="up: sequence parallelism is not supported.*sequence_parallel=False"):
             apply_kasa(model, KaSAConfig(r=2, target_modules=["up"]))
         parallel_state.destroy_model_parallel()

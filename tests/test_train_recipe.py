@@ -99,6 +99,8 @@ def test_corrupted_or_foreign_checkpoint_is_refused_and_kept(tiny_llama_dir, tmp
     (["kasa.r=0"], "kasa: KaSAConfig.r must be a positive integer"),
     (["kasa.target_modules=5"], "kasa.target_modules=5: expected list or str"),
     (["lr=1"], "unknown config key 'lr'"),
+    (["tensor_parallel=2"], "tensor_parallel=2 needs the DeepSpeed launcher and --ds_config"),
+    (["tensor_parallel=2", "--ds_config", "ds_configs/zero2.json"], "tensor_parallel is supported for model.task=causal_lm"),
 ])
 def test_bad_config_is_one_clear_line_before_any_model_loads(args, message, capsys):
     assert recipe.main(args) == 2

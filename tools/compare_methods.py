@@ -2,7 +2,7 @@
 """KaSA vs LoRA, PiSSA, MiLoRA and full fine-tuning on one real task, several seeds; plus the KaSA ablation.
 
     python tools/compare_methods.py                                 # methods, 3 seeds, the recipe's default task
-    python tools/compare_methods.py --methods kasa kasa_no_trunc kasa_no_reg kasa_r4 kasa_r16 --out docs/results/ablation
+    python tools/compare_methods.py --methods kasa_no_trunc kasa_no_reg kasa_r4 kasa_r16 --out docs/results/ablation
     python tools/compare_methods.py --seeds 0 --steps 5 --eval-every 5 --max-eval 32   # smoke
 
 Every method fine-tunes the same model (the recipe's ``model`` section: by default all-MiniLM-L6-v2, a real

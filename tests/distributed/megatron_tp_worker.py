@@ -181,7 +181,8 @@ def main():
 
     # 4. the gathered adapter is the one-process adapter
     gathered = gathered_tp_adapter_state(tp)
-    reference_state = {PREFIX + f"{n}.{pn}": t.detach() for n, m in kasa_layers(ref) for pn, t in m.adapter_parameters()}
+    reference_state = {PREFIX + f"{n}.{pn}": t.detach()
+                       for n, m in kasa_layers(ref) for pn, t in m.adapter_parameters()}
     out["gathered"] = max(rel(gathered[k], reference_state[k]) for k in reference_state)
     out["gathered_shapes_ok"] = all(gathered[k].shape == reference_state[k].shape for k in reference_state)
     Path(a.out).mkdir(parents=True, exist_ok=True)
