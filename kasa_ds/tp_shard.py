@@ -9,10 +9,16 @@ Truncation without gathering W (:func:`truncate_tensor_parallel`). For a column-
 WᵀW = Σ_i W_iᵀW_i, so one reduce of the n×n Gram over the TP group gives the right tail basis V_t (n×r), and
 each rank rewrites its own rows: W_i ← W_i − (W_i V_t) V_tᵀ. A row-parallel weight is the same on Wᵀ: WWᵀ = Σ_i
 W_i W_iᵀ (m×m), W_i ← W_i − U_t (U_tᵀ W_i). Grams are reduced in float64 (so the owner can refine a float32 eigh,
-see :func:`kasa_ds.truncation.gram_tail_basis`); communication per weight is that Gram plus the d×r basis. Where the
-Gram would be larger than the weight (the unsplit dimension exceeds the split one, e.g. a column-parallel k/v
-projection with 1024 rows and 8192 columns), the shards are gathered to the owner instead, which is then the cheaper
-message, and the single-process solver runs there.
+see :func:`kasa_ds.truncation.gram_tail_basis`); communication per weight is that Gram plus the d×r basis, and no rank
+ever holds more of W than its shard. Where the Gram would be larger than the whole weight (the unsplit dimension
+exceeds the split one, e.g. a column-parallel k/v projection with 1024 rows and 8192 columns), the shards are
+gathered to the owner instead and the single-process solver runs there.
+
+Bytes (tools/bench_tp_init.py, TP=2, against gathering float32 shards to one rank, SVD there, scattering back):
+the Gram path sends 1.7× fewer for 1:3.5 weights but 2× more for square ones, and since every non-owner sends a
+whole d×d Gram while shards shrink as 1/t, its byte advantage fades as t grows. What it always buys is memory (no
+rank holds more than its shard plus one Gram), the Gram FLOPs split over the TP group, and an eigh of the small
+Gram instead of a full SVD (1.6–4.7× faster there).
 
 The work is spread: each weight gets one owner among all (data-parallel replica, TP rank) pairs, least loaded
 first; only the owner's replica reduces that weight's Gram, only the owner solves it, and the basis is broadcast.
@@ -171,7 +177,7 @@ class _Layout:
 
 
 def use_gram(spec: ShardSpec) -> bool:
-    """Reduce the Gram (unsplit dim d: d² values) unless gathering the weight (m·n values) is smaller."""
+    """Reduce the Gram (unsplit dim d: d² values) unless it holds more values than the whole weight (m·n)."""
     m, n = spec.full_shape
     unsplit = n if spec.dim == 0 else m
     return unsplit * unsplit <= m * n
@@ -220,7 +226,7 @@ def truncate_tensor_parallel(targets, config, *, show_progress: bool = True):
                 local_t = _local_t(weight, spec)
                 local_t.sub_(((local @ basis) @ basis.T).to(weight.dtype))
             else:
-                full = _gather_rows(local, spec, owner_tp) if layout.dp_rank == owner_dp else None
+                full = _gather_rows(_local_t(weight, spec), spec, owner_tp) if layout.dp_rank == owner_dp else None
                 if dist.get_rank() == owner:
                     tail = tail_factors(full, config.r, config.svd_solver)
                     solved = (tail.left.double(), tail.right.double(), tail.tail_energy)

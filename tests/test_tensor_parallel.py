@@ -96,7 +96,7 @@ def test_gram_tail_basis_matches_float64_truncation():
         assert energy == pytest.approx((s[-r:].square().sum() / s.square().sum()).item(), rel=1e-4)
 
 
-def test_gram_or_gather_whichever_sends_less():
+def test_gram_unless_it_is_larger_than_the_weight():
     column = lambda m, n: ShardSpec(0, (m, n), (m // 2, m // 2), None)  # noqa: E731
     row = lambda m, n: ShardSpec(1, (m, n), (n // 2, n // 2), None)  # noqa: E731
     assert use_gram(column(28672, 8192))  # gate/up of a 70B: 8192² < 28672·8192

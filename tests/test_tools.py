@@ -1,10 +1,16 @@
 """The benchmark tools run end to end in their smoke modes (no timing assertions: figures are for the README)."""
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import free_port
+
+REPO = Path(__file__).resolve().parents[1]
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 pytest.importorskip("peft", minversion="0.21", reason="bench_init compares against PEFT's KaSA ([dev] dependency)")
@@ -28,3 +34,26 @@ def test_bench_step_smoke(capsys):
     assert all(v > 0 for v in result["peak_memory_bytes"].values())
     assert result["time_ratio_vs_peft_lora"]["peft_lora"] == 1.0
     assert "vs LoRA" in capsys.readouterr().out
+
+
+def test_bench_tp_init_smoke():
+    """2 ranks on tiny weights: every row printed and the two paths agree (the last column)."""
+    proc = subprocess.run([sys.executable, str(REPO / "tools/bench_tp_init.py"), "--smoke"], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "MASTER_PORT": str(free_port())})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith(("64x", "224x"))]
+    assert len(rows) == 6 and {r[2] for r in rows} == {"gram", "gather"}
+    assert all(float(r[-1]) < 1e-5 for r in rows)
+
+
+def test_compare_methods_smoke(tmp_path):
+    """1 seed, 2 steps, 3 methods (incl. a PEFT one and an ablation): a valid table, JSON and PNG."""
+    proc = subprocess.run([sys.executable, str(REPO / "tools/compare_methods.py"), "--seeds", "0", "--steps", "2",
+                           "--eval-every", "2", "--max-eval", "16", "--methods", "kasa", "lora", "kasa_no_trunc",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert set(result["table"]) == {"kasa", "lora", "kasa_no_trunc"}
+    for row in result["table"].values():
+        assert 0.0 <= row["accuracy"]["mean"] <= 1.0 and row["loss"]["mean"] > 0
+    assert (tmp_path / "curves.png").stat().st_size > 1000
