@@ -214,9 +214,9 @@ def truncate_tensor_parallel(targets, config, *, show_progress: bool = True):
         weight = target.module.weight
         tic = time.perf_counter()
         with torch.no_grad():
-            local = _local_t(weight, spec).to(torch.float64)
             solved = None
             if use_gram(spec):
+                local = _local_t(weight, spec).to(torch.float64)
                 if layout.dp_rank == owner_dp:
                     gram = local.T @ local  # (d, d): this shard's part of the Gram
                     _reduce(gram, owner, spec.group, spec.tp_size)
@@ -230,8 +230,8 @@ def truncate_tensor_parallel(targets, config, *, show_progress: bool = True):
                 if dist.get_rank() == owner:
                     tail = tail_factors(full, config.r, config.svd_solver)
                     solved = (tail.left.double(), tail.right.double(), tail.tail_energy)
-                rows = sum(spec.sizes)
-                left, right, energy = _broadcast_factors(solved, rows, local.shape[1], config.r, owner, weight.device)
+                rows, d = sum(spec.sizes), _local_t(weight, spec).shape[1]
+                left, right, energy = _broadcast_factors(solved, rows, d, config.r, owner, weight.device)
                 _local_t(weight, spec).sub_((left[spec.local_slice()] @ right).to(weight.dtype))
         reports.append(LayerReport(target.name, spec.full_shape, energy, time.perf_counter() - tic))
         bar.update()
