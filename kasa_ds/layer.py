@@ -100,12 +100,17 @@ class KaSALinear(nn.Module):
         b, diag, a = self.lora_B.weight.float(), self.lora_diag.float(), self.lora_A.weight.float()
         return (b * diag) @ a * self.scaling
 
+    def grams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ΔUᵀΔU, ΔVᵀΔV), r×r, float32, differentiable."""
+        b, a = self.lora_B.weight.float(), self.lora_A.weight.float()
+        return b.T @ b, a @ a.T
+
     def regularization_terms(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(‖ΔΣ‖², ‖ΔUᵀΔU − I_r‖_F + ‖ΔVᵀΔV − I_r‖_F) in float32, differentiable. Grams are r×r."""
-        b, a, diag = self.lora_B.weight.float(), self.lora_A.weight.float(), self.lora_diag.float()
-        eye = torch.eye(self.r, device=diag.device)
-        orth = torch.linalg.norm(b.T @ b - eye) + torch.linalg.norm(a @ a.T - eye)
-        return diag.square().sum(), orth
+        gram_b, gram_a = self.grams()
+        eye = torch.eye(self.r, device=gram_a.device)
+        orth = torch.linalg.norm(gram_b - eye) + torch.linalg.norm(gram_a - eye)
+        return self.lora_diag.float().square().sum(), orth
 
     @torch.no_grad()
     def merge(self) -> None:

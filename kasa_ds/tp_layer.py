@@ -75,21 +75,17 @@ class KaSAParallelLinear(KaSALinear):
             h = reduce_from_tp_region(h, group)
         return self.lora_B(h * self.lora_diag) * self.scaling
 
-    def local_grams(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ΔUᵀΔU, ΔVᵀΔV) r×r float32, where the sharded factor's Gram is this rank's partial sum."""
+    def grams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ΔUᵀΔU, ΔVᵀΔV) r×r float32: the sharded factor's Gram is summed over the TP group (forward all-reduce,
+        identity backward), so every TP rank holds the TP=1 Grams."""
         b, a = self.lora_B.weight.float(), self.lora_A.weight.float()
-        return b.T @ b, a @ a.T
-
-    def regularization_terms(self) -> tuple[torch.Tensor, torch.Tensor]:
-        gram_b, gram_a = self.local_grams()
+        gram_b, gram_a = b.T @ b, a @ a.T
         if self.spec.tp_size > 1:
             if self.spec.dim == 0:
                 gram_b = reduce_from_tp_region(gram_b, self.spec.group)
             else:
                 gram_a = reduce_from_tp_region(gram_a, self.spec.group)
-        eye = torch.eye(self.r, device=gram_a.device)
-        orth = torch.linalg.norm(gram_b - eye) + torch.linalg.norm(gram_a - eye)
-        return self.lora_diag.float().square().sum(), orth
+        return gram_b, gram_a
 
     def set_regularize_in_forward(self, enabled: bool = True) -> None:
         if enabled:

@@ -65,10 +65,9 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def build(method: str, cfg, r: int, seed: int):
-    """The model for ``method`` on CPU, its trainable parameters, lr and regularizer (a callable or None)."""
-    tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model, tokenizer.pad_token_id)
+def build(method: str, cfg, r: int, seed: int, pad_token_id: int):
+    """The model for ``method`` on CPU, its trainable parameters and regularizer (a callable or None)."""
+    model = load_model(cfg.model, pad_token_id)
     k = cfg.kasa
     torch.manual_seed(seed)
     if method == "full":
@@ -125,7 +124,7 @@ def run_one(method: str, seed: int, cfg, a) -> dict:
     train_set = make(load_records(cfg.data.train))
     eval_set = make(eval_subset(load_records(cfg.data.eval), a.max_eval))
     batch_of = partial(collate, pad_id=tokenizer.pad_token_id)
-    model, params, reg_fn = build(method, cfg, a.r or cfg.kasa.r, seed)
+    model, params, reg_fn = build(method, cfg, a.r or cfg.kasa.r, seed, tokenizer.pad_token_id)
     trainable = sum(p.numel() for p in params)
     lr = a.full_lr if method == "full" else t.lr
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=t.weight_decay)
@@ -206,7 +205,6 @@ def main(argv=None) -> dict:
     cfg = load_train_config(a.config, [])
     if cfg.model.task != "seq_cls":
         raise SystemExit("error: compare_methods runs classification recipes (model.task: seq_cls)")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = []
