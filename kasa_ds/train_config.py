@@ -90,6 +90,7 @@ class TrainConfig:
     output_dir: str = "outputs/default"
     ds_config: Optional[str] = None  # DeepSpeed JSON; set by --ds_config
     tensor_parallel: int = 1  # > 1: DeepSpeed AutoTP of this size (HF models), KaSA adapters sharded with the base
+    distributed_timeout_minutes: int = 30  # a collective waiting longer than this fails the run (no silent hang)
     resume: str = "auto"  # auto (newest complete checkpoint in output_dir, if any) | none | <checkpoint dir>
     tensorboard: bool = True  # also log to TensorBoard when it is installed
 
@@ -184,6 +185,8 @@ def validate(c: TrainConfig) -> None:
         # measured: AutoTP leaves the seq-cls head of a Llama wrong on TP rank > 0 in training mode
         need(c.model.task == "causal_lm", "tensor_parallel is supported for model.task=causal_lm (AutoTP does not "
              "train sequence-classification heads correctly); use data parallelism (--ds_config only) for seq_cls")
+    need(c.distributed_timeout_minutes >= 1,
+         f"distributed_timeout_minutes={c.distributed_timeout_minutes}: must be >= 1")
     need(c.kasa.max_gather_mb >= 1, f"kasa.max_gather_mb={c.kasa.max_gather_mb}: must be >= 1")
     need(c.ds_config is None or c.kasa.init_seed is not None,
          "kasa.init_seed is null: with DeepSpeed every rank must initialize identical adapters; set kasa.init_seed")

@@ -43,8 +43,9 @@ def main(argv=None) -> int:
             overrides.append(f"{key}={getattr(args, key)}")
     try:
         cfg = load_train_config(args.config, overrides)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and cfg.ds_config is None:
-            raise ConfigError(f"{os.environ['WORLD_SIZE']} ranks without --ds_config: nothing would synchronize "
+        ranks = int(os.environ.get("WORLD_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE") or 1)  # launcher / mpirun
+        if ranks > 1 and cfg.ds_config is None:
+            raise ConfigError(f"{ranks} ranks without --ds_config: nothing would synchronize "
                               "their gradients; pass --ds_config ds_configs/zero0.json (data parallel) or zero2/zero3")
         fingerprint = run_fingerprint(cfg)
         resume_from = find_resume_checkpoint(cfg, fingerprint)
@@ -83,9 +84,11 @@ def train(cfg: TrainConfig, fingerprint: dict, resume_from) -> int:
                               load_records, rank_slice)
     from kasa_ds.metrics import MetricsLogger
     from kasa_ds.models import load_model, load_tokenizer
+    from kasa_ds.preemption import PREEMPTED_EXIT, StopRequest
     from kasa_ds.utils import progress
 
-    # 1. processes and device
+    # 1. processes and device; from here SIGUSR1/SIGTERM (preemption) mean "checkpoint after this step and exit"
+    stop = StopRequest()
     env = setup_distributed(cfg)
     rank, world, device = env["rank"], env["world"], env["device"]
     say = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
@@ -235,8 +238,16 @@ def train(cfg: TrainConfig, fingerprint: dict, resume_from) -> int:
             logger.log("eval", done, metrics)
             say(f"eval at step {done}: " + fmt(metrics))
             model.train()
-        if done % t.save_every == 0 or done == t.max_steps:
+        saved = done % t.save_every == 0 or done == t.max_steps
+        if saved:
             save_checkpoint(cfg, done, fingerprint, adapter_state, engine, optimizer, scheduler, rank)
+        if done < t.max_steps and stop.agreed(device):  # collective, every step
+            if not saved:
+                save_checkpoint(cfg, done, fingerprint, adapter_state, engine, optimizer, scheduler, rank)
+            say(f"stopping after step {done} ({stop.reason}): checkpoint saved in {cfg.output_dir}/checkpoints; "
+                f"exit {PREEMPTED_EXIT} — run again with resume=auto (the default) to continue")
+            logger.close()
+            return PREEMPTED_EXIT
 
     # 6. final eval and adapter
     after = evaluate_now() if eval_set is not None else {}
@@ -255,14 +266,21 @@ def setup_distributed(cfg: TrainConfig) -> dict:
     """Initialize torch.distributed when launched with several ranks or DeepSpeed; pick CUDA when present."""
     import torch
 
+    import warnings
+    from datetime import timedelta
+
+    # DeepSpeed's ZeRO-3 calls a torch collective torch 2.13 deprecated, once per gather: keep the log readable
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cfg.ds_config or world > 1:
         import deepspeed
 
         cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") == "cuda"
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+        # under mpirun (no RANK in the environment) DeepSpeed discovers ranks through mpi4py and sets the variables
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=True,
+                                   timeout=timedelta(minutes=cfg.distributed_timeout_minutes))
         world = torch.distributed.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(local_rank)

