@@ -48,8 +48,12 @@ def _megatron_spec(module: nn.Module, name: str) -> Optional[ShardSpec]:
     tp = dist.get_world_size(module.tp_group) if dist.is_initialized() else 1
     dp_group = parallel_state.get_data_parallel_group() if parallel_state.model_parallel_is_initialized() else None
     if isinstance(module, ColumnParallelLinear):
+        # megatron's gated MLP fuses [gate; up] into linear_fc1 and splits each half over the TP ranks
+        glu = name.rsplit(".", 1)[-1] == "linear_fc1" and getattr(getattr(module, "config", None),
+                                                                  "gated_linear_unit", False)
         return ShardSpec(0, (module.output_size, module.input_size), (module.output_size_per_partition,) * tp,
-                         module.tp_group, gather_output=module.gather_output, returns_bias=True, dp_group=dp_group)
+                         module.tp_group, gather_output=module.gather_output, returns_bias=True, dp_group=dp_group,
+                         chunks=2 if glu else 1)
     return ShardSpec(1, (module.output_size, module.input_size), (module.input_size_per_partition,) * tp,
                      module.tp_group, input_is_parallel=module.input_is_parallel, returns_bias=True,
                      dp_group=dp_group)

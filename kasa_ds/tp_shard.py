@@ -49,7 +49,9 @@ class ShardSpec:
     dim: 0 = rows (column-parallel), 1 = columns (row-parallel); full_shape: (m, n) of the unsplit weight;
     sizes: the split dimension's size on each TP rank, in TP-rank order; group: the TP group;
     input_is_parallel (row-parallel): the layer receives its input already split (else it scatters it);
-    gather_output (column-parallel): the layer all-gathers its output; dp_group: the data-parallel group.
+    gather_output (column-parallel): the layer all-gathers its output; dp_group: the data-parallel group;
+    chunks: the unsplit dimension is this many equal blocks, each split over the TP ranks (megatron's GLU linear_fc1
+    is [gate; up]: rank i holds [gate_i; up_i]), so rank-order concatenation is not the TP=1 layout.
     """
 
     dim: int
@@ -60,6 +62,7 @@ class ShardSpec:
     gather_output: bool = False
     returns_bias: bool = False  # megatron layers return (output, bias)
     dp_group: Optional[dist.ProcessGroup] = None  # ranks holding the same shard (data-parallel replicas)
+    chunks: int = 1
 
     @property
     def tp_size(self) -> int:
@@ -283,13 +286,29 @@ def sharded_factor(spec: ShardSpec) -> str:
     return "lora_B.weight" if spec.dim == 0 else "lora_A.weight"
 
 
+def full_indices(spec: ShardSpec, tp_rank: int) -> torch.Tensor:
+    """Where TP rank ``tp_rank``'s rows (dim 0) / columns (dim 1) sit in the unsplit TP=1 weight."""
+    full = spec.full_shape[spec.dim]
+    block, part = full // spec.chunks, spec.sizes[tp_rank] // spec.chunks
+    start = sum(spec.sizes[:tp_rank]) // spec.chunks
+    return torch.cat([torch.arange(c * block + start, c * block + start + part) for c in range(spec.chunks)])
+
+
 def split_factor(full: torch.Tensor, spec: ShardSpec, tp_rank: int) -> torch.Tensor:
     """This TP rank's part of a full factor: lora_B (m×r) rows for dim 0, lora_A (r×n) columns for dim 1."""
-    return full[spec.local_slice(tp_rank)] if spec.dim == 0 else full[:, spec.local_slice(tp_rank)]
+    dim = 0 if spec.dim == 0 else 1
+    return full.index_select(dim, full_indices(spec, tp_rank).to(full.device)).contiguous()
 
 
 def join_factor(parts: list[torch.Tensor], spec: ShardSpec) -> torch.Tensor:
-    return torch.cat(parts, dim=0 if spec.dim == 0 else 1)
+    """The full factor in the TP=1 layout from the TP ranks' parts (inverse of :func:`split_factor`)."""
+    dim = 0 if spec.dim == 0 else 1
+    shape = list(parts[0].shape)
+    shape[dim] = spec.full_shape[spec.dim]
+    full = parts[0].new_empty(shape)
+    for rank, part in enumerate(parts):
+        full.index_copy_(dim, full_indices(spec, rank).to(part.device), part)
+    return full
 
 
 def tp_layers(model: torch.nn.Module):
@@ -321,5 +340,6 @@ def gathered_tp_adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]
 
 def tp_layout(model: torch.nn.Module) -> dict[str, dict]:
     """Per TP layer: split dim, full weight shape and split sizes (how to cut a full adapter for these shards)."""
-    return {name: {"dim": layer.spec.dim, "full_shape": list(layer.spec.full_shape), "sizes": list(layer.spec.sizes)}
+    return {name: {"dim": layer.spec.dim, "full_shape": list(layer.spec.full_shape), "sizes": list(layer.spec.sizes),
+                   "chunks": layer.spec.chunks}
             for name, layer in tp_layers(model)}

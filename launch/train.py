@@ -148,6 +148,12 @@ def train(cfg: TrainConfig, fingerprint: dict, resume_from) -> int:
                            show_progress=rank == 0)
     report = apply_kasa(model, kasa_config, truncate=truncate, show_progress=rank == 0)
     say(report)
+    half = next((dt for key, dt in (("bf16", torch.bfloat16), ("fp16", torch.float16))
+                 if ds is not None and ds.get(key, {}).get("enabled")), None)
+    if half is not None:  # DeepSpeed keeps float32 master copies and optimizer states of these itself
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(half)
     if zero3:
         from kasa_ds.zero import gathered_adapter_state, prepare_for_zero3
 
