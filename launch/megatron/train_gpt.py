@@ -53,7 +53,8 @@ def load_config(path, overrides) -> dict:
             if isinstance(cfg[key], dict):
                 unknown = set(value) - set(cfg[key])
                 if unknown:
-                    raise SystemExit(f"error: {path}: unknown {key}.{sorted(unknown)[0]} (valid: {', '.join(cfg[key])})")
+                    raise SystemExit(f"error: {path}: unknown {key}.{sorted(unknown)[0]} "
+                                     f"(valid: {', '.join(cfg[key])})")
                 cfg[key].update(value)
             else:
                 cfg[key] = value
