@@ -20,7 +20,10 @@ def test_dry_run_counts_and_plan(name, capsys):
     assert abs(out["total_params"] - PUBLISHED[name]) / PUBLISHED[name] < 0.005
     assert out["adapted_layers"] == 80 * 7
     assert out["svd_load_imbalance"] < 1.2 and out["svd_matrices_per_rank"][0] >= 1  # every rank gets SVD work
-    assert "adapted layers" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "adapted layers" in printed and "memory plan per GPU" in printed and "fits a 80 GiB GPU" in printed
+    plan = out["memory_plan"]["per_gpu_bytes"]
+    assert plan["base_weights"] == pytest.approx(out["total_params"] * 2 / 64)  # bf16, ZeRO-3 over 64 ranks
 
 
 def test_adapter_count_is_r_times_m_plus_n():

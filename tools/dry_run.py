@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 GiB = 1 << 30
 
 
-def dry_run(config_path: str, world: int, overrides: list[str] = ()) -> dict:
+def dry_run(config_path: str, world: int, overrides: list[str] = (), gpu_gib: float = 80.0) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -72,8 +72,20 @@ def dry_run(config_path: str, world: int, overrides: list[str] = ()) -> dict:
     print(f"distributed truncation on {world} ranks: {out['svd_rounds']} round(s) of at most "
           f"{cfg.kasa.max_gather_mb} MB gathered per rank; {min(count)}–{max(count)} matrices per rank; largest "
           f"per-rank SVD cost {out['svd_load_imbalance']:.3f}× the mean")
-    print(f"per GPU under ZeRO-3 ({cfg.model.dtype} base): " + ", ".join(
-        f"{k} {v / GiB:.2f} GiB" for k, v in out["per_gpu_bytes"].items()) + " (+ activations)")
+    if cfg.model.task != "causal_lm":
+        print(f"per GPU under ZeRO-3 ({cfg.model.dtype} base): " + ", ".join(
+            f"{k} {v / GiB:.2f} GiB" for k, v in out["per_gpu_bytes"].items()) + " (+ activations)")
+    else:  # the memory planner models decoder LMs
+        from kasa_ds.memory_plan import RunShape, format_plan, plan, shape_of
+
+        names = {t.name.rsplit(".", 1)[-1] for t in targets}
+        run = RunShape(r=kasa.r, targets=tuple(names), seq_len=cfg.model.max_length,
+                       micro_batch=cfg.train.micro_batch_size, checkpointing=cfg.model.gradient_checkpointing,
+                       deepspeed=True, zero=3, gpus=world, dropout=kasa.dropout)
+        out["memory_plan"] = plan(shape_of(model, hf_config, names), run, gpu_gib)
+        print(f"memory plan per GPU (tools/plan_memory.py; ZeRO-3 bf16, seq {run.seq_len} × micro batch "
+              f"{run.micro_batch}, checkpointing {'on' if run.checkpointing else 'off'}):")
+        print(format_plan(out["memory_plan"]))
     print(f"dry run took {out['seconds']:.1f}s")
     return out
 
@@ -82,6 +94,7 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
     p.add_argument("--world-size", type=int, required=True)
+    p.add_argument("--gpu-gib", type=float, default=80.0, help="memory of one GPU in GiB, for the fits verdict")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     a = p.parse_args()
-    dry_run(a.config, a.world_size, a.overrides)
+    dry_run(a.config, a.world_size, a.overrides, a.gpu_gib)

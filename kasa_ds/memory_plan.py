@@ -1,0 +1,154 @@
+"""Per-GPU memory plan of a KaSA / QKaSA run, from a model's config.json alone (no weights).
+
+Parameter counts are exact (the model is built on the meta device). Bytes per parameter follow from the run:
+
+- base weights: 2 B (bf16/fp16) or, for QKaSA, 4-bit NF4/FP4 linears (0.5 B + block constants: 4 B per 64 weights,
+  or with double quantization 1 B per 64 + 4 B per 64·256) and 16-bit embeddings/norms/head; low_rank_correction adds
+  the frozen rank-r tail factors (16-bit). TP splits the decoder linears; ZeRO-3 splits everything over DP.
+- adapters without DeepSpeed: float32 parameters, gradients and AdamW states (4 + 4 + 8 B; 8-bit AdamW: 2 B states).
+  Under DeepSpeed bf16: 2 B parameters + 2 B gradients + float32 master 4 B + AdamW 8 B; ZeRO-1 splits master +
+  states over DP, ZeRO-2 also gradients, ZeRO-3 also parameters; optimizer offload moves master + states to CPU.
+- activations of a Llama-style decoder with SDPA/flash attention (no s² scores kept), per token and layer:
+  2-byte tensors saved by autograd — norm inputs in float32 (2 × 4h), norm outputs (2 × 2h), q/k/v outputs
+  (2h + 4·h_kv), attention output (2h), SwiGLU's gate, up, silu(gate) and their product (4 × 2·ffn) — plus the
+  adapters' dropout outputs (2 B × in_features per adapter when dropout > 0); TP splits the q/k/v, attention and MLP terms.
+  With gradient checkpointing each layer keeps only its input (2h) and one layer's full set is live during
+  recompute. The loss adds float32 logits and their gradient (2 × 4·V per token) beside the bf16 logits (2·V).
+- a fixed 1.0 GiB per GPU for the CUDA context, NCCL buffers and allocator slack.
+
+Not modelled: fragmentation beyond that slack, DeepSpeed's prefetch/bucket buffers (bounded by the config's bucket
+sizes), pipeline parallelism. The figures are estimates; they have not yet been checked against measured GPU peaks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+GiB = 1 << 30
+COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # AutoTP / megatron split their rows
+
+
+@dataclass
+class RunShape:
+    method: str = "kasa"  # kasa (16-bit base) | qkasa (4-bit base)
+    r: int = 16
+    targets: tuple = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    seq_len: int = 4096
+    micro_batch: int = 1
+    checkpointing: bool = True
+    optimizer: str = "adamw"  # adamw | adamw8bit | paged_adamw8bit
+    deepspeed: bool = True
+    zero: int = 3
+    offload: str = "none"  # none | optimizer | all
+    tp: int = 1
+    gpus: int = 8
+    quant_mode: str = "low_rank_correction"
+    double_quant: bool = True
+    dropout: float = 0.05
+
+
+@dataclass
+class ModelShape:
+    total: int
+    linear: int  # parameters in decoder linears (quantizable, TP-split)
+    hidden: int
+    ffn: int
+    kv_dim: int
+    layers: int
+    vocab: int
+    targets: list = field(default_factory=list)  # (name, m, n)
+
+
+def model_shape(config_json_dir: str, target_names) -> ModelShape:
+    """Exact counts from a HF config.json (meta device, no weights)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(config_json_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    return shape_of(model, cfg, target_names)
+
+
+def shape_of(model, cfg, target_names) -> ModelShape:
+    """Counts of a model already built (on the meta device, say) with its HF config."""
+    import torch
+
+    linear, targets = 0, []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in f".{name}":
+            linear += module.weight.numel()
+            if name.rsplit(".", 1)[-1] in target_names:
+                targets.append((name, module.out_features, module.in_features))
+    heads, kv_heads = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
+    return ModelShape(total=sum(p.numel() for p in model.parameters()), linear=linear, hidden=cfg.hidden_size,
+                      ffn=cfg.intermediate_size, kv_dim=cfg.hidden_size // heads * kv_heads,
+                      layers=cfg.num_hidden_layers, vocab=cfg.vocab_size, targets=targets)
+
+
+def plan(shape: ModelShape, run: RunShape, gpu_gib: Optional[float] = None) -> dict:
+    """Bytes per GPU by category, their total and (given ``gpu_gib``) whether it fits."""
+    if run.gpus % run.tp:
+        raise ValueError(f"tp={run.tp} does not divide gpus={run.gpus}")
+    if run.method == "qkasa" and (run.tp > 1 or (run.deepspeed and run.zero == 3)):
+        raise ValueError("QKaSA runs in one process per model replica (no TP, no ZeRO-3) in kasa_ds today")
+    dp = run.gpus // run.tp
+    h, i, kv, L, V, tp = shape.hidden, shape.ffn, shape.kv_dim, shape.layers, shape.vocab, run.tp
+    other = shape.total - shape.linear
+
+    # base weights
+    if run.method == "qkasa":
+        per_weight = 0.5 + (1 / 64 + 4 / (64 * 256) if run.double_quant else 4 / 64)
+        base = shape.linear * per_weight + other * 2
+        if run.quant_mode == "low_rank_correction":
+            base += sum(run.r * (m + n) * 2 for _, m, n in shape.targets)
+    else:
+        base = shape.linear * 2 / tp + other * 2
+    if run.deepspeed and run.zero == 3:
+        base /= dp
+    if run.offload == "all":
+        base = 0.0
+
+    # adapters (parameters on this GPU: sharded factor / tp)
+    adapter = 0.0
+    for name, m, n in shape.targets:
+        col = name.rsplit(".", 1)[-1] in COLUMN_PARALLEL
+        adapter += run.r * (m / tp if col else m) + run.r * (n if col else n / tp) + run.r
+    state_bytes = 2 if run.optimizer in ("adamw8bit", "paged_adamw8bit") else 8
+    if run.deepspeed:
+        split = {0: (1, 1, 1), 1: (1, 1, dp), 2: (1, dp, dp), 3: (dp, dp, dp)}[run.zero]
+        params, grads = adapter * 2 / split[0], adapter * 2 / split[1]
+        optimizer = 0.0 if run.offload in ("optimizer", "all") else adapter * (4 + state_bytes) / split[2]
+    else:
+        params, grads, optimizer = adapter * 4, adapter * 4, adapter * state_bytes
+    # activations
+    tokens = run.seq_len * run.micro_batch
+    split_terms = (2 * h + 4 * kv + 2 * h) / tp + 4 * 2 * i / tp
+    per_layer = 2 * 4 * h + 2 * 2 * h + split_terms
+    if run.dropout > 0:  # each adapter keeps its own dropped-out copy of its input (2 B × in_features per token)
+        per_layer += sum(2 * n for _, _, n in shape.targets) / L
+    if run.checkpointing:
+        layers_bytes = tokens * (2 * h * L + per_layer)
+    else:
+        layers_bytes = tokens * per_layer * L
+    logits = tokens * V * (2 + 2 * 4) / (tp if run.tp > 1 else 1)
+    activations = layers_bytes + logits
+
+    out = {"base_weights": base, "adapter_params": params, "adapter_grads": grads, "optimizer_states": optimizer,
+           "activations": activations, "cuda_context_and_slack": 1.0 * GiB}
+    total = sum(out.values())
+    result = {"per_gpu_bytes": out, "total_bytes": total, "data_parallel": dp, "adapter_params_per_gpu": adapter}
+    if gpu_gib is not None:
+        result["gpu_gib"] = gpu_gib
+        result["fits"] = total <= gpu_gib * GiB
+    return result
+
+
+def format_plan(result: dict) -> str:
+    lines = [f"  {k:<24} {v / GiB:8.2f} GiB" for k, v in result["per_gpu_bytes"].items()]
+    lines.append(f"  {'total per GPU':<24} {result['total_bytes'] / GiB:8.2f} GiB")
+    if "fits" in result:
+        verdict = "fits" if result["fits"] else "does NOT fit"
+        lines.append(f"  → {verdict} a {result['gpu_gib']:g} GiB GPU")
+    return "\n".join(lines)

@@ -1,0 +1,65 @@
+"""kasa_ds.memory_plan / tools/plan_memory.py: the exact parts against hand counts, the rest against the direction
+each knob must move it (more GPUs, checkpointing, 4-bit, offload), and bad input refused."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from kasa_ds.memory_plan import GiB, RunShape, model_shape, plan
+
+REPO = Path(__file__).resolve().parents[1]
+LLAMA70 = str(REPO / "configs/models/llama-3-70b")
+TARGETS = RunShape().targets
+
+
+@pytest.fixture(scope="module")
+def shape():
+    return model_shape(LLAMA70, TARGETS)
+
+
+def test_counts_are_exact(shape):
+    h, kv, ff, L = 8192, 1024, 28672, 80
+    assert shape.linear == L * (2 * h * h + 2 * kv * h + 3 * ff * h)
+    assert shape.total == 70_553_706_496 and len(shape.targets) == L * 7
+
+
+def test_zero3_splits_weights_and_states_exactly(shape):
+    out = plan(shape, RunShape(gpus=64, zero=3), gpu_gib=80)["per_gpu_bytes"]
+    adapter = sum(16 * (m + n) + 16 for _, m, n in shape.targets)
+    assert out["base_weights"] == pytest.approx(shape.total * 2 / 64)
+    assert out["adapter_params"] == pytest.approx(adapter * 2 / 64)
+    assert out["optimizer_states"] == pytest.approx(adapter * 12 / 64)  # float32 master + AdamW m, v
+
+
+def test_knobs_move_memory_the_right_way(shape):
+    def total(**kw):
+        return plan(shape, RunShape(**kw))["total_bytes"]
+
+    assert total(gpus=16) < total(gpus=8)
+    assert total(checkpointing=True) < total(checkpointing=False)
+    assert total(seq_len=2048) < total(seq_len=4096)
+    assert total(offload="all") < total(offload="optimizer") < total()
+    q = plan(shape, RunShape(method="qkasa", deepspeed=False, gpus=1, optimizer="paged_adamw8bit"))
+    k = plan(shape, RunShape(deepspeed=False, gpus=1))
+    assert q["per_gpu_bytes"]["base_weights"] < 0.3 * k["per_gpu_bytes"]["base_weights"]  # ~4.1 of 16 bits
+    tp = plan(shape, RunShape(tp=8, gpus=16, zero=1))["per_gpu_bytes"]["base_weights"]
+    assert tp == pytest.approx((shape.linear * 2 / 8 + (shape.total - shape.linear) * 2))
+
+
+def test_bad_runs_refused(shape):
+    with pytest.raises(ValueError, match="does not divide"):
+        plan(shape, RunShape(tp=3, gpus=8))
+    with pytest.raises(ValueError, match="QKaSA"):
+        plan(shape, RunShape(method="qkasa", tp=2, gpus=2))
+
+
+def test_cli_min_gpus(capsys):
+    sys.path.insert(0, str(REPO / "tools"))
+    from plan_memory import main
+
+    out = main(["--model", LLAMA70, "--min-gpus", "--gpu-gib", "24", "--seq-len", "4096"])
+    assert out["fits"] and out["total_gib"] <= 24 and out["gpus"] % 8 == 0
+    assert "smallest GPU count that fits" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no config.json"):
+        main(["--model", str(REPO)])
