@@ -152,3 +152,19 @@ def format_plan(result: dict) -> str:
         verdict = "fits" if result["fits"] else "does NOT fit"
         lines.append(f"  → {verdict} a {result['gpu_gib']:g} GiB GPU")
     return "\n".join(lines)
+
+
+def recipe_estimate(cfg) -> Optional[dict]:
+    """The plan of a one-process recipe run (launch/train.py's TrainConfig), or None where the planner does not
+    model it (encoders / classification, a regex target_modules)."""
+    from .models import model_dir
+
+    if cfg.model.task != "causal_lm" or isinstance(cfg.kasa.target_modules, str):
+        return None
+    names = tuple(cfg.kasa.target_modules)
+    run = RunShape(method="qkasa" if cfg.model.quantize else "kasa", r=cfg.kasa.r, targets=names,
+                   seq_len=cfg.model.max_length, micro_batch=cfg.train.micro_batch_size,
+                   checkpointing=cfg.model.gradient_checkpointing, optimizer=cfg.train.optimizer, deepspeed=False,
+                   zero=0, gpus=1, quant_mode=cfg.kasa.quant_mode, double_quant=cfg.model.double_quant,
+                   dropout=cfg.kasa.dropout)
+    return plan(model_shape(model_dir(cfg.model), names), run, cfg.train.max_memory_gib)

@@ -79,6 +79,9 @@ class TrainSection:
     keep_checkpoints: int = 2
     log_every: int = 10
     seed: int = 0
+    optimizer: str = "adamw"  # adamw | adamw8bit | paged_adamw8bit (bitsandbytes; runs without DeepSpeed)
+    autocast: Optional[str] = None  # bfloat16 | float16 (CUDA) | null: mixed precision without DeepSpeed
+    max_memory_gib: Optional[float] = None  # without DeepSpeed: planner check before loading, then a cap per step
 
 
 @dataclass
@@ -185,6 +188,16 @@ def validate(c: TrainConfig) -> None:
         # measured: AutoTP leaves the seq-cls head of a Llama wrong on TP rank > 0 in training mode
         need(c.model.task == "causal_lm", "tensor_parallel is supported for model.task=causal_lm (AutoTP does not "
              "train sequence-classification heads correctly); use data parallelism (--ds_config only) for seq_cls")
+    need(t.optimizer in ("adamw", "adamw8bit", "paged_adamw8bit"),
+         f"train.optimizer={t.optimizer!r}: choose adamw, adamw8bit or paged_adamw8bit")
+    need(t.autocast in (None, "bfloat16", "float16"), f"train.autocast={t.autocast!r}: choose bfloat16, float16 or null")
+    need(t.max_memory_gib is None or t.max_memory_gib > 0, f"train.max_memory_gib={t.max_memory_gib}: must be > 0")
+    if c.ds_config is not None:
+        need(t.optimizer == "adamw", f"train.optimizer={t.optimizer} with --ds_config: DeepSpeed runs use AdamW "
+             "(its offload/ZeRO configs cover optimizer memory); drop train.optimizer or --ds_config")
+        need(t.autocast is None, "train.autocast with --ds_config: set mixed precision in the DeepSpeed config "
+             "(\"bf16\": {\"enabled\": true}, e.g. ds_configs/zero3_bf16.json)")
+        need(t.max_memory_gib is None, "train.max_memory_gib with --ds_config: plan with tools/plan_memory.py instead")
     need(c.distributed_timeout_minutes >= 1,
          f"distributed_timeout_minutes={c.distributed_timeout_minutes}: must be >= 1")
     need(c.kasa.max_gather_mb >= 1, f"kasa.max_gather_mb={c.kasa.max_gather_mb}: must be >= 1")

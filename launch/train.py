@@ -49,10 +49,29 @@ def main(argv=None) -> int:
                               "their gradients; pass --ds_config ds_configs/zero0.json (data parallel) or zero2/zero3")
         fingerprint = run_fingerprint(cfg)
         resume_from = find_resume_checkpoint(cfg, fingerprint)
+        if cfg.train.max_memory_gib is not None and cfg.ds_config is None:
+            check_memory_plan(cfg)
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return train(cfg, fingerprint, resume_from)
+
+
+def check_memory_plan(cfg: TrainConfig) -> None:
+    """Before anything loads: the planner's estimate of this run must fit train.max_memory_gib."""
+    from kasa_ds.memory_plan import format_plan, recipe_estimate
+
+    estimate = recipe_estimate(cfg)
+    if estimate is None:
+        print("max_memory_gib: no planner estimate for this model/task; the limit is enforced while training")
+    elif not estimate["fits"]:
+        raise ConfigError(f"train.max_memory_gib={cfg.train.max_memory_gib:g}: the planner estimates more "
+                          f"(tools/plan_memory.py):\n{format_plan(estimate)}\nlower train.micro_batch_size or "
+                          "model.max_length, set model.gradient_checkpointing: true, model.quantize: nf4 or "
+                          "train.optimizer: paged_adamw8bit")
+    else:
+        print(f"memory plan: {estimate['total_bytes'] / (1 << 30):.2f} GiB estimated, limit "
+              f"{cfg.train.max_memory_gib:g} GiB")
 
 
 def run_fingerprint(cfg: TrainConfig) -> dict:
@@ -85,6 +104,7 @@ def train(cfg: TrainConfig, fingerprint: dict, resume_from) -> int:
     from kasa_ds.metrics import MetricsLogger
     from kasa_ds.models import load_model, load_tokenizer
     from kasa_ds.preemption import PREEMPTED_EXIT, StopRequest
+    from kasa_ds.single_device import MemoryGuard, autocast, build_optimizer, grad_scaler
     from kasa_ds.utils import progress
 
     # 1. processes and device; from here SIGUSR1/SIGTERM (preemption) mean "checkpoint after this step and exit"
@@ -176,7 +196,11 @@ def train(cfg: TrainConfig, fingerprint: dict, resume_from) -> int:
     # 4. optimizer, schedule, engine
     t = cfg.train
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    optimizer = build_optimizer(params, t.optimizer, t.lr, t.weight_decay)
+    if t.autocast == "float16" and device.type != "cuda":
+        raise SystemExit("error: train.autocast=float16 needs CUDA; use bfloat16 on this machine")
+    scaler = grad_scaler(device, t.autocast) if ds is None else None
+    guard = MemoryGuard(t.max_memory_gib if ds is None else None, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg=t))
     engine = None
     if ds is not None:
@@ -209,19 +233,28 @@ def train(cfg: TrainConfig, fingerprint: dict, resume_from) -> int:
         for micro in range(t.gradient_accumulation_steps):
             ids = mine[micro * t.micro_batch_size:(micro + 1) * t.micro_batch_size]
             batch = {k: v.to(device) for k, v in batch_of([train_set[i] for i in ids]).items()}
-            task_loss = forward(**batch).loss
-            reg = kasa_regularization(model).to(task_loss.device)
+            with guard.around_step(step + 1), autocast(device, t.autocast if engine is None else None):
+                task_loss = forward(**batch).loss.float()
+                reg = kasa_regularization(model).to(task_loss.device).float()
             loss = task_loss + reg
             if engine is not None:
                 engine.backward(loss)
                 engine.step()
             else:
-                (loss / t.gradient_accumulation_steps).backward()
+                with guard.around_step(step + 1):
+                    scaled = loss / t.gradient_accumulation_steps
+                    (scaler.scale(scaled) if scaler else scaled).backward()
             task_sum += task_loss.item()
             reg_value = reg.item()
         if engine is None:
+            if scaler:
+                scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm).item()
-            optimizer.step()
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         else:

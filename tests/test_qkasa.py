@@ -115,3 +115,66 @@ def test_recipe_fine_tunes_a_4bit_base(tmp_path):
     assert evals[-1]["loss"] < evals[0]["loss"] - 0.1
     assert (tmp_path / "run" / "adapter" / "kasa_ds_config.json").is_file()
     assert recipe.main([*args, "--ds_config", str(repo / "ds_configs/zero2.json")]) == 2
+
+
+def _recipe():
+    import importlib.util
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("recipe_single", repo / "launch/train.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    return repo, recipe
+
+
+@pytest.mark.slow
+def test_single_gpu_features_on_a_4bit_base(tmp_path, capsys):
+    """QKaSA with what a one-GPU user turns on: paged 8-bit AdamW (bitsandbytes, its states really 8-bit), bf16
+    autocast, gradient checkpointing, a memory limit checked by the planner first; it trains (eval loss falls)."""
+    import json
+    import sys
+
+    repo, recipe = _recipe()
+    sys.path.insert(0, str(repo / "tools"))
+    from make_tiny_llama import build
+
+    model = build(tmp_path / "tiny", hidden=128, layers=2, vocab=320)  # r·hidden = 4096: 8-bit states
+    out = tmp_path / "run"
+    assert recipe.main(["--config", str(repo / "configs/tiny_llama_instruct.yaml"), f"model.path={model}",
+                        "model.quantize=nf4", "model.gradient_checkpointing=true", "train.optimizer=paged_adamw8bit",
+                        "train.autocast=bfloat16", "train.max_memory_gib=16", "kasa.r=32", "--output_dir", str(out),
+                        "train.max_steps=12", "train.save_every=12", "data.max_eval_examples=16",
+                        "model.max_length=96", "train.micro_batch_size=4"]) == 0
+    assert "memory plan:" in capsys.readouterr().out
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+    assert evals[-1]["loss"] < evals[0]["loss"] - 0.05
+    state = torch.load(out / "checkpoints" / "step-0000012" / "trainer_state.pt", weights_only=True)["optimizer"]
+    per_param = [s.get("__bnb_optimizer_quant_state__", s) for s in state["state"].values()]  # bnb nests them
+    moments = [v for s in per_param for k, v in s.items() if k in ("state1", "state2")]
+    # bitsandbytes keeps tensors under min_8bit_size (4096 values) in float32, like every 8-bit optimizer user sees
+    assert any(v.dtype == torch.uint8 for v in moments)
+    assert all(v.dtype == torch.uint8 or v.numel() < 4096 for v in moments)
+
+
+def test_memory_limit_refused_by_the_planner_before_loading(tmp_path, capsys):
+    repo, recipe = _recipe()
+    import sys
+
+    sys.path.insert(0, str(repo / "tools"))
+    from make_tiny_llama import build
+
+    model = build(tmp_path / "tiny", hidden=48, layers=2, vocab=320)
+    assert recipe.main(["--config", str(repo / "configs/tiny_llama_instruct.yaml"), f"model.path={model}",
+                        "train.max_memory_gib=0.001", "--output_dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "train.max_memory_gib=0.001: the planner estimates more" in err and "activations" in err
+    assert not (tmp_path / "run").exists()  # nothing was loaded or written
+
+
+def test_memory_limit_enforced_while_training(tmp_path):
+    """On CPU the guard checks the process' peak resident memory after each step (torch alone is > 0.2 GiB)."""
+    _, recipe = _recipe()
+    with pytest.raises(MemoryError, match="max_memory_gib=0.2 exceeded at step 1"):
+        recipe.main(["--output_dir", str(tmp_path / "run"), "train.max_memory_gib=0.2", "train.max_steps=2",
+                     "data.max_eval_examples=8", "model.max_length=32"])
