@@ -63,3 +63,18 @@ def test_cli_min_gpus(capsys):
     assert "smallest GPU count that fits" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no config.json"):
         main(["--model", str(REPO)])
+
+
+@pytest.mark.parametrize("name, published", [("qkasa_8b_24gb", 8.03e9), ("qkasa_13b_24gb", 13.0e9)])
+def test_shipped_qkasa_recipes_fit_24gb(name, published):
+    """The one-GPU recipes: their config.json has the published size (model cards: Llama-3-8B 8.03 B, Llama-2-13B
+    13.0 B parameters), and the planner's estimate of the recipe as configured fits its max_memory_gib."""
+    from kasa_ds.memory_plan import recipe_estimate
+    from kasa_ds.train_config import load_train_config
+
+    cfg = load_train_config(str(REPO / "configs" / f"{name}.yaml"))
+    estimate = recipe_estimate(cfg)
+    assert estimate["fits"] and estimate["total_bytes"] <= 22 * GiB
+    assert estimate["per_gpu_bytes"]["base_weights"] < 8 * GiB  # 4-bit
+    shape = model_shape(str(REPO / "configs/models" / cfg.model.path.rsplit("/", 1)[-1]), TARGETS)
+    assert abs(shape.total - published) / published < 0.005
