@@ -9,15 +9,19 @@ Parameter counts are exact (the model is built on the meta device). Bytes per pa
   Under DeepSpeed bf16: 2 B parameters + 2 B gradients + float32 master 4 B + AdamW 8 B; ZeRO-1 splits master +
   states over DP, ZeRO-2 also gradients, ZeRO-3 also parameters; optimizer offload moves master + states to CPU.
 - activations of a Llama-style decoder with SDPA/flash attention (no s² scores kept), per token and layer:
-  2-byte tensors saved by autograd — norm inputs in float32 (2 × 4h), norm outputs (2 × 2h), q/k/v outputs
-  (2h + 4·h_kv), attention output (2h), SwiGLU's gate, up, silu(gate) and their product (4 × 2·ffn) — plus the
-  adapters' dropout outputs (2 B × in_features per adapter when dropout > 0); TP splits the q/k/v, attention and MLP terms.
-  With gradient checkpointing each layer keeps only its input (2h) and one layer's full set is live during
-  recompute. The loss adds float32 logits and their gradient (2 × 4·V per token) beside the bf16 logits (2·V).
+  2-byte tensors saved by autograd — norm inputs in float32 (2 × 4h), norm outputs (2 × 2h), rotated q and k, v
+  (k and v repeated to every head for grouped-query attention), the attention output and its contiguous copy for
+  o_proj (5 × 2h), SwiGLU's gate, up, silu(gate) and their product (4 × 2·ffn) — plus each adapter's dropped-out
+  input and its 1-byte mask ((2 + 1) B × in_features when dropout > 0); TP splits the attention and MLP terms.
+  With gradient checkpointing each layer keeps only its input (2h), and the peak is the larger of the loss's
+  tensors and one layer recomputed in backward together with the gradients it is working on (h + 2·ffn). The loss
+  adds float32 logits and their gradient (2 × 4·V per token) beside the bf16 logits (2·V).
+  Checked against CPU peaks measured with torch.profiler's memory timeline (tools/validate_memory_plan.py, float32,
+  compute_bytes=4): within 15%, see README.
 - a fixed 1.0 GiB per GPU for the CUDA context, NCCL buffers and allocator slack.
 
 Not modelled: fragmentation beyond that slack, DeepSpeed's prefetch/bucket buffers (bounded by the config's bucket
-sizes), pipeline parallelism. The figures are estimates; they have not yet been checked against measured GPU peaks.
+sizes), pipeline parallelism, and GPU kernels' workspaces; GPU peaks have not been measured here (no GPU).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ class RunShape:
     quant_mode: str = "low_rank_correction"
     double_quant: bool = True
     dropout: float = 0.05
+    compute_bytes: int = 2  # bytes of the base weights and activations: 2 (bf16/fp16) or 4 (float32)
 
 
 @dataclass
@@ -95,16 +100,17 @@ def plan(shape: ModelShape, run: RunShape, gpu_gib: Optional[float] = None) -> d
         raise ValueError("QKaSA runs in one process per model replica (no TP, no ZeRO-3) in kasa_ds today")
     dp = run.gpus // run.tp
     h, i, kv, L, V, tp = shape.hidden, shape.ffn, shape.kv_dim, shape.layers, shape.vocab, run.tp
+    cb = run.compute_bytes
     other = shape.total - shape.linear
 
     # base weights
     if run.method == "qkasa":
         per_weight = 0.5 + (1 / 64 + 4 / (64 * 256) if run.double_quant else 4 / 64)
-        base = shape.linear * per_weight + other * 2
+        base = shape.linear * per_weight + other * cb
         if run.quant_mode == "low_rank_correction":
             base += sum(run.r * (m + n) * 2 for _, m, n in shape.targets)
     else:
-        base = shape.linear * 2 / tp + other * 2
+        base = shape.linear * cb / tp + other * cb
     if run.deepspeed and run.zero == 3:
         base /= dp
     if run.offload == "all":
@@ -124,16 +130,16 @@ def plan(shape: ModelShape, run: RunShape, gpu_gib: Optional[float] = None) -> d
         params, grads, optimizer = adapter * 4, adapter * 4, adapter * state_bytes
     # activations
     tokens = run.seq_len * run.micro_batch
-    split_terms = (2 * h + 4 * kv + 2 * h) / tp + 4 * 2 * i / tp
-    per_layer = 2 * 4 * h + 2 * 2 * h + split_terms
-    if run.dropout > 0:  # each adapter keeps its own dropped-out copy of its input (2 B × in_features per token)
-        per_layer += sum(2 * n for _, _, n in shape.targets) / L
-    if run.checkpointing:
-        layers_bytes = tokens * (2 * h * L + per_layer)
+    split_terms = cb * 5 * h / tp + cb * 4 * i / tp
+    per_layer = 2 * (4 * h + cb * h) + split_terms
+    if run.dropout > 0:  # each adapter keeps its dropped-out input and the 1-byte mask (in_features per token)
+        per_layer += sum((cb + 1) * n for _, _, n in shape.targets) / L
+    logits = tokens * V * (cb + 2 * 4) / (tp if run.tp > 1 else 1)
+    if run.checkpointing:  # layer inputs, then the larger of: the loss's tensors, one layer recomputed in backward
+        backward_grads = cb * (h + 2 * i / tp)  # with it: the incoming gradient and two MLP-width gradients
+        activations = tokens * cb * h * L + max(logits, tokens * (per_layer + backward_grads))
     else:
-        layers_bytes = tokens * per_layer * L
-    logits = tokens * V * (2 + 2 * 4) / (tp if run.tp > 1 else 1)
-    activations = layers_bytes + logits
+        activations = tokens * per_layer * L + logits
 
     out = {"base_weights": base, "adapter_params": params, "adapter_grads": grads, "optimizer_states": optimizer,
            "activations": activations, "cuda_context_and_slack": 1.0 * GiB}

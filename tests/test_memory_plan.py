@@ -78,3 +78,21 @@ def test_shipped_qkasa_recipes_fit_24gb(name, published):
     assert estimate["per_gpu_bytes"]["base_weights"] < 8 * GiB  # 4-bit
     shape = model_shape(str(REPO / "configs/models" / cfg.model.path.rsplit("/", 1)[-1]), TARGETS)
     assert abs(shape.total - published) / published < 0.005
+
+
+@pytest.mark.parametrize("case, quantized", [
+    ((256, 688, 4, 8, 4, 2048, 256, 4, True), False),
+    ((320, 864, 8, 5, 5, 16384, 64, 16, False), False),
+    ((512, 1376, 4, 8, 2, 4096, 512, 2, True), True),
+], ids=["kasa-ckpt", "kasa-large-vocab", "qkasa-ckpt"])
+def test_planner_matches_measured_cpu_peak(case, quantized):
+    """The planner (float32, compute_bytes=4) against the peak of torch.profiler's memory timeline over one real
+    training step on the CPU (tools/validate_memory_plan.py): within the 15% the issue sets (measured ≤ 2.6%)."""
+    if quantized:
+        pytest.importorskip("bitsandbytes", reason="bitsandbytes is a [dev] dependency (QKaSA)")
+    sys.path.insert(0, str(REPO / "tools"))
+    from validate_memory_plan import measure
+
+    measured, planned = measure(case, r=16, dropout=0.05, quantized=quantized)
+    total = planned["total_bytes"] - planned["per_gpu_bytes"]["cuda_context_and_slack"]
+    assert abs(total / measured - 1) <= 0.15, (total, measured)
