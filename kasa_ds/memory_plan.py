@@ -41,7 +41,7 @@ class RunShape:
     seq_len: int = 4096
     micro_batch: int = 1
     checkpointing: bool = True
-    optimizer: str = "adamw"  # adamw | adamw8bit | paged_adamw8bit
+    optimizer: str = "adamw"  # adamw | paged_adamw (32-bit states) | adamw8bit | paged_adamw8bit
     deepspeed: bool = True
     zero: int = 3
     offload: str = "none"  # none | optimizer | all
@@ -50,6 +50,7 @@ class RunShape:
     quant_mode: str = "low_rank_correction"
     double_quant: bool = True
     dropout: float = 0.05
+    adapter_bytes: int = 4  # adapters without DeepSpeed: float32 (kasa_ds) or 2 (bf16, as QLoRA's scripts cast them)
     compute_bytes: int = 2  # bytes of the base weights and activations: 2 (bf16/fp16) or 4 (float32)
 
 
@@ -127,7 +128,8 @@ def plan(shape: ModelShape, run: RunShape, gpu_gib: Optional[float] = None) -> d
         params, grads = adapter * 2 / split[0], adapter * 2 / split[1]
         optimizer = 0.0 if run.offload in ("optimizer", "all") else adapter * (4 + state_bytes) / split[2]
     else:
-        params, grads, optimizer = adapter * 4, adapter * 4, adapter * state_bytes
+        ab = run.adapter_bytes
+        params, grads, optimizer = adapter * ab, adapter * ab, adapter * state_bytes
     # activations
     tokens = run.seq_len * run.micro_batch
     split_terms = cb * 5 * h / tp + cb * 4 * i / tp

@@ -96,3 +96,18 @@ def test_planner_matches_measured_cpu_peak(case, quantized):
     measured, planned = measure(case, r=16, dropout=0.05, quantized=quantized)
     total = planned["total_bytes"] - planned["per_gpu_bytes"]["cuda_context_and_slack"]
     assert abs(total / measured - 1) <= 0.15, (total, measured)
+
+
+def test_published_qlora_65b_fits_one_48gb_gpu():
+    """QLoRA (Dettmers et al. 2023, arXiv 2305.14314): LLaMA-65B fine-tuned on one 48 GB GPU with NF4 + double
+    quantization (4 + 0.127 bits per weight: 8-bit constants per 64 weights, float32 per 256 of those), LoRA r=64 on
+    every linear in bf16, paged AdamW. The planner, given that run, must land under 48 GB and above the 4-bit
+    weights alone."""
+    shape = model_shape(str(REPO / "configs/models/llama-65b"), TARGETS)
+    assert abs(shape.total - 65.2e9) / 65.2e9 < 0.005  # published: 65.2 B
+    run = RunShape(method="qkasa", r=64, seq_len=512, micro_batch=1, optimizer="paged_adamw", deepspeed=False,
+                   zero=0, gpus=1, quant_mode="requantize", adapter_bytes=2)
+    out = plan(shape, run)
+    bits = (out["per_gpu_bytes"]["base_weights"] - (shape.total - shape.linear) * 2) * 8 / shape.linear
+    assert bits == pytest.approx(4 + 8 / 64 + 32 / (64 * 256))
+    assert shape.linear * 0.5 < out["total_bytes"] < 48e9

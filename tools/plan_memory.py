@@ -33,7 +33,11 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--micro-batch", type=int, default=d.micro_batch)
     p.add_argument("--no-checkpointing", action="store_true", help="activation (gradient) checkpointing off")
-    p.add_argument("--optimizer", choices=["adamw", "adamw8bit", "paged_adamw8bit"], default=d.optimizer)
+    p.add_argument("--optimizer", choices=["adamw", "paged_adamw", "adamw8bit", "paged_adamw8bit"], default=d.optimizer)
+    p.add_argument("--quant-mode", choices=["low_rank_correction", "requantize"], default=d.quant_mode,
+                   help="QKaSA: low_rank_correction keeps two rank-r tail factors per layer on the GPU")
+    p.add_argument("--adapter-bytes", type=int, choices=[2, 4], default=d.adapter_bytes,
+                   help="adapter dtype without DeepSpeed: 4 (kasa_ds trains float32 adapters) or 2 (bf16)")
     p.add_argument("--no-deepspeed", action="store_true", help="one process per GPU without DeepSpeed")
     p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=d.zero)
     p.add_argument("--offload", choices=["none", "optimizer", "all"], default=d.offload)
@@ -58,7 +62,8 @@ def main(argv=None) -> dict:
     def run_for(gpus: int) -> RunShape:
         return RunShape(method=a.method, r=a.r, targets=targets, seq_len=a.seq_len, micro_batch=a.micro_batch,
                         checkpointing=not a.no_checkpointing, optimizer=a.optimizer, deepspeed=not a.no_deepspeed,
-                        zero=a.zero, offload=a.offload, tp=a.tp, gpus=gpus, dropout=a.dropout)
+                        zero=a.zero, offload=a.offload, tp=a.tp, gpus=gpus, dropout=a.dropout,
+                        quant_mode=a.quant_mode, adapter_bytes=a.adapter_bytes)
 
     gpus = a.gpus
     if a.min_gpus:
