@@ -57,3 +57,14 @@ def test_compare_methods_smoke(tmp_path):
     for row in result["table"].values():
         assert 0.0 <= row["accuracy"]["mean"] <= 1.0 and row["loss"]["mean"] > 0
     assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_qkasa_modes_smoke(tmp_path, capsys):
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is a [dev] dependency (QKaSA)")
+    from qkasa_modes import main
+
+    out = main(["--finetune-steps", "2", "--seeds", "0", "1", "--max-eval", "16", "--out", str(tmp_path)])
+    assert set(out["finetune"]) == {"low_rank_correction", "requantize"}
+    assert all(len(r["loss"]) == 2 for r in out["finetune"].values())
+    assert "(2 seeds): eval loss" in capsys.readouterr().out

@@ -62,17 +62,19 @@ def weight_errors(r: int, quant_type: str, targets: tuple[str, ...]) -> dict:
     return {name: statistics.mean(v) for name, v in errors.items()} | {"matrices": len(next(iter(errors.values())))}
 
 
-def finetune(mode: str, steps: int, out: Path) -> dict:
+def finetune(mode: str, steps: int, out: Path, seed: int = 0, max_eval=None) -> dict:
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("recipe", Path(__file__).resolve().parents[1] / "launch/train.py")
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
-    rc = recipe.main(["--output_dir", str(out / mode), "--resume", "none", "model.quantize=nf4",
+    run_dir = out / f"{mode}-seed{seed}"
+    rc = recipe.main(["--output_dir", str(run_dir), "--resume", "none", "model.quantize=nf4",
                       f"kasa.quant_mode={mode}", f"train.max_steps={steps}", "train.eval_every=100000",
-                      "train.save_every=100000"])
+                      "train.save_every=100000", f"train.seed={seed}", f"kasa.init_seed={seed}",
+                      *([f"data.max_eval_examples={max_eval}"] if max_eval else [])])
     assert rc == 0
-    rows = [json.loads(line) for line in (out / mode / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if r["split"] == "eval"][-1]
 
 
@@ -81,6 +83,8 @@ def main(argv=None) -> dict:
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4"])
     p.add_argument("--finetune-steps", type=int, default=0)
+    p.add_argument("--max-eval", type=int, help="cap on eval examples (default: all 400)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="fine-tune seeds (data order and adapter init)")
     p.add_argument("--out", default="outputs/qkasa_modes")
     p.add_argument("--json")
     a = p.parse_args(argv)
@@ -90,11 +94,17 @@ def main(argv=None) -> dict:
     for name, err in result["weight_error"].items():
         print(f"  {name:36s} {err:.4f}")
     if a.finetune_steps:
-        result["finetune"] = {m: finetune(m, a.finetune_steps, Path(a.out)) for m in
-                              ("low_rank_correction", "requantize")}
-        for mode, ev in result["finetune"].items():
-            print(f"  fine-tune {a.finetune_steps} steps, {mode:20s}: eval loss {ev['loss']:.4f}, "
-                  f"accuracy {ev['accuracy']:.4f}")
+        modes = ("low_rank_correction", "requantize")
+        runs = {m: [finetune(m, a.finetune_steps, Path(a.out), s, a.max_eval) for s in a.seeds] for m in modes}
+        result["finetune"] = {m: {"seeds": a.seeds, "loss": [ev["loss"] for ev in evs],
+                                  "accuracy": [ev["accuracy"] for ev in evs]} for m, evs in runs.items()}
+
+        def mean_std(values):
+            return f"{statistics.mean(values):.4f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.4f}"
+
+        for mode, r in result["finetune"].items():
+            print(f"  fine-tune {a.finetune_steps} steps, {mode:20s} ({len(a.seeds)} seeds): eval loss "
+                  f"{mean_std(r['loss'])}, accuracy {mean_std(r['accuracy'])}")
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=2))
     return result
