@@ -49,12 +49,12 @@ def cluster(tmp_path_factory):
     subprocess.run(["bash", str(REPO / "tools/local_slurm.sh"), "stop", str(state)], capture_output=True)
 
 
-def submit(env, tmp: Path, name: str, *extra: str) -> subprocess.Popen:
+def submit(env, tmp: Path, name: str, *extra: str, launcher: str = "srun") -> subprocess.Popen:
     """sbatch --wait the recipe on 2 nodes × 1 task; the job's log is tmp/<name>.log."""
     cmd = ["sbatch", "--wait", "--nodes=2", "--ntasks-per-node=1", f"--job-name={name}",
            f"--output={tmp / (name + '.log')}", str(REPO / "launch/slurm/train.sbatch"),
            "--output_dir", str(tmp / name), *RUN, *extra]
-    job_env = {**env, "KASA_DS_STOP_FILE": str(tmp / f".stop-{name}")}
+    job_env = {**env, "KASA_DS_STOP_FILE": str(tmp / f".stop-{name}"), "LAUNCHER": launcher, "GPUS_PER_NODE": "1"}
     return subprocess.Popen(cmd, cwd=REPO, env=job_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -179,3 +179,17 @@ def _env_of(pid: str) -> dict:
     except OSError:
         return {}
     return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
+
+
+def test_torchrun_per_node_launcher(cluster, uninterrupted, tmp_path):
+    """LAUNCHER=torchrun: one torchrun per node (node rank from SLURM_NODEID) starting the node's ranks; the same
+    2-rank run as the srun job, so the same adapter (1e-5: same batches, init and reductions)."""
+    name = "torchrun"
+    proc = submit(cluster, tmp_path, name, launcher="torchrun")
+    log = tmp_path / f"{name}.log"
+    rc = finish(proc, log)
+    text = log.read_text()
+    assert rc == 0, text[-4000:]
+    assert "launcher torchrun" in text and "step 24/24" in text
+    a, b = adapter(uninterrupted[0] / "full"), adapter(tmp_path / name)
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
