@@ -70,8 +70,32 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, state: Optional[d
         with open(tmp / CONFIG_FILE, "w") as f:
             json.dump(config.to_peft_dict(base, task_type), f, indent=2)
         with open(tmp / EXTRA_FILE, "w") as f:
-            json.dump({k: getattr(config, k) for k in EXTRA_KEYS}, f, indent=2)
+            extra = {k: getattr(config, k) for k in EXTRA_KEYS}
+            quantization = base_quantization(model)
+            if quantization is not None:
+                extra["base_quantization"] = quantization
+            json.dump(extra, f, indent=2)
     return Path(path)
+
+
+def base_quantization(model: nn.Module) -> Optional[dict]:
+    """How the adapted layers' 4-bit bases were quantized (what tools/merge.py needs to rebuild them from the 16-bit
+    checkpoint), or None for a 16-bit base."""
+    from .layer import kasa_layers
+    from .quant import is_4bit
+
+    for _, layer in kasa_layers(model):
+        if is_4bit(layer.base_layer):
+            w = layer.base_layer.weight
+            dtype = getattr(getattr(model, "config", None), "dtype", None) or torch.float32
+            return {"quant_type": w.quant_type, "double_quant": bool(w.compress_statistics),
+                    "blocksize": w.blocksize, "from_dtype": str(dtype).removeprefix("torch.")}
+    return None
+
+
+def read_base_quantization(path: str | os.PathLike) -> Optional[dict]:
+    extra = Path(path) / EXTRA_FILE
+    return json.loads(extra.read_text()).get("base_quantization") if extra.is_file() else None
 
 
 def read_adapter_config(path: str | os.PathLike) -> KaSAConfig:

@@ -100,7 +100,7 @@ def plan(shape: ModelShape, run: RunShape, gpu_gib: Optional[float] = None) -> d
     if run.method == "qkasa" and (run.tp > 1 or (run.deepspeed and run.zero == 3)):
         raise ValueError("QKaSA runs in one process per model replica (no TP, no ZeRO-3) in kasa_ds today")
     dp = run.gpus // run.tp
-    h, i, kv, L, V, tp = shape.hidden, shape.ffn, shape.kv_dim, shape.layers, shape.vocab, run.tp
+    h, i, L, V, tp = shape.hidden, shape.ffn, shape.layers, shape.vocab, run.tp  # (GQA's k, v count as h: repeated)
     cb = run.compute_bytes
     other = shape.total - shape.linear
 

@@ -88,6 +88,15 @@ def quantize_linears_(model: nn.Module, quant_type: str = "nf4", double_quant: b
     return count
 
 
+def quantize_roundtrip(weight: torch.Tensor, quant_type: str = "nf4", double_quant: bool = True) -> torch.Tensor:
+    """D(Q(weight)) in float32, bit for bit what quantize_linears_ then dequantize give for this weight (m×n)."""
+    holder = nn.Module()
+    holder.layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    holder.layer.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    quantize_linears_(holder, quant_type, double_quant)
+    return dequantize(holder.layer)
+
+
 def effective_weight(layer: nn.Module) -> torch.Tensor:
     """The m×n float32 base weight a KaSALinear around a 4-bit layer computes with (before ΔW)."""
     w = dequantize(layer.base_layer)

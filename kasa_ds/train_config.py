@@ -190,7 +190,8 @@ def validate(c: TrainConfig) -> None:
              "train sequence-classification heads correctly); use data parallelism (--ds_config only) for seq_cls")
     need(t.optimizer in ("adamw", "adamw8bit", "paged_adamw8bit"),
          f"train.optimizer={t.optimizer!r}: choose adamw, adamw8bit or paged_adamw8bit")
-    need(t.autocast in (None, "bfloat16", "float16"), f"train.autocast={t.autocast!r}: choose bfloat16, float16 or null")
+    need(t.autocast in (None, "bfloat16", "float16"),
+         f"train.autocast={t.autocast!r}: choose bfloat16, float16 or null")
     need(t.max_memory_gib is None or t.max_memory_gib > 0, f"train.max_memory_gib={t.max_memory_gib}: must be > 0")
     if c.ds_config is not None:
         need(t.optimizer == "adamw", f"train.optimizer={t.optimizer} with --ds_config: DeepSpeed runs use AdamW "

@@ -178,3 +178,56 @@ def test_memory_limit_enforced_while_training(tmp_path):
     with pytest.raises(MemoryError, match="max_memory_gib=0.2 exceeded at step 1"):
         recipe.main(["--output_dir", str(tmp_path / "run"), "train.max_memory_gib=0.2", "train.max_steps=2",
                      "data.max_eval_examples=8", "model.max_length=32"])
+
+
+@pytest.mark.parametrize("mode", ["low_rank_correction", "requantize"])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_streamed_merge_of_a_qkasa_adapter_into_the_16bit_checkpoint(tmp_path, tokens, mode, quant_type):
+    """tools/merge.py rebuilds the 4-bit base from the 16-bit checkpoint (recorded in kasa_ds_config.json), applies
+    the mode and ΔW, and writes a plain checkpoint: transformers alone reproduces the 4-bit model's logits (1e-4:
+    the same float32 numbers, summed in another order)."""
+    import sys
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from merge import merge
+
+    base = tiny_llama(seed=4)
+    base.save_pretrained(tmp_path / "base")
+    model = copy.deepcopy(base)
+    quantize_linears_(model, quant_type, double_quant=True)
+    apply_kasa(model, KaSAConfig(r=4, target_modules=ALL_LLAMA_TARGETS, quant_mode=mode), show_progress=False)
+    randomize_adapters(model)
+    with torch.no_grad():
+        adapted = model(tokens).logits
+    save_adapter(model, tmp_path / "adapter")
+    extra = (tmp_path / "adapter" / "kasa_ds_config.json").read_text()
+    assert f'"quant_type": "{quant_type}"' in extra
+    merge(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged", dtype=torch.float32)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(tokens).logits, adapted, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_4bit_layer_types_and_compute_dtypes(tokens, quant_type, compute_dtype):
+    """NF4 and FP4, float32/bf16/fp16 compute: ΔW = 0 at init (the model computes with its effective base), and
+    gradients reach the adapters only. Tolerance: the compute dtype's resolution on logits of size ~1."""
+    model = tiny_llama()
+    quantize_linears_(model, quant_type, double_quant=True, compute_dtype=compute_dtype)
+    apply_kasa(model, KaSAConfig(r=4, target_modules=ALL_LLAMA_TARGETS), show_progress=False)
+    reference = copy.deepcopy(model)
+    for name, layer in kasa_layers(reference):  # the same model with plain float32 effective weights
+        linear = torch.nn.Linear(layer.in_features, layer.out_features, bias=False)
+        linear.weight.data = effective_weight(layer)
+        reference.set_submodule(name, linear)
+    tol = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}[compute_dtype]
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens).logits.float(), reference(tokens).logits, atol=tol, rtol=tol)
+    model.train()
+    (model(tokens, labels=tokens).loss + kasa_regularization(model)).backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert grads and all("lora_" in n for n in grads)

@@ -101,7 +101,8 @@ def test_corrupted_or_foreign_checkpoint_is_refused_and_kept(tiny_llama_dir, tmp
     (["lr=1"], "unknown config key 'lr'"),
     (["tensor_parallel=2"], "tensor_parallel=2 needs the DeepSpeed launcher and --ds_config"),
     (["tensor_parallel=2", "--ds_config", "ds_configs/zero2.json"], "tensor_parallel is supported for model.task=causal_lm"),
-    (["train.optimizer=adamw8bit", "--ds_config", "ds_configs/zero2.json"], "train.optimizer=adamw8bit with --ds_config"),
+    (["train.optimizer=adamw8bit", "--ds_config", "ds_configs/zero2.json"],
+     "train.optimizer=adamw8bit with --ds_config"),
     (["train.autocast=bfloat16", "--ds_config", "ds_configs/zero2.json"], "train.autocast with --ds_config"),
     (["train.optimizer=sgd"], "train.optimizer='sgd': choose adamw, adamw8bit or paged_adamw8bit"),
 ])

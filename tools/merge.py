@@ -8,6 +8,11 @@ checkpoint (config, tokenizer, shards + index) that transformers loads with no k
                           [--svd-cache CACHE_DIR] [--max-shard-gb 5]
 
 The base directory is never written to; the output is written to a temporary sibling and renamed when complete.
+
+QKaSA adapters (trained on a 4-bit base; their kasa_ds_config.json records how it was quantized) are merged into the
+16-bit checkpoint they were quantized from: each adapted weight W is quantized and dequantized as during training,
+X = D(Q(W)), then W_eff = X − tail(X) (low_rank_correction) or D(Q(X − tail(X))) (requantize), and W_eff + ΔW is
+written in --dtype: the merged model computes what the 4-bit model did, without bitsandbytes.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from kasa_ds.adapter_io import PREFIX, WEIGHTS_FILE, read_adapter_config  # noqa: E402
+from kasa_ds.adapter_io import PREFIX, WEIGHTS_FILE, read_adapter_config, read_base_quantization  # noqa: E402
 from kasa_ds.hf_checkpoint import ShardWriter, iter_tensors, list_tensors, module_key  # noqa: E402
 from kasa_ds.svd_cache import SVDCache  # noqa: E402
 from kasa_ds.truncation import tail_factors  # noqa: E402
@@ -41,6 +46,10 @@ def merge(base: Path, adapter: Path, out: Path, dtype: torch.dtype = torch.bfloa
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"error: --out {out} exists and is not empty; choose a new directory")
     config = read_adapter_config(adapter)
+    quantization = read_base_quantization(adapter)
+    if quantization is not None and svd_cache is not None:
+        raise SystemExit("error: --svd-cache holds truncations of the 16-bit weights; a QKaSA adapter truncates the "
+                         "dequantized 4-bit weights: drop --svd-cache")
     tensors = list_tensors(base)
     keys = set(tensors)
     ad = load_file(str(adapter / WEIGHTS_FILE))  # adapter-sized: r·(m+n) per layer
@@ -59,7 +68,7 @@ def merge(base: Path, adapter: Path, out: Path, dtype: torch.dtype = torch.bfloa
         for key, tensor in iter_tensors(base):
             name = key.removesuffix(".weight")
             if key.endswith(".weight") and name in plan:
-                tensor = _merged(tensor, name, plan[name], ad, config, cache)
+                tensor = _merged(tensor, name, plan[name], ad, config, cache, quantization)
             else:
                 saved_key = next((k for k in saved if k == key or k.split(".", 1)[-1] == key), None)
                 if saved_key is not None:  # a modules_to_save tensor trained with the adapter
@@ -79,17 +88,32 @@ def merge(base: Path, adapter: Path, out: Path, dtype: torch.dtype = torch.bfloa
     return out
 
 
-def _merged(weight: torch.Tensor, ck_name: str, ad_name: str, ad: dict, config, cache) -> torch.Tensor:
+def _merged(weight: torch.Tensor, ck_name: str, ad_name: str, ad: dict, config, cache, quantization=None):
     w = weight.float()
+    if quantization is not None:  # the 4-bit base the adapter was trained on, rebuilt exactly
+        from kasa_ds.quant import quantize_roundtrip
+
+        q = dict(quant_type=quantization["quant_type"], double_quant=quantization["double_quant"])
+        w = quantize_roundtrip(weight.to(getattr(torch, quantization["from_dtype"])), **q)
+        tail = tail_factors(w, config.r, config.svd_solver)
+        world = w - tail.left.float() @ tail.right.float()
+        if config.quant_mode == "requantize":
+            world = quantize_roundtrip(world, **q)
+        return world + _delta(ad, ad_name, config)
     if cache is not None:
         left, right = cache.factors(ck_name)
     else:
         tail = tail_factors(w, config.r, config.svd_solver)
         left, right = tail.left.float(), tail.right.float()
+    return w - left @ right + _delta(ad, ad_name, config)
+
+
+def _delta(ad: dict, ad_name: str, config) -> torch.Tensor:
+    """ΔW = (α/r)·ΔU·diag(ΔΣ)·ΔVᵀ of one layer, float32."""
     a = ad[f"{PREFIX}{ad_name}.lora_A.weight"].float()
     b = ad[f"{PREFIX}{ad_name}.lora_B.weight"].float()
     d = ad[f"{PREFIX}{ad_name}.lora_diag"].float()
-    return w - left @ right + (b * d) @ a * config.scaling
+    return (b * d) @ a * config.scaling
 
 
 if __name__ == "__main__":

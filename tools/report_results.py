@@ -20,8 +20,8 @@ NAMES = {"kasa": "KaSA (kasa_ds)", "lora": "LoRA (PEFT)", "pissa": "PiSSA (PEFT)
 
 def table(result: dict) -> str:
     runs = result["runs"]
-    lines = ["| method | trainable params | seeds | accuracy (mean ± std) | eval loss (mean ± std) | accuracy per seed |"
-             " best accuracy on the curve (mean) |",
+    lines = ["| method | trainable params | seeds | accuracy (mean ± std) | eval loss (mean ± std) "
+             "| accuracy per seed | best accuracy on the curve (mean) |",
              "|---|---|---|---|---|---|---|"]
     for method in dict.fromkeys(r["method"] for r in runs):
         mine = sorted((r for r in runs if r["method"] == method), key=lambda r: r["seed"])

@@ -83,7 +83,8 @@ def measure(case, r: int, dropout: float, quantized: bool = False) -> tuple[floa
 
     with torch.device("meta"):
         meta = LlamaForCausalLM(cfg)
-    run = RunShape(method="qkasa" if quantized else "kasa", r=r, targets=TARGETS, seq_len=seq, micro_batch=batch, checkpointing=ckpt, deepspeed=False,
+    run = RunShape(method="qkasa" if quantized else "kasa", r=r, targets=TARGETS, seq_len=seq, micro_batch=batch,
+                   checkpointing=ckpt, deepspeed=False,
                    zero=0, gpus=1, dropout=dropout, compute_bytes=4)
     planned = plan(shape_of(meta, cfg, TARGETS), run)
     return measured, planned
