@@ -54,7 +54,19 @@ def main(argv=None) -> int:
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return train(cfg, fingerprint, resume_from)
+    rc = train(cfg, fingerprint, resume_from)
+    shutdown_distributed()
+    return rc
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group together: a rank exiting with live communicator threads can abort at interpreter
+    exit ("terminate called without an active exception") after a run that succeeded."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def check_memory_plan(cfg: TrainConfig) -> None:
