@@ -3,7 +3,7 @@ memory guard. DeepSpeed runs get these from their DeepSpeed config instead (the 
 
 - ``train.optimizer``: adamw (torch) | adamw8bit | paged_adamw8bit (bitsandbytes: 8-bit states, 2 B per parameter
   instead of 8; paged ones are evicted to CPU memory under GPU memory pressure). bitsandbytes 0.50 runs both on CPU.
-- ``train.autocast``: bfloat16 | float16 | null. float16 needs CUDA and scales the loss (torch.amp.GradScaler).
+- ``train.autocast``: bfloat16 | float16 | null. float16 scales the loss (torch.amp.GradScaler, CUDA or CPU).
 - ``train.max_memory_gib``: before the model is loaded the planner's estimate must fit (causal LMs); while training,
   CUDA allocations are capped at the limit (an overrun is an error naming the knobs), and on CPU the process' peak
   resident memory is checked after each step.
@@ -40,9 +40,9 @@ def autocast(device: torch.device, dtype_name):
 
 
 def grad_scaler(device: torch.device, dtype_name):
-    """A GradScaler for float16 autocast on CUDA, else None (bfloat16 keeps float32's range)."""
+    """A GradScaler for float16 autocast (CUDA or CPU), else None (bfloat16 keeps float32's range)."""
     if dtype_name == "float16":
-        return torch.amp.GradScaler("cuda")
+        return torch.amp.GradScaler(device.type)
     return None
 
 

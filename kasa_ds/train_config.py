@@ -80,7 +80,7 @@ class TrainSection:
     log_every: int = 10
     seed: int = 0
     optimizer: str = "adamw"  # adamw | adamw8bit | paged_adamw8bit (bitsandbytes; runs without DeepSpeed)
-    autocast: Optional[str] = None  # bfloat16 | float16 (CUDA) | null: mixed precision without DeepSpeed
+    autocast: Optional[str] = None  # bfloat16 | float16 (with loss scaling) | null: mixed precision without DeepSpeed
     max_memory_gib: Optional[float] = None  # without DeepSpeed: planner check before loading, then a cap per step
 
 

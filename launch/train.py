@@ -209,8 +209,6 @@ def train(cfg: TrainConfig, fingerprint: dict, resume_from) -> int:
     t = cfg.train
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, t.optimizer, t.lr, t.weight_decay)
-    if t.autocast == "float16" and device.type != "cuda":
-        raise SystemExit("error: train.autocast=float16 needs CUDA; use bfloat16 on this machine")
     scaler = grad_scaler(device, t.autocast) if ds is None else None
     guard = MemoryGuard(t.max_memory_gib if ds is None else None, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg=t))
