@@ -313,13 +313,14 @@ def train(cfg: TrainConfig, fingerprint: dict, resume_from) -> int:
 
 def setup_distributed(cfg: TrainConfig) -> dict:
     """Initialize torch.distributed when launched with several ranks or DeepSpeed; pick CUDA when present."""
-    import torch
-
     import warnings
     from datetime import timedelta
 
-    # DeepSpeed's ZeRO-3 calls a torch collective torch 2.13 deprecated, once per gather: keep the log readable
-    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+    import torch
+
+    # DeepSpeed calls two torch collectives torch 2.13 deprecated, warning on every call: keep the log readable
+    warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).* is deprecated",
+                            category=FutureWarning)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.ds_config or world > 1:
         import deepspeed
