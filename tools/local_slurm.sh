@@ -31,6 +31,8 @@ SlurmctldHost=localhost
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# a requeued job may start again once its old credential expired (default 120 s): keep the tests' requeue short
+AuthInfo=cred_expire=10
 StateSaveLocation=$dir/state
 SlurmdSpoolDir=$dir/spool%n
 SlurmctldPidFile=$dir/slurmctld.pid
