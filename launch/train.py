@@ -218,7 +218,7 @@ def train(cfg: TrainConfig, fingerprint: dict, resume_from) -> int:
 
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
     if resume_from is not None:
-        restore_trainer_state(resume_from, engine, optimizer, scheduler, rank)
+        restore_trainer_state(resume_from, engine, optimizer, scheduler, rank, scaler)
     forward = engine if engine is not None else model
 
     logger = MetricsLogger(output_dir, enabled=rank == 0, tensorboard=cfg.tensorboard)
@@ -289,10 +289,10 @@ def train(cfg: TrainConfig, fingerprint: dict, resume_from) -> int:
             model.train()
         saved = done % t.save_every == 0 or done == t.max_steps
         if saved:
-            save_checkpoint(cfg, done, fingerprint, adapter_state, engine, optimizer, scheduler, rank)
+            save_checkpoint(cfg, done, fingerprint, adapter_state, engine, optimizer, scheduler, rank, scaler)
         if done < t.max_steps and stop.agreed(device):  # collective, every step
             if not saved:
-                save_checkpoint(cfg, done, fingerprint, adapter_state, engine, optimizer, scheduler, rank)
+                save_checkpoint(cfg, done, fingerprint, adapter_state, engine, optimizer, scheduler, rank, scaler)
             say(f"stopping after step {done} ({stop.reason}): checkpoint saved in {cfg.output_dir}/checkpoints; "
                 f"exit {PREEMPTED_EXIT} — run again with resume=auto (the default) to continue")
             logger.close()
@@ -422,7 +422,7 @@ def mean_over_ranks(value: float, device, world: int) -> float:
     return (t / world).item()
 
 
-def save_checkpoint(cfg, step, fingerprint, adapter_state, engine, optimizer, scheduler, rank) -> None:
+def save_checkpoint(cfg, step, fingerprint, adapter_state, engine, optimizer, scheduler, rank, scaler=None) -> None:
     import json
 
     import torch
@@ -433,7 +433,10 @@ def save_checkpoint(cfg, step, fingerprint, adapter_state, engine, optimizer, sc
     if engine is not None:
         engine.save_checkpoint(str(tmp), tag="deepspeed", exclude_frozen_parameters=True)
     else:
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "trainer_state.pt")
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        if scaler is not None:  # float16 autocast: the loss scale is training state too
+            state["grad_scaler"] = scaler.state_dict()
+        torch.save(state, tmp / "trainer_state.pt")
     torch.save(torch.get_rng_state(), tmp / f"rng_state_rank{rank}.pt")
     state = adapter_state()  # collective under ZeRO-3
     if rank == 0:  # the checkpoint directory is also a PEFT adapter (tools/export_adapter.py copies it out)
@@ -444,7 +447,7 @@ def save_checkpoint(cfg, step, fingerprint, adapter_state, engine, optimizer, sc
     checkpoint.commit(tmp, {"step": step, "fingerprint": fingerprint}, keep=cfg.train.keep_checkpoints)
 
 
-def restore_trainer_state(path: Path, engine, optimizer, scheduler, rank: int) -> None:
+def restore_trainer_state(path: Path, engine, optimizer, scheduler, rank: int, scaler=None) -> None:
     import torch
 
     if engine is not None:
@@ -453,6 +456,8 @@ def restore_trainer_state(path: Path, engine, optimizer, scheduler, rank: int) -
         state = torch.load(path / "trainer_state.pt", weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and "grad_scaler" in state:
+            scaler.load_state_dict(state["grad_scaler"])
     rng = path / f"rng_state_rank{rank}.pt"
     if rng.is_file():
         torch.set_rng_state(torch.load(rng, weights_only=True))

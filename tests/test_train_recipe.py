@@ -186,3 +186,9 @@ def test_float16_autocast_with_loss_scaling_trains(tiny_llama_dir, tmp_path):
     evals = read_metrics(out, "eval")
     assert len(losses) == 8 and all(math.isfinite(v) for v in losses)
     assert evals[-1]["loss"] < evals[0]["loss"]
+    # the loss scale is checkpointed with the optimizer, and a resumed run reads it back
+    state = torch.load(out / "checkpoints" / "step-0000008" / "trainer_state.pt", weights_only=True)
+    assert state["grad_scaler"]["scale"] > 0
+    assert recipe.main(causal_args(tiny_llama_dir, out, "train.autocast=float16", "train.max_steps=10",
+                                   "train.eval_every=100")) == 0
+    assert [r["step"] for r in read_metrics(out)][-2:] == [9, 10]
