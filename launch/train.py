@@ -61,12 +61,27 @@ def main(argv=None) -> int:
 
 def shutdown_distributed() -> None:
     """Leave the process group together: a rank exiting with live communicator threads can abort at interpreter
-    exit ("terminate called without an active exception") after a run that succeeded."""
+    exit ("terminate called without an active exception") after a run that succeeded.
+
+    DeepSpeed's CPU shared-memory allreduce creates one /dev/shm segment per rank (≈ 66 MiB) and never unlinks it;
+    after the barrier every rank has long mapped its peers', so each rank unlinks its own (the mappings stay valid).
+    """
+    import glob
+
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+        rank = dist.get_rank()
         dist.destroy_process_group()
+        addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+        if addr and port:
+            for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_*"):
+                if path.rsplit("_", 1)[-1] in (str(rank), os.environ.get("LOCAL_RANK", "")):
+                    try:
+                        os.unlink(path)
+                    except FileNotFoundError:
+                        pass
 
 
 def check_memory_plan(cfg: TrainConfig) -> None:

@@ -5,6 +5,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+SHM_GLOB = "/dev/shm/deepspeed_allreduce_buffer_*"
 
 ALL_LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -50,3 +51,18 @@ def randomize_adapters(model, seed: int = 1) -> None:
 @pytest.fixture
 def tokens():
     return torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(7))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def remove_leaked_deepspeed_shm():
+    """DeepSpeed's CPU allreduce leaves a ≈ 66 MiB /dev/shm segment per rank of a run that did not end through the
+    recipe's shutdown (workers, killed or preempted ranks); remove those this session created."""
+    import glob
+
+    before = set(glob.glob(SHM_GLOB))
+    yield
+    for path in set(glob.glob(SHM_GLOB)) - before:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
