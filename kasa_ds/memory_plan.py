@@ -170,9 +170,14 @@ def recipe_estimate(cfg) -> Optional[dict]:
     if cfg.model.task != "causal_lm" or isinstance(cfg.kasa.target_modules, str):
         return None
     names = tuple(cfg.kasa.target_modules)
-    run = RunShape(method="qkasa" if cfg.model.quantize else "kasa", r=cfg.kasa.r, targets=names,
-                   seq_len=cfg.model.max_length, micro_batch=cfg.train.micro_batch_size,
-                   checkpointing=cfg.model.gradient_checkpointing, optimizer=cfg.train.optimizer, deepspeed=False,
-                   zero=0, gpus=1, quant_mode=cfg.kasa.quant_mode, double_quant=cfg.model.double_quant,
-                   dropout=cfg.kasa.dropout)
+    run = recipe_run(cfg, names, deepspeed=False, zero=0, gpus=1)
     return plan(model_shape(model_dir(cfg.model), names), run, cfg.train.max_memory_gib)
+
+
+def recipe_run(cfg, target_names, **placement) -> RunShape:
+    """The RunShape of a recipe config (launch/train.py's TrainConfig); ``placement``: deepspeed, zero, gpus, tp."""
+    return RunShape(method="qkasa" if cfg.model.quantize else "kasa", r=cfg.kasa.r, targets=tuple(target_names),
+                    seq_len=cfg.model.max_length, micro_batch=cfg.train.micro_batch_size,
+                    checkpointing=cfg.model.gradient_checkpointing, optimizer=cfg.train.optimizer,
+                    quant_mode=cfg.kasa.quant_mode, double_quant=cfg.model.double_quant, dropout=cfg.kasa.dropout,
+                    **placement)

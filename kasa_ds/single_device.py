@@ -17,7 +17,6 @@ import sys
 
 import torch
 
-OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 GiB = 1 << 30
 
 

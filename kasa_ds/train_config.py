@@ -20,6 +20,9 @@ from .config import KaSAConfig
 EMBEDDED_MODEL = "embedded:all-MiniLM-L6-v2"
 
 
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")  # kasa_ds.single_device.build_optimizer
+
+
 class ConfigError(ValueError):
     """A bad training configuration; its message is one line naming the key and the fix."""
 
@@ -188,7 +191,7 @@ def validate(c: TrainConfig) -> None:
         # measured: AutoTP leaves the seq-cls head of a Llama wrong on TP rank > 0 in training mode
         need(c.model.task == "causal_lm", "tensor_parallel is supported for model.task=causal_lm (AutoTP does not "
              "train sequence-classification heads correctly); use data parallelism (--ds_config only) for seq_cls")
-    need(t.optimizer in ("adamw", "adamw8bit", "paged_adamw8bit"),
+    need(t.optimizer in OPTIMIZERS,
          f"train.optimizer={t.optimizer!r}: choose adamw, adamw8bit or paged_adamw8bit")
     need(t.autocast in (None, "bfloat16", "float16"),
          f"train.autocast={t.autocast!r}: choose bfloat16, float16 or null")

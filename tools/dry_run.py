@@ -76,12 +76,10 @@ def dry_run(config_path: str, world: int, overrides: list[str] = (), gpu_gib: fl
         print(f"per GPU under ZeRO-3 ({cfg.model.dtype} base): " + ", ".join(
             f"{k} {v / GiB:.2f} GiB" for k, v in out["per_gpu_bytes"].items()) + " (+ activations)")
     else:  # the memory planner models decoder LMs
-        from kasa_ds.memory_plan import RunShape, format_plan, plan, shape_of
+        from kasa_ds.memory_plan import format_plan, plan, recipe_run, shape_of
 
         names = {t.name.rsplit(".", 1)[-1] for t in targets}
-        run = RunShape(r=kasa.r, targets=tuple(names), seq_len=cfg.model.max_length,
-                       micro_batch=cfg.train.micro_batch_size, checkpointing=cfg.model.gradient_checkpointing,
-                       deepspeed=True, zero=3, gpus=world, dropout=kasa.dropout)
+        run = recipe_run(cfg, names, deepspeed=True, zero=3, gpus=world)
         out["memory_plan"] = plan(shape_of(model, hf_config, names), run, gpu_gib)
         print(f"memory plan per GPU (tools/plan_memory.py; ZeRO-3 bf16, seq {run.seq_len} × micro batch "
               f"{run.micro_batch}, checkpointing {'on' if run.checkpointing else 'off'}):")
