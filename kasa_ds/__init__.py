@@ -3,19 +3,29 @@
 Public API::
 
     from kasa_ds import KaSAConfig, apply_kasa, kasa_regularization, save_adapter, load_adapter, merge_kasa
+
+Layers (each imports only from those before it): config, progress → core → formats, dist → placements → registry
+→ inject, merge → io → training; launch/ and tools/ import kasa_ds only. See README, "Architecture".
 """
 
-from .adapter_io import load_adapter, save_adapter
+from . import compat
 from .config import KaSAConfig
-from .inject import KaSAReport, apply_kasa
-from .layer import KaSALinear, kasa_layers
+from .core.layer import KaSALinear, kasa_layers
+from .core.regularization import kasa_regularization
+from .core.truncation import reference_world, tail_factors, truncate_weight
+from .core.types import KaSAReport
+from .inject import apply_kasa
+from .io.adapter import gathered_adapter_state, load_adapter, save_adapter
+from .io.lora import export_lora_adapter
 from .merge import merge_kasa
-from .regularization import kasa_regularization
-from .truncation import reference_world, tail_factors, truncate_weight
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+compat.install()
 
 __all__ = [
-    "KaSAConfig", "KaSAReport", "KaSALinear", "apply_kasa", "kasa_layers", "kasa_regularization", "load_adapter",
-    "merge_kasa", "reference_world", "save_adapter", "tail_factors", "truncate_weight", "__version__",
+    "KaSAConfig", "KaSAReport", "KaSALinear", "apply_kasa", "export_lora_adapter", "gathered_adapter_state",
+    "kasa_layers",
+    "kasa_regularization", "load_adapter", "merge_kasa", "reference_world", "save_adapter", "tail_factors",
+    "truncate_weight", "__version__",
 ]

@@ -6,7 +6,9 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence, Union
 
-SVD_SOLVERS = ("auto", "gram", "gram_fp64", "svd", "svd_fp64")
+SVD_SOLVERS = ("auto", "gram", "gram_fp64", "svd", "svd_fp64")  # see kasa_ds.core.truncation
+QUANT_MODES = ("low_rank_correction", "requantize")  # 4-bit bases, see kasa_ds.formats.bnb4
+ADAPTER_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 @dataclass
@@ -22,13 +24,13 @@ class KaSAConfig:
         beta: weight of ‖ΔΣ‖² in the regularizer.
         gamma: weight of ‖ΔUᵀΔU − I_r‖_F + ‖ΔVᵀΔV − I_r‖_F in the regularizer. Both terms are *summed* over adapted
             layers, as PEFT does (the official script divides by the layer count; scale β, γ by 1/L to convert).
-        svd_solver: how the r smallest singular triplets are found; see :mod:`kasa_ds.truncation`.
+        svd_solver: how the r smallest singular triplets are found; see :mod:`kasa_ds.core.truncation`.
         modules_to_save: modules trained in full and saved with the adapter (e.g. ``["classifier"]``).
         exclude_modules: names (same matching rule as ``target_modules``) never adapted.
         adapter_dtype: dtype of ΔU, ΔΣ, ΔV (float32 by default, like PEFT's autocast of 16-bit adapters).
         init_seed: seed for the adapter initialization; None draws from the global torch RNG.
         quant_mode: on bitsandbytes 4-bit bases, ``low_rank_correction`` (keep the 4-bit base, subtract the frozen
-            tail in forward) or ``requantize`` (quantize W_world back to 4 bits); see :mod:`kasa_ds.quant`.
+            tail in forward) or ``requantize`` (quantize W_world back to 4 bits); see :mod:`kasa_ds.formats.bnb4`.
     """
 
     r: int = 8
@@ -55,11 +57,10 @@ class KaSAConfig:
             raise ValueError(f"KaSAConfig.beta and gamma must be >= 0, got beta={self.beta!r} gamma={self.gamma!r}")
         if self.svd_solver not in SVD_SOLVERS:
             raise ValueError(f"KaSAConfig.svd_solver must be one of {SVD_SOLVERS}, got {self.svd_solver!r}")
-        if self.adapter_dtype not in ("float32", "bfloat16", "float16", "float64"):
-            raise ValueError(f"KaSAConfig.adapter_dtype must be float32/bfloat16/float16/float64, got "
-                             f"{self.adapter_dtype!r}")
-        if self.quant_mode not in ("low_rank_correction", "requantize"):
-            raise ValueError(f"KaSAConfig.quant_mode must be low_rank_correction or requantize, got {self.quant_mode!r}")
+        if self.adapter_dtype not in ADAPTER_DTYPES:
+            raise ValueError(f"KaSAConfig.adapter_dtype must be one of {ADAPTER_DTYPES}, got {self.adapter_dtype!r}")
+        if self.quant_mode not in QUANT_MODES:
+            raise ValueError(f"KaSAConfig.quant_mode must be one of {QUANT_MODES}, got {self.quant_mode!r}")
         if isinstance(self.target_modules, str):
             try:
                 re.compile(self.target_modules)

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 from torch import nn
 
+from .core.layer import kasa_layers
 from .inject import CONFIG_ATTR
-from .layer import kasa_layers
+from .registry import format_of
 
 
 def merge_kasa(model: nn.Module) -> nn.Module:
-    """Replace each KaSALinear by its base layer with weight W_world + ΔW, in place; returns ``model``.
+    """Replace each KaSA layer by a plain layer computing W_world + ΔW, in place; returns ``model``.
 
-    A 4-bit (QKaSA) base becomes an nn.Linear in its compute dtype holding dequantized W_eff + ΔW.
-
-    The result is an ordinary transformers/torch model: ``save_pretrained`` writes a checkpoint that plain
-    transformers loads. All parameters are left frozen except modules_to_save, as they were.
+    Each base's format builds it: a float base absorbs ΔW in place; a 4-bit (QKaSA) base becomes an nn.Linear in its
+    compute dtype holding dequantized W_eff + ΔW. The result is an ordinary transformers/torch model:
+    ``save_pretrained`` writes a checkpoint that plain transformers loads. All parameters stay frozen except
+    modules_to_save, as they were.
     """
     for name, layer in list(kasa_layers(model)):
-        model.set_submodule(name, layer.merged_module())
+        model.set_submodule(name, format_of(layer.base_layer).merged_linear(layer))
     if hasattr(model, CONFIG_ATTR):
         delattr(model, CONFIG_ATTR)
     return model

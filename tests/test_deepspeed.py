@@ -1,8 +1,8 @@
 """Real DeepSpeed (CPU accelerator, gloo) through the deepspeed launcher with 2 ranks.
 
 Exactness argument: sequence classification with dropout 0, per-example mean loss; 2 ranks × micro batch 4 see the
-same global batches as 1 process × micro batch 8 (kasa_ds.data.global_batches), DeepSpeed averages the two ranks'
-gradients, so each step's mean loss equals the single-process one up to float32 reduction order (≤ 1e-5 relative).
+same global batches as 1 process × micro batch 8 (kasa_ds.training.data.global_batches), DeepSpeed averages the
+two ranks' gradients, so each step's mean loss equals the single-process one up to float32 reduction order (≤ 1e-5 relative).
 """
 
 import json

@@ -13,7 +13,7 @@ import torch
 
 from conftest import free_port, ALL_LLAMA_TARGETS, randomize_adapters, tiny_llama
 from kasa_ds import KaSAConfig, apply_kasa, kasa_layers, load_adapter, save_adapter
-from kasa_ds.svd_cache import SVDCache
+from kasa_ds.io.svd_cache import SVDCache
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
@@ -131,7 +131,7 @@ def test_precompute_cache_one_and_two_ranks_and_reuse(base_and_adapter, tokens, 
 def test_export_adapter_takes_the_newest_complete_checkpoint(tmp_path):
     from export_adapter import export
 
-    from kasa_ds import checkpoint
+    from kasa_ds.training import checkpoint
 
     model = tiny_llama()
     apply_kasa(model, KaSAConfig(r=4, target_modules=["q_proj"]), show_progress=False)
@@ -156,7 +156,7 @@ def test_merge_head_model_adapter_into_base_checkpoint(tmp_path):
     pooler as modules_to_save) merged into the BertModel checkpoint of the MiniLM package (encoder...)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from kasa_ds.assets import embedded_model_dir
+    from kasa_ds.training.assets import embedded_model_dir
     from merge import merge
 
     base_dir = embedded_model_dir()

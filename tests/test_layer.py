@@ -9,7 +9,7 @@ from torch import nn
 
 from conftest import ALL_LLAMA_TARGETS, randomize_adapters, tiny_bert_classifier, tiny_llama
 from kasa_ds import KaSAConfig, KaSALinear, apply_kasa, kasa_layers, kasa_regularization, merge_kasa
-from kasa_ds.truncation import reference_world
+from kasa_ds.core.truncation import reference_world
 
 
 def test_update_is_zero_at_init_and_only_truncation_changes_output(tokens):

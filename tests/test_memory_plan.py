@@ -1,4 +1,4 @@
-"""kasa_ds.memory_plan / tools/plan_memory.py: the exact parts against hand counts, the rest against the direction
+"""kasa_ds.training.memory_plan / tools/plan_memory.py: the exact parts against hand counts, the rest against the direction
 each knob must move it (more GPUs, checkpointing, 4-bit, offload), and bad input refused."""
 
 import sys
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kasa_ds.memory_plan import GiB, RunShape, model_shape, plan
+from kasa_ds.training.memory_plan import GiB, RunShape, model_shape, plan
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMA70 = str(REPO / "configs/models/llama-3-70b")
@@ -69,8 +69,8 @@ def test_cli_min_gpus(capsys):
 def test_shipped_qkasa_recipes_fit_24gb(name, published):
     """The one-GPU recipes: their config.json has the published size (model cards: Llama-3-8B 8.03 B, Llama-2-13B
     13.0 B parameters), and the planner's estimate of the recipe as configured fits its max_memory_gib."""
-    from kasa_ds.memory_plan import recipe_estimate
-    from kasa_ds.train_config import load_train_config
+    from kasa_ds.training.memory_plan import recipe_estimate
+    from kasa_ds.training.config import load_train_config
 
     cfg = load_train_config(str(REPO / "configs" / f"{name}.yaml"))
     estimate = recipe_estimate(cfg)

@@ -97,7 +97,7 @@ def test_save_is_atomic_and_overwrites_only_when_complete(tmp_path, monkeypatch)
     target = tmp_path / "adapter"
     save_adapter(model, target)
     first = (target / "adapter_model.safetensors").read_bytes()
-    import kasa_ds.adapter_io as io
+    import kasa_ds.io.adapter as io
 
     def boom(*a, **k):
         raise OSError("disk full")

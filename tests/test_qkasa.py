@@ -17,8 +17,8 @@ import bitsandbytes.functional as bnbF  # noqa: E402
 
 from conftest import ALL_LLAMA_TARGETS, randomize_adapters, tiny_llama  # noqa: E402
 from kasa_ds import KaSAConfig, apply_kasa, kasa_layers, kasa_regularization, load_adapter, merge_kasa, save_adapter  # noqa: E402,E501
-from kasa_ds.quant import dequantize, effective_weight, quantize_linears_  # noqa: E402
-from kasa_ds.truncation import reference_world  # noqa: E402
+from kasa_ds.formats.bnb4 import dequantize, effective_weight, quantize_linears_  # noqa: E402
+from kasa_ds.core.truncation import reference_world  # noqa: E402
 
 
 def quantized_llama():
@@ -231,3 +231,62 @@ def test_4bit_layer_types_and_compute_dtypes(tokens, quant_type, compute_dtype):
     (model(tokens, labels=tokens).loss + kasa_regularization(model)).backward()
     grads = {n for n, p in model.named_parameters() if p.grad is not None}
     assert grads and all("lora_" in n for n in grads)
+
+
+def test_8bit_base_added_as_one_format_module(tmp_path, tokens):
+    """bitsandbytes LLM.int8 bases (formats/bnb8.py + one registry line): the correction removes exactly the
+    float64 tail of the dequantized weight with the int8 base untouched, only adapters train, requantize stays within
+    int8's rounding (half a step of each row's scale, from the float16 copy bitsandbytes quantizes), merge_kasa and
+    the streamed tools/merge.py reproduce the 8-bit model (1e-4: the int8 CPU matmul against a float32 one)."""
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from kasa_ds.formats.bnb8 import dequantize8, quantize_linear8
+
+    def int8_llama():
+        model = tiny_llama()
+        for name, m in list(model.named_modules()):
+            if type(m) is torch.nn.Linear and name != "lm_head":
+                model.set_submodule(name, quantize_linear8(m))
+        return model
+
+    model = int8_llama()
+    before = {n: (m.weight.data.clone(), dequantize8(m)) for n, m in model.named_modules()
+              if type(m).__name__ == "Linear8bitLt"}
+    apply_kasa(model, KaSAConfig(r=4, target_modules=ALL_LLAMA_TARGETS), show_progress=False)
+    for name, layer in kasa_layers(model):
+        packed, deq = before[name]
+        assert torch.equal(layer.base_layer.weight.data, packed)
+        effective = dequantize8(layer.base_layer) - layer.tail_left @ layer.tail_right
+        ref = reference_world(deq, 4)
+        assert ((effective.double() - ref).norm() / ref.norm()).item() <= 1e-5
+    randomize_adapters(model)
+    (model(tokens).logits.square().mean() + kasa_regularization(model)).backward()
+    assert {n for n, p in model.named_parameters() if p.grad is not None} == \
+        {n for n, p in model.named_parameters() if p.requires_grad} and all("lora_" in n for n, p in
+                                                                            model.named_parameters() if p.requires_grad)
+    save_adapter(model, tmp_path / "adapter")
+    with torch.no_grad():
+        quantized = model(tokens).logits
+        torch.testing.assert_close(merge_kasa(model)(tokens).logits, quantized, atol=1e-4, rtol=1e-4)
+    # the streamed merge rebuilds the int8 base from the 16-bit checkpoint (kasa_ds_config.json says int8)
+    base = tmp_path / "base"
+    original = tiny_llama()
+    original.save_pretrained(base)
+    save_file({k: v.contiguous() for k, v in original.state_dict().items()}, str(base / "model.safetensors"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from merge import merge
+
+    merged = type(original).from_pretrained(merge(base, tmp_path / "adapter", tmp_path / "merged", torch.float32))
+    with torch.no_grad():
+        torch.testing.assert_close(merged.eval()(tokens).logits, quantized, atol=1e-4, rtol=1e-4)
+    # requantize: int8 again, within half a quantization step of W_world per element
+    model = int8_llama()
+    apply_kasa(model, KaSAConfig(r=4, target_modules=ALL_LLAMA_TARGETS, quant_mode="requantize"), show_progress=False)
+    for name, layer in kasa_layers(model):
+        assert layer.tail_left is None and layer.base_layer.weight.dtype == torch.int8
+        world = reference_world(before[name][1], 4).float()
+        step = world.abs().amax(dim=1, keepdim=True) / 127
+        assert ((dequantize8(layer.base_layer) - world).abs() <= 0.5 * step + 2e-3 * world.abs() + 1e-6).all()

@@ -25,8 +25,9 @@ pytest.importorskip("megatron.core", reason="megatron-core is a [dev] dependency
 pytest.importorskip("deepspeed", reason="DeepSpeed is a [dev] dependency")
 peft = pytest.importorskip("peft", minversion="0.21", reason="PEFT >= 0.21 is a [dev] dependency")
 
-from kasa_ds.tp_shard import ShardSpec, use_gram  # noqa: E402
-from kasa_ds.truncation import gram_tail_basis, reference_world  # noqa: E402
+from kasa_ds.placements.tp.spec import ShardSpec  # noqa: E402
+from kasa_ds.placements.tp.truncate import use_gram  # noqa: E402
+from kasa_ds.core.truncation import gram_tail_basis, reference_world  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -137,7 +138,7 @@ def test_unsupported_tp_layout_is_refused_before_any_work():
 def test_glu_chunked_split_join_roundtrip():
     """megatron's GLU linear_fc1 holds [gate_i; up_i] on TP rank i: splitting a full lora_B takes those rows and
     joining the parts restores the TP=1 layout (plain concatenation would interleave gate and up)."""
-    from kasa_ds.tp_shard import join_factor, split_factor
+    from kasa_ds.placements.tp.spec import join_factor, split_factor
 
     full = torch.arange(12 * 2, dtype=torch.float32).view(12, 2)  # gate rows 0..5, up rows 6..11
     spec = ShardSpec(0, (12, 4), (6, 6), None, chunks=2)

@@ -51,7 +51,7 @@ def test_embedded_default_runs_and_writes_a_loadable_adapter(tmp_path, capsys):
     from transformers import AutoModelForSequenceClassification
 
     from kasa_ds import kasa_layers, load_adapter
-    from kasa_ds.assets import embedded_model_dir
+    from kasa_ds.training.assets import embedded_model_dir
 
     model = AutoModelForSequenceClassification.from_pretrained(embedded_model_dir(), num_labels=2)
     load_adapter(model, out / "adapter", show_progress=False)
@@ -133,7 +133,7 @@ def test_bad_yaml_and_cli_exit_code(tmp_path):
 def test_instruction_prompt_is_masked_from_the_loss(tiny_llama_dir):
     from transformers import AutoTokenizer
 
-    from kasa_ds.data import IGNORE_INDEX, InstructionDataset, collate, format_prompt
+    from kasa_ds.training.data import IGNORE_INDEX, InstructionDataset, collate, format_prompt
 
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
     rec = {"instruction": "Classify.", "input": "A fine film.", "output": "positive"}
@@ -148,7 +148,7 @@ def test_instruction_prompt_is_masked_from_the_loss(tiny_llama_dir):
 
 
 def test_batch_order_is_independent_of_world_size():
-    from kasa_ds.data import global_batches, rank_slice
+    from kasa_ds.training.data import global_batches, rank_slice
 
     one = global_batches(100, 8, seed=3)
     two = global_batches(100, 8, seed=3)

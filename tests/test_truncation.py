@@ -4,14 +4,14 @@ Tolerances (relative Frobenius error of W_world, inputs float32):
 - float64 solvers: ≤ 1e-7. The only error is rounding W_world back to float32 storage (≈ 2.5e-8 measured).
 - float32 solvers: ≤ 1e-4, the accuracy the KaSA core issue asks of the fast path. Full float32 SVD reaches
   8e-5 on a real MiniLM weight at r = k−1; the Gram solver stays under ≈ 3.5e-5 (its float64 Rayleigh–Ritz refinement
-  and fallback guard the ill-separated tails, see kasa_ds.truncation._fp32_leak).
+  and fallback guard the ill-separated tails, see kasa_ds.core.truncation._fp32_leak).
 """
 
 import pytest
 import torch
 
-from kasa_ds.assets import embedded_model_dir
-from kasa_ds.truncation import check_rank, reference_world, tail_factors, truncate_weight
+from kasa_ds.training.assets import embedded_model_dir
+from kasa_ds.core.truncation import check_rank, reference_world, tail_factors, truncate_weight
 
 TOL = {"svd": 1e-4, "gram": 1e-4, "auto": 1e-4, "svd_fp64": 1e-7, "gram_fp64": 1e-7}
 SHAPES = [(48, 48), (80, 40), (40, 80)]  # square, tall, wide

@@ -96,12 +96,13 @@ def test_zero3_matches_single_process(base_dir, reference, tmp_path, world):
 
 def test_plan_balances_owners_and_bounds_rounds():
     from kasa_ds.inject import find_targets
-    from kasa_ds.zero import plan, svd_cost, work_items
+    from kasa_ds.dist.schedule import assign_owners, svd_cost
+    from kasa_ds.placements.scheduled import work_items
 
     model = tiny_llama()
     items = work_items(find_targets(model, KaSAConfig(**CONFIG_KW)))
     for world in (1, 2, 3, 8):
-        assignments = plan(items, world, max_gather_bytes=40_000)
+        assignments = assign_owners(items, world, max_gather_bytes=40_000)
         assert sorted(a.index for a in assignments) == list(range(len(items)))
         load = [sum(svd_cost(items[a.index].shape) for a in assignments if a.owner == r) for r in range(world)]
         biggest = max(svd_cost(i.shape) for i in items)
@@ -110,4 +111,4 @@ def test_plan_balances_owners_and_bounds_rounds():
             for r in range(world):
                 mine = [items[a.index] for a in assignments if a.round == rnd and a.owner == r]
                 assert len(mine) <= 1 or sum(i.nbytes for i in mine) <= 40_000
-    assert plan(items, 2) == plan(items, 2)  # deterministic
+    assert assign_owners(items, 2) == assign_owners(items, 2)  # deterministic

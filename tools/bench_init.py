@@ -92,10 +92,10 @@ def zero3_worker(method: str, a, out: str) -> None:
         init_peft(model, a.r, a.solver)
     else:
         from kasa_ds import KaSAConfig, apply_kasa
-        from kasa_ds.zero import truncate_distributed
+        from kasa_ds.placements.scheduled import truncate_scheduled
 
         apply_kasa(model, KaSAConfig(r=a.r, alpha=2 * a.r, target_modules=TARGETS, svd_solver=a.solver),
-                   truncate=lambda ts, c: truncate_distributed(ts, c, show_progress=False), show_progress=False)
+                   truncate=lambda ts, c: truncate_scheduled(ts, c, show_progress=False), show_progress=False)
     torch.distributed.barrier()
     seconds = time.perf_counter() - tic
     if torch.distributed.get_rank() == 0:
@@ -132,12 +132,12 @@ def project_70b(a) -> dict:
 
     The float32 Gram solver is timed on this machine for the 70B matrix shapes divided by 8 in each dimension
     (1024×1024, 128×1024 (k/v), 3584×1024, 1024×3584); its cost model m·n·k + 4k³ (Gram + eigh) then scales each to
-    full size (×512). kasa_ds on P ranks takes the largest per-rank load of kasa_ds.zero.plan over the 560 matrices;
+    full size (×512). kasa_ds on P ranks takes the largest per-rank load of kasa_ds.dist.schedule.assign_owners over the 560 matrices;
     PEFT-style takes the sum (every rank does every matrix). Gathers are left out (a few seconds at NVLink speed for
     140 GB), and so is the GPU's speed-up over this CPU, which divides both columns alike.
     """
-    from kasa_ds.truncation import tail_factors
-    from kasa_ds.zero import WorkItem, plan, svd_cost
+    from kasa_ds.core.truncation import tail_factors
+    from kasa_ds.dist.schedule import WorkItem, assign_owners, svd_cost
 
     h, ff, kv = LLAMA_70B["hidden"], LLAMA_70B["ff"], LLAMA_70B["hidden"] * LLAMA_70B["kv_heads"] // LLAMA_70B["heads"]
     shapes = {"q_proj": (h, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, h), "gate_proj": (ff, h),
@@ -156,7 +156,7 @@ def project_70b(a) -> dict:
     out = {"seconds_per_matrix_unit": rate, "peft_style_seconds": total}
     for p in (8, 64, 512):
         loads = [0.0] * p
-        for asg in plan(items, p):
+        for asg in assign_owners(items, p):
             loads[asg.owner] += svd_cost(items[asg.index].shape) * rate
         out[f"kasa_ds_seconds@{p}"] = max(loads)
     return out
@@ -185,7 +185,7 @@ def main(argv=None) -> dict:
         a.hidden, a.ff, a.layers, a.heads, a.kv_heads, a.r, a.repeats = 64, 176, 1, 4, 4, 4, 1
 
     base = build_model(a.hidden, a.ff, a.layers, a.heads, a.kv_heads)
-    from kasa_ds.truncation import reference_world
+    from kasa_ds.core.truncation import reference_world
 
     references = {n: reference_world(m.weight, a.r) for n, m in base.named_modules()
                   if n.rsplit(".", 1)[-1] in TARGETS}

@@ -7,7 +7,7 @@
 
 For each weight (square d×d and rectangular 1:3.5, e.g. a Llama MLP's d×3.5d) and each split (column-parallel:
 rows; row-parallel: columns):
-    kasa_ds   kasa_ds.tp_shard.truncate_tensor_parallel: each rank reduces its float64 Gram share to the owner (or
+    kasa_ds   kasa_ds.placements.tp.truncate.truncate_tensor_parallel: each rank reduces its float64 Gram share to the owner (or
               gathers, where the Gram would be the larger message), the owner solves, the basis is broadcast,
               every rank rewrites its own shard;
     gather    what a TP-unaware implementation does: gather the shards to rank 0, float32 SVD there (PEFT's solver),
@@ -33,7 +33,8 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kasa_ds import KaSAConfig  # noqa: E402
-from kasa_ds.tp_shard import ShardSpec, truncate_tensor_parallel, use_gram  # noqa: E402
+from kasa_ds.placements.tp.spec import ShardSpec  # noqa: E402
+from kasa_ds.placements.tp.truncate import truncate_tensor_parallel, use_gram  # noqa: E402
 
 
 @dataclass

@@ -42,11 +42,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kasa_ds import KaSAConfig, apply_kasa, kasa_regularization  # noqa: E402
-from kasa_ds.data import ClassificationDataset, collate, eval_subset, global_batches, load_records  # noqa: E402
-from kasa_ds.models import load_model, load_tokenizer  # noqa: E402
-from kasa_ds.train_config import load_train_config  # noqa: E402
-from kasa_ds.utils import progress  # noqa: E402
-from launch.train import evaluate, lr_factor  # noqa: E402
+from kasa_ds.training.data import ClassificationDataset, collate, eval_subset, global_batches, load_records  # noqa: E402
+from kasa_ds.training.models import load_model, load_tokenizer  # noqa: E402
+from kasa_ds.training.config import load_train_config  # noqa: E402
+from kasa_ds.progress import progress  # noqa: E402
+from kasa_ds.training.evaluation import evaluate  # noqa: E402
+from kasa_ds.training.precision import lr_factor  # noqa: E402
 
 METHODS = ("kasa", "lora", "pissa", "milora", "full", "kasa_no_trunc", "kasa_no_reg", "kasa_r4", "kasa_r16")
 

@@ -3,7 +3,7 @@ config.json (no weights), the KaSA plan applied to it, and what a run would do i
 
     python tools/dry_run.py --config configs/llama3_70b_kasa.yaml --world-size 64
 
-adapted layers, parameter counts, the distributed-truncation schedule (kasa_ds.zero.plan: owner per matrix,
+adapted layers, parameter counts, the distributed-truncation schedule (kasa_ds.dist.schedule.assign_owners: owner per matrix,
 rounds, per-rank SVD cost), and the per-GPU bytes that follow exactly from ZeRO-3 partitioning: frozen base weights,
 adapter parameters, gradients and fp32 AdamW states. Activation memory depends on sequence length, batch and
 checkpointing and is left to the memory planner.
@@ -26,9 +26,10 @@ def dry_run(config_path: str, world: int, overrides: list[str] = (), gpu_gib: fl
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from kasa_ds.inject import find_targets
-    from kasa_ds.models import model_dir
-    from kasa_ds.train_config import load_train_config
-    from kasa_ds.zero import plan, svd_cost, work_items
+    from kasa_ds.training.models import model_dir
+    from kasa_ds.training.config import load_train_config
+    from kasa_ds.dist.schedule import assign_owners, svd_cost
+    from kasa_ds.placements.scheduled import work_items
 
     tic = time.perf_counter()
     cfg = load_train_config(config_path, list(overrides))
@@ -46,7 +47,7 @@ def dry_run(config_path: str, world: int, overrides: list[str] = (), gpu_gib: fl
     adapter = sum(kasa.r * (t.shape[0] + t.shape[1]) + kasa.r for t in targets)
     saved = sum(p.numel() for n, p in model.named_parameters() if kasa.in_module_to_save(n, include_self=False))
     items = work_items(targets)
-    assignments = plan(items, world, cfg.kasa.max_gather_mb << 20)
+    assignments = assign_owners(items, world, cfg.kasa.max_gather_mb << 20)
     cost = [0.0] * world
     count = [0] * world
     for a in assignments:
@@ -76,7 +77,7 @@ def dry_run(config_path: str, world: int, overrides: list[str] = (), gpu_gib: fl
         print(f"per GPU under ZeRO-3 ({cfg.model.dtype} base): " + ", ".join(
             f"{k} {v / GiB:.2f} GiB" for k, v in out["per_gpu_bytes"].items()) + " (+ activations)")
     else:  # the memory planner models decoder LMs
-        from kasa_ds.memory_plan import format_plan, plan, recipe_run, shape_of
+        from kasa_ds.training.memory_plan import format_plan, plan, recipe_run, shape_of
 
         names = {t.name.rsplit(".", 1)[-1] for t in targets}
         run = recipe_run(cfg, names, deepspeed=True, zero=3, gpus=world)

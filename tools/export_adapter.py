@@ -1,10 +1,16 @@
-"""Export the PEFT-format KaSA adapter of a training run or checkpoint (ZeRO-0/2/3 alike).
+"""Export the PEFT-format KaSA adapter of a training run or checkpoint (ZeRO-0/2/3, TP alike), or its exact LoRA.
 
 Checkpoints hold the adapter already gathered on rank 0 at save time (only adapter tensors are ever gathered, never
-the model), so exporting is a validated copy:
+the model), so exporting the KaSA adapter is a validated copy of its files (kasa_ds_config.json included):
 
     python tools/export_adapter.py outputs/run                          # newest complete checkpoint of a run
     python tools/export_adapter.py outputs/run/checkpoints/step-0000400 --out my-adapter
+
+``--as-lora --base ORIGINAL`` writes instead a plain PEFT LoRA adapter of rank 2r on the original, untruncated base
+(W_world + ΔW = W + B·A exactly; see kasa_ds.io.lora), which LoRA servers such as vLLM load; the dropped tails are
+recomputed from ORIGINAL one weight at a time (or read from --svd-cache):
+
+    python tools/export_adapter.py outputs/run --as-lora --base /models/llama --out my-lora
 """
 
 from __future__ import annotations
@@ -16,12 +22,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kasa_ds.adapter_io import CONFIG_FILE, WEIGHTS_FILE, read_adapter_config  # noqa: E402
-from kasa_ds.checkpoint import latest_checkpoint  # noqa: E402
-from kasa_ds.utils import atomic_directory  # noqa: E402
+from kasa_ds.io.adapter import ADAPTER_FILES, WEIGHTS_FILE, read_adapter_config  # noqa: E402
+from kasa_ds.io.files import atomic_directory  # noqa: E402
+from kasa_ds.io.lora import export_lora_files  # noqa: E402
+from kasa_ds.training.checkpoint import latest_checkpoint  # noqa: E402
 
 
-def export(source: Path, out: Path) -> Path:
+def adapter_source(source: Path) -> Path:
+    """The adapter directory behind ``source``: a run's newest complete checkpoint, a checkpoint, or an adapter."""
     if (source / "checkpoints").is_dir():
         ckpt = latest_checkpoint(source)
         if ckpt is None:
@@ -34,15 +42,39 @@ def export(source: Path, out: Path) -> Path:
         empty = [k for k in f.keys() if 0 in f.get_slice(k).get_shape()]
     if empty:
         raise SystemExit(f"error: {source} holds empty adapter tensors ({empty[:2]}): not a gathered adapter")
+    return source
+
+
+def export(source: Path, out: Path) -> Path:
+    source = adapter_source(source)
     with atomic_directory(out) as tmp:
-        for name in (CONFIG_FILE, WEIGHTS_FILE):
-            shutil.copy2(source / name, tmp / name)
+        for name in ADAPTER_FILES:  # kasa_ds_config.json too: solver, quant mode and base quantization
+            if (source / name).is_file():
+                shutil.copy2(source / name, tmp / name)
     return out
+
+
+def export_lora(source: Path, out: Path, base: Path, svd_cache: Path | None = None) -> Path:
+    if not (base / "config.json").is_file():
+        raise SystemExit(f"error: --base {base}: not a model directory with config.json (the original, untruncated "
+                         "checkpoint the adapter was trained from)")
+    try:
+        return export_lora_files(adapter_source(source), out, base, svd_cache)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", type=Path, help="a run's output_dir or one checkpoint directory")
-    p.add_argument("--out", type=Path, help="destination (default: <source>/exported-adapter)")
+    p.add_argument("source", type=Path, help="a run's output_dir, one checkpoint directory, or an adapter directory")
+    p.add_argument("--out", type=Path, help="destination (default: <source>/exported-adapter or exported-lora)")
+    p.add_argument("--as-lora", action="store_true", help="write a plain rank-2r PEFT LoRA on the original base")
+    p.add_argument("--base", type=Path, help="with --as-lora: the original model directory (safetensors)")
+    p.add_argument("--svd-cache", type=Path, help="with --as-lora: a precomputed truncation (tools/precompute_svd.py)")
     a = p.parse_args()
-    print(export(a.source, a.out or a.source / "exported-adapter"))
+    if a.as_lora:
+        if a.base is None:
+            p.error("--as-lora needs --base: the original checkpoint the dropped tails are recomputed from")
+        print(export_lora(a.source, a.out or a.source / "exported-lora", a.base, a.svd_cache))
+    else:
+        print(export(a.source, a.out or a.source / "exported-adapter"))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kasa_ds.assets import DATA_DIR  # noqa: E402
+from kasa_ds.training.assets import DATA_DIR  # noqa: E402
 
 
 def build(out: Path, hidden: int = 64, layers: int = 2, vocab: int = 512, seed: int = 0) -> Path:
@@ -25,7 +25,7 @@ def build(out: Path, hidden: int = 64, layers: int = 2, vocab: int = 512, seed: 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
 
-    from kasa_ds.data import format_prompt
+    from kasa_ds.training.data import format_prompt
 
     texts = []
     with open(DATA_DIR / "rt_instruct" / "train.jsonl") as f:

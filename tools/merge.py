@@ -9,7 +9,7 @@ checkpoint (config, tokenizer, shards + index) that transformers loads with no k
 
 The base directory is never written to; the output is written to a temporary sibling and renamed when complete.
 
-QKaSA adapters (trained on a 4-bit base; their kasa_ds_config.json records how it was quantized) are merged into the
+QKaSA adapters (trained on a 4-bit or 8-bit base; their kasa_ds_config.json records how it was quantized) are merged into the
 16-bit checkpoint they were quantized from: each adapted weight W is quantized and dequantized as during training,
 X = D(Q(W)), then W_eff = X − tail(X) (low_rank_correction) or D(Q(X − tail(X))) (requantize), and W_eff + ΔW is
 written in --dtype: the merged model computes what the 4-bit model did, without bitsandbytes.
@@ -28,11 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from kasa_ds.adapter_io import PREFIX, WEIGHTS_FILE, read_adapter_config, read_base_quantization  # noqa: E402
-from kasa_ds.hf_checkpoint import ShardWriter, iter_tensors, list_tensors, module_key  # noqa: E402
-from kasa_ds.svd_cache import SVDCache  # noqa: E402
-from kasa_ds.truncation import tail_factors  # noqa: E402
-from kasa_ds.utils import atomic_directory, progress  # noqa: E402
+from kasa_ds.io.adapter import PREFIX, WEIGHTS_FILE, read_adapter_config, read_base_quantization  # noqa: E402
+from kasa_ds.io.hf_checkpoint import ShardWriter, iter_tensors, list_tensors, module_key  # noqa: E402
+from kasa_ds.io.svd_cache import SVDCache  # noqa: E402
+from kasa_ds.io.tails import base_and_tail, roundtrip_of  # noqa: E402
+from kasa_ds.io.files import atomic_directory  # noqa: E402
+from kasa_ds.progress import progress  # noqa: E402
 
 COPY_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
               "generation_config.json", "merges.txt", "vocab.json", "added_tokens.json")
@@ -89,23 +90,13 @@ def merge(base: Path, adapter: Path, out: Path, dtype: torch.dtype = torch.bfloa
 
 
 def _merged(weight: torch.Tensor, ck_name: str, ad_name: str, ad: dict, config, cache, quantization=None):
-    w = weight.float()
-    if quantization is not None:  # the 4-bit base the adapter was trained on, rebuilt exactly
-        from kasa_ds.quant import quantize_roundtrip
-
-        q = dict(quant_type=quantization["quant_type"], double_quant=quantization["double_quant"])
-        w = quantize_roundtrip(weight.to(getattr(torch, quantization["from_dtype"])), **q)
-        tail = tail_factors(w, config.r, config.svd_solver)
-        world = w - tail.left.float() @ tail.right.float()
-        if config.quant_mode == "requantize":
-            world = quantize_roundtrip(world, **q)
-        return world + _delta(ad, ad_name, config)
-    if cache is not None:
-        left, right = cache.factors(ck_name)
-    else:
-        tail = tail_factors(w, config.r, config.svd_solver)
-        left, right = tail.left.float(), tail.right.float()
-    return w - left @ right + _delta(ad, ad_name, config)
+    """W_world + ΔW of one weight, with W_world exactly as training had it (a quantized base rebuilt, then the
+    tail removed; requantize: quantized again)."""
+    x, left, right = base_and_tail(weight, ck_name, config, quantization, cache)
+    world = x - left @ right
+    if quantization is not None and config.quant_mode == "requantize":
+        world = roundtrip_of(quantization)(world)
+    return world + _delta(ad, ad_name, config)
 
 
 def _delta(ad: dict, ad_name: str, config) -> torch.Tensor:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kasa_ds.memory_plan import GiB, RunShape, format_plan, model_shape, plan  # noqa: E402
+from kasa_ds.training.memory_plan import GiB, RunShape, format_plan, model_shape, plan  # noqa: E402
 
 
 def parse_args(argv=None):

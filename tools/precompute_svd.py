@@ -2,7 +2,7 @@
 reuse it and skip the SVDs.
 
 The safetensors files are read tensor by tensor (headers first, then only the weights a rank owns); the weights are
-spread over the ranks by SVD cost (kasa_ds.zero.plan) and every rank writes the factors of its own weights. One
+spread over the ranks by SVD cost (kasa_ds.dist.schedule.assign_owners) and every rank writes the factors of its own weights. One
 process, torch.distributed or MPI:
 
     python tools/precompute_svd.py --model DIR --kasa-r 16 --targets q_proj,k_proj,v_proj,o_proj --out CACHE
@@ -26,11 +26,11 @@ import torch.distributed as dist  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from kasa_ds.config import KaSAConfig  # noqa: E402
-from kasa_ds.hf_checkpoint import list_tensors, read_tensor  # noqa: E402
-from kasa_ds.svd_cache import INDEX, cache_fingerprint  # noqa: E402
-from kasa_ds.truncation import check_rank, tail_factors  # noqa: E402
-from kasa_ds.utils import progress  # noqa: E402
-from kasa_ds.zero import WorkItem, plan  # noqa: E402
+from kasa_ds.io.hf_checkpoint import list_tensors, read_tensor  # noqa: E402
+from kasa_ds.io.svd_cache import INDEX, cache_fingerprint  # noqa: E402
+from kasa_ds.core.truncation import check_rank, tail_factors  # noqa: E402
+from kasa_ds.progress import progress  # noqa: E402
+from kasa_ds.dist.schedule import WorkItem, assign_owners  # noqa: E402
 
 DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
 
@@ -69,7 +69,7 @@ def main(argv=None) -> Path:
     items = [WorkItem(n, tensors[n + ".weight"].shape,
                       DTYPE_BYTES.get(tensors[n + ".weight"].dtype, 4) * tensors[n + ".weight"].shape[0]
                       * tensors[n + ".weight"].shape[1]) for n in names]
-    mine = [items[x.index].name for x in plan(items, world) if x.owner == rank]
+    mine = [items[x.index].name for x in assign_owners(items, world) if x.owner == rank]
     out = Path(a.out)
     tmp = out.with_name(f".{out.name}.tmp")
     if rank == 0:

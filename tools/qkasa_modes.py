@@ -35,8 +35,8 @@ def quantize(w: torch.Tensor, quant_type: str) -> torch.Tensor:
 def weight_errors(r: int, quant_type: str, targets: tuple[str, ...]) -> dict:
     from safetensors.torch import load_file
 
-    from kasa_ds.assets import embedded_model_dir
-    from kasa_ds.truncation import tail_factors
+    from kasa_ds.training.assets import embedded_model_dir
+    from kasa_ds.core.truncation import tail_factors
 
     def tail(x):
         t = tail_factors(x, r, "gram")
@@ -63,16 +63,14 @@ def weight_errors(r: int, quant_type: str, targets: tuple[str, ...]) -> dict:
 
 
 def finetune(mode: str, steps: int, out: Path, seed: int = 0, max_eval=None) -> dict:
-    import importlib.util
+    from kasa_ds.training.config import load_train_config
+    from kasa_ds.training.recipe import run_recipe
 
-    spec = importlib.util.spec_from_file_location("recipe", Path(__file__).resolve().parents[1] / "launch/train.py")
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
     run_dir = out / f"{mode}-seed{seed}"
-    rc = recipe.main(["--output_dir", str(run_dir), "--resume", "none", "model.quantize=nf4",
-                      f"kasa.quant_mode={mode}", f"train.max_steps={steps}", "train.eval_every=100000",
-                      "train.save_every=100000", f"train.seed={seed}", f"kasa.init_seed={seed}",
-                      *([f"data.max_eval_examples={max_eval}"] if max_eval else [])])
+    rc = run_recipe(load_train_config(None, [
+        f"output_dir={run_dir}", "resume=none", "model.quantize=nf4", f"kasa.quant_mode={mode}",
+        f"train.max_steps={steps}", "train.eval_every=100000", "train.save_every=100000", f"train.seed={seed}",
+        f"kasa.init_seed={seed}", *([f"data.max_eval_examples={max_eval}"] if max_eval else [])]))
     assert rc == 0
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if r["split"] == "eval"][-1]

@@ -47,7 +47,7 @@ def measure(case, r: int, dropout: float, quantized: bool = False) -> tuple[floa
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from kasa_ds import KaSAConfig, apply_kasa, kasa_regularization
-    from kasa_ds.memory_plan import RunShape, plan, shape_of
+    from kasa_ds.training.memory_plan import RunShape, plan, shape_of
 
     hidden, ffn, layers, heads, kv, vocab, seq, batch, ckpt = case
     torch.manual_seed(0)
@@ -56,7 +56,7 @@ def measure(case, r: int, dropout: float, quantized: bool = False) -> tuple[floa
                       tie_word_embeddings=False)
     model = LlamaForCausalLM(cfg)
     if quantized:
-        from kasa_ds.quant import quantize_linears_
+        from kasa_ds.formats.bnb4 import quantize_linears_
 
         quantize_linears_(model, "nf4", True, torch.float32)
     apply_kasa(model, KaSAConfig(r=r, alpha=2 * r, dropout=dropout, target_modules=list(TARGETS)),

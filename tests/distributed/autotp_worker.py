@@ -22,9 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from conftest import ALL_LLAMA_TARGETS, randomize_adapters  # noqa: E402
 from kasa_ds import KaSAConfig, apply_kasa, kasa_regularization, save_adapter  # noqa: E402
-from kasa_ds.adapter_io import adapter_state_dict, load_adapter_state  # noqa: E402
-from kasa_ds.tp_integrations import autotp_shard  # noqa: E402
-from kasa_ds.tp_shard import gathered_tp_adapter_state, tp_layers  # noqa: E402
+from kasa_ds.io.adapter import adapter_state_dict, load_adapter_state  # noqa: E402
+from kasa_ds.placements.tp.autotp import autotp_shard  # noqa: E402
+from kasa_ds.io.adapter import gathered_adapter_state  # noqa: E402
+from kasa_ds.placements.tp import tp_layers  # noqa: E402
 
 CONFIG = dict(r=4, alpha=8, dropout=0.0, target_modules=ALL_LLAMA_TARGETS, beta=1e-2, gamma=1e-2, init_seed=0)
 DS = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
@@ -76,7 +77,7 @@ def main():
         ref_opt.step()
         losses["ref"].append(ref_loss.item())
     out["losses"] = losses
-    state = gathered_tp_adapter_state(model)  # collective
+    state = gathered_adapter_state(model)  # collective
     reference = adapter_state_dict(ref)
     out["adapter_after"] = max(rel(state[k], reference[k]) for k in reference)
     outdir = Path(a.out)

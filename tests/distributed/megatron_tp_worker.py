@@ -26,8 +26,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from kasa_ds import KaSAConfig, apply_kasa, kasa_layers, kasa_regularization  # noqa: E402
-from kasa_ds.adapter_io import PREFIX, load_adapter_state  # noqa: E402
-from kasa_ds.tp_shard import gathered_tp_adapter_state, split_factor, tp_layers  # noqa: E402
+from kasa_ds.io.adapter import PREFIX, load_adapter_state  # noqa: E402
+from kasa_ds.io.adapter import gathered_adapter_state  # noqa: E402
+from kasa_ds.placements.tp import tp_layers  # noqa: E402
+from kasa_ds.placements.tp.spec import split_factor  # noqa: E402
 
 H, F, K = 48, 128, 16
 CONFIG = dict(r=4, alpha=8, dropout=0.0, target_modules=["up", "down", "k", "o"], beta=1e-2, gamma=1e-2, init_seed=3)
@@ -180,7 +182,7 @@ def main():
     out["losses"] = losses
 
     # 4. the gathered adapter is the one-process adapter
-    gathered = gathered_tp_adapter_state(tp)
+    gathered = gathered_adapter_state(tp)
     reference_state = {PREFIX + f"{n}.{pn}": t.detach()
                        for n, m in kasa_layers(ref) for pn, t in m.adapter_parameters()}
     out["gathered"] = max(rel(gathered[k], reference_state[k]) for k in reference_state)

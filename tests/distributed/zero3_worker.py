@@ -22,7 +22,9 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 from transformers.integrations import HfDeepSpeedConfig  # noqa: E402
 
 from kasa_ds import KaSAConfig, apply_kasa, kasa_layers, kasa_regularization, save_adapter  # noqa: E402
-from kasa_ds.zero import gathered_adapter_state, prepare_for_zero3, truncate_distributed  # noqa: E402
+from kasa_ds.io.adapter import gathered_adapter_state  # noqa: E402
+from kasa_ds.placements.scheduled import truncate_scheduled  # noqa: E402
+from kasa_ds.placements.zero3 import prepare_for_zero3  # noqa: E402
 from conftest import randomize_adapters  # noqa: E402
 from zero3_common import ADAPTER_SEED, CONFIG_KW, TOKENS_SEED  # noqa: E402
 
@@ -40,7 +42,7 @@ def main(base_dir: str, out_dir: str) -> None:
     assert q.numel() == 0 and q.ds_numel > 0, "expected a partitioned model"
     config = KaSAConfig(**CONFIG_KW)
     # a 40 kB cap: several rounds, so the bounded-group path runs
-    apply_kasa(model, config, truncate=lambda ts, c: truncate_distributed(ts, c, max_gather_bytes=40_000))
+    apply_kasa(model, config, truncate=lambda ts, c: truncate_scheduled(ts, c, max_gather_bytes=40_000))
 
     targets = [(n, m.base_layer.weight) for n, m in kasa_layers(model)]
     with deepspeed.zero.GatheredParameters([w for _, w in targets], modifier_rank=None):

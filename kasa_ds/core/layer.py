@@ -1,0 +1,186 @@
+"""KaSALinear: a frozen (truncated) base linear layer plus the trainable SVD-form update.
+
+    y = base(x) − L·(R·x) + (α/r) · ΔU · diag(ΔΣ) · ΔVᵀ · dropout(x)
+
+Parameter names follow PEFT's KaSA variant so state dicts map one to one:
+    lora_A.weight  (r, n)  = ΔVᵀ   Kaiming-uniform at init (kasa_ds.core.init)
+    lora_B.weight  (m, r)  = ΔU    zeros at init (so ΔW = 0)
+    lora_diag      (r,)    = ΔΣ    N(0, 1) at init
+    base_layer               the frozen base computing W_world x (or W x, with the correction below)
+    tail_left, tail_right    optional frozen correction L (m, r), R (r, n): set when the base cannot be rewritten
+                             (a quantized one kept as is), so the layer computes (W − L R) x
+
+The layer knows no base format and no placement: a sharded placement passes the full input width and this rank's
+columns (same init at every sharding) and may ask for the regularizer terms inside forward.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional, Union
+
+import torch
+from torch import nn
+
+from .init import init_adapter_
+from .penalty import OrthogonalityPenalty, SquaredNorm, gram, orthogonality
+
+
+class KaSALinear(nn.Module):
+    """KaSA adapter around a base linear layer.
+
+    Args:
+        base_layer: the frozen layer computing x ↦ W_world x + b; its weight must already be truncated
+            (see :func:`kasa_ds.inject.apply_kasa`).
+        in_features, out_features: n and m of the weight this rank holds.
+        r, alpha, dropout, beta, gamma: as in :class:`kasa_ds.KaSAConfig`.
+        adapter_dtype: dtype of the adapter parameters.
+        full_in_features, in_columns: the unsplit input width and this rank's columns of it (input-sharded bases).
+
+    forward: (..., n) → (..., m), in the dtype the base layer returns.
+    """
+
+    #: whether kasa_regularization may stack this layer's factors with others of its rank (no collective needed)
+    stackable_terms = True
+
+    def __init__(self, base_layer: nn.Module, in_features: int, out_features: int, r: int, alpha: float,
+                 dropout: float = 0.0, beta: float = 1e-4, gamma: float = 1e-3,
+                 adapter_dtype: torch.dtype = torch.float32, full_in_features: Optional[int] = None,
+                 in_columns: Optional[Union[slice, torch.Tensor]] = None) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features, self.r = in_features, out_features, r
+        self.full_in_features, self.in_columns = full_in_features or in_features, in_columns
+        self.scaling = alpha / r
+        self.beta, self.gamma = beta, gamma
+        device = _device_of(base_layer)
+        self.lora_A = AdapterFactor(in_features, r, rows=True, device=device, dtype=adapter_dtype)
+        self.lora_B = AdapterFactor(r, out_features, rows=False, device=device, dtype=adapter_dtype)
+        self.lora_diag = nn.Parameter(torch.empty(r, device=device, dtype=adapter_dtype))
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.register_buffer("tail_left", None)  # (m, r)
+        self.register_buffer("tail_right", None)  # (r, n)
+        # a partitioned placement holds a parameter whole only inside its own module's forward: each of ΔΣ, ΔVᵀ, ΔU
+        # then computes its regularizer term there (set_regularize_in_forward) and kasa_regularization sums them
+        self.regularize_in_forward = False
+        self.reg_cache: Optional[torch.Tensor] = None
+        self.reset_adapter()
+
+    def reset_adapter(self, generator: Optional[torch.Generator] = None) -> None:
+        """PEFT's KaSA init (:func:`kasa_ds.core.init.init_adapter_`); ΔW = 0 whatever the generator."""
+        init_adapter_(self.lora_A.weight, self.lora_B.weight, self.lora_diag, self.full_in_features,
+                      self.in_columns, generator)
+
+    def set_base_correction(self, left: torch.Tensor, right: torch.Tensor) -> None:
+        """Subtract the frozen rank-r ``left @ right`` from the base in forward (a base kept untouched)."""
+        self.tail_left, self.tail_right = left.detach().contiguous(), right.detach().contiguous()
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        if self.tail_left is not None:
+            xt = x.to(self.tail_right.dtype)
+            result = result - ((xt @ self.tail_right.T) @ self.tail_left.T).to(result.dtype)
+        return result + self.update(x).to(result.dtype)
+
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        """(α/r) · ΔU · diag(ΔΣ) · ΔVᵀ · dropout(x): (..., n) → (..., m)."""
+        h = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))
+        diag = self.lora_diag
+        if self.regularize_in_forward and self.training and torch.is_grad_enabled():
+            self.reg_cache = SquaredNorm.apply(diag)
+            h = h + 0.0 * self.reg_cache  # exact; ties the term's backward to this layer's (gathered) backward
+        return self.lora_B(h * diag) * self.scaling
+
+    def set_regularize_in_forward(self, enabled: bool = True) -> None:
+        self.regularize_in_forward = self.lora_A.regularize_in_forward = self.lora_B.regularize_in_forward = enabled
+
+    def cached_regularization_terms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(‖ΔΣ‖², orthogonality) from the last training forward; each forward's terms are returned once."""
+        terms = (self.reg_cache, self.lora_A.reg_cache, self.lora_B.reg_cache)
+        if any(t is None for t in terms):
+            raise RuntimeError("the KaSA regularizer is computed in the layers' forward here (partitioned adapters, "
+                               "e.g. ZeRO-3); call kasa_regularization(model) after a training-mode forward pass")
+        self.reg_cache = self.lora_A.reg_cache = self.lora_B.reg_cache = None
+        return terms[0], terms[1] + terms[2]
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = (α/r) · ΔU · diag(ΔΣ) · ΔVᵀ, (m, n), float32."""
+        b, diag, a = self.lora_B.weight.float(), self.lora_diag.float(), self.lora_A.weight.float()
+        return (b * diag) @ a * self.scaling
+
+    def grams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ΔUᵀΔU, ΔVᵀΔV), r×r, float32, differentiable."""
+        return gram(self.lora_B.weight, rows=False), gram(self.lora_A.weight, rows=True)
+
+    def regularization_terms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(‖ΔΣ‖², ‖ΔUᵀΔU − I_r‖_F + ‖ΔVᵀΔV − I_r‖_F) in float32, differentiable."""
+        gram_b, gram_a = self.grams()
+        return self.lora_diag.float().square().sum(), orthogonality(gram_b) + orthogonality(gram_a)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold ΔW (and a base correction) into the base weight in place; forward then skips the adapter branch."""
+        w = self.base_layer.weight
+        if type(w) is not nn.Parameter or not w.is_floating_point():
+            raise ValueError(f"the base weight is a {type(w).__name__} of {w.dtype} (e.g. quantized) and cannot absorb "
+                             "ΔW in place; use kasa_ds.merge_kasa, which builds a float linear through the base's "
+                             "format")
+        if not self.merged:
+            w.add_(self.effective_delta().to(w.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            w = self.base_layer.weight
+            w.sub_(self.effective_delta().to(w.dtype))
+            self.merged = False
+
+    def effective_delta(self) -> torch.Tensor:
+        """What merging adds to the base weight: ΔW minus the base correction, (m, n), float32."""
+        delta = self.delta_weight()
+        if self.tail_left is not None:
+            delta = delta - self.tail_left.float() @ self.tail_right.float()
+        return delta
+
+    def adapter_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        yield "lora_A.weight", self.lora_A.weight
+        yield "lora_B.weight", self.lora_B.weight
+        yield "lora_diag", self.lora_diag
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling:g}"
+
+
+class AdapterFactor(nn.Linear):
+    """lora_A / lora_B: a bias-free linear that can compute its own orthogonality term inside its forward.
+
+    ``rows`` picks the r×r Gram: W Wᵀ for lora_A (r×n), Wᵀ W for lora_B (m×r).
+    """
+
+    def __init__(self, in_features: int, out_features: int, rows: bool, **kwargs) -> None:
+        super().__init__(in_features, out_features, bias=False, **kwargs)
+        self.rows = rows
+        self.regularize_in_forward = False
+        self.reg_cache: Optional[torch.Tensor] = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        if self.regularize_in_forward and self.training and torch.is_grad_enabled():
+            self.reg_cache = OrthogonalityPenalty.apply(self.weight, self.rows)
+            y = y + 0.0 * self.reg_cache  # exact; ties the term's backward to this module's (gathered) backward
+        return y
+
+
+def kasa_layers(model: nn.Module) -> Iterator[tuple[str, KaSALinear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, KaSALinear):
+            yield name, module
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")

@@ -1,0 +1,54 @@
+"""Shared records of an injection: the target being adapted, and what apply_kasa reports per layer and in all."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Target:
+    """One module to adapt, classified by the registry into a (format, placement) pair.
+
+    shape: (m, n) of the whole weight (a sharded placement knows it from its spec); spec: the placement's own
+    description (a TP ShardSpec) or None; correction: (left m×r, right r×n) when the format keeps its base and the
+    layer subtracts the dropped tail in forward (QKaSA low_rank_correction).
+    """
+
+    name: str
+    module: nn.Module
+    format: Any
+    placement: Any
+    shape: tuple[int, int]
+    spec: Any = None
+    correction: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+
+@dataclass
+class LayerReport:
+    name: str
+    shape: tuple[int, int]
+    tail_energy: float  # fraction of ‖W‖²_F dropped by the truncation
+    seconds: float
+
+
+@dataclass
+class KaSAReport:
+    """What ``apply_kasa`` did: one row per adapted layer, parameter counts and time."""
+
+    layers: list[LayerReport] = field(default_factory=list)
+    modules_to_save: list[str] = field(default_factory=list)
+    trainable_params: int = 0
+    total_params: int = 0
+    seconds: float = 0.0
+    solver: str = "auto"
+
+    def __str__(self) -> str:
+        energy = max((lr.tail_energy for lr in self.layers), default=0.0)
+        return (f"KaSA: adapted {len(self.layers)} layers (solver={self.solver}, {self.seconds:.2f}s, max dropped "
+                f"energy {energy:.2e}); trainable {self.trainable_params:,} / {self.total_params:,} params "
+                f"({100 * self.trainable_params / max(self.total_params, 1):.3f}%)"
+                + (f"; modules_to_save: {', '.join(self.modules_to_save)}" if self.modules_to_save else ""))

@@ -1,0 +1,93 @@
+"""Rank queries and the two owner collectives every distributed truncation uses.
+
+    gather_to_owner      the shards of one tensor, concatenated on the owner rank only (None elsewhere)
+    broadcast_from_owner a few tensors the owner computed, packed in one buffer, received by every rank
+    all_gather_uneven    every rank's shard on every rank, shards of different lengths allowed (padded on the wire:
+                         gloo and NCCL all-gather equal sizes only)
+
+Ranks passed here are ranks *within* ``group`` (None: the world); the global rank torch needs for ``src``/``dst``
+is looked up once, in :func:`global_rank`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank(group=None) -> int:
+    """This process's rank in ``group`` (the launcher's RANK before the process group exists)."""
+    if is_distributed():
+        return dist.get_rank(group)
+    return int(os.environ.get("RANK", 0))
+
+
+def world_size(group=None) -> int:
+    return dist.get_world_size(group) if is_distributed() else 1
+
+
+def is_rank_zero() -> bool:
+    return rank() == 0
+
+
+def global_rank(group, group_rank: int) -> int:
+    return dist.get_global_rank(group, group_rank) if group is not None else group_rank
+
+
+def comm_device() -> torch.device:
+    """Where collectives must run: the current accelerator for NCCL, the CPU for gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def gather_to_owner(shard: torch.Tensor, owner: int, group=None,
+                    sizes: Optional[Sequence[int]] = None) -> Optional[torch.Tensor]:
+    """Every rank's ``shard`` concatenated along dim 0 on ``owner`` (group rank); None on the others. Collective.
+
+    ``sizes``: each rank's dim-0 length when they differ (default: all equal to this rank's).
+    """
+    if world_size(group) == 1:
+        return shard
+    mine = rank(group) == owner
+    lengths = sizes or [shard.shape[0]] * world_size(group)
+    parts = [shard.new_empty(n, *shard.shape[1:]) for n in lengths] if mine else None
+    dist.gather(shard.contiguous(), parts, dst=global_rank(group, owner), group=group)
+    return torch.cat(parts) if mine else None
+
+
+def broadcast_from_owner(tensors: Optional[Sequence[torch.Tensor]], shapes: Sequence[tuple[int, ...]], owner: int,
+                         group=None, dtype: torch.dtype = torch.float64,
+                         device: Optional[torch.device] = None) -> list[torch.Tensor]:
+    """The owner's ``tensors`` (of ``shapes``) on every rank, sent as one packed buffer of ``dtype``. Collective.
+
+    ``tensors`` is read on the owner only (pass None elsewhere); every rank passes the same shapes.
+    """
+    numels = [int(torch.Size(s).numel()) for s in shapes]
+    buf = torch.empty(sum(numels), dtype=dtype, device=device)
+    if tensors is not None:
+        torch.cat([t.reshape(-1).to(buf) for t in tensors], out=buf)
+    if world_size(group) > 1:
+        dist.broadcast(buf, src=global_rank(group, owner), group=group)
+    return [part.view(shape) for part, shape in zip(buf.split(numels), shapes)]
+
+
+def all_gather_uneven(shard: torch.Tensor, sizes: Sequence[int], dim: int, group=None) -> list[torch.Tensor]:
+    """Every rank's shard (rank r's has length ``sizes[r]`` along ``dim``), on every rank, in rank order.
+
+    Shards are padded to the longest along ``dim`` for the collective and trimmed after. Not differentiable by
+    itself; :mod:`kasa_ds.dist.mappings` wraps it."""
+    longest = max(sizes)
+    pad = list(shard.shape)
+    pad[dim] = longest - shard.shape[dim]
+    padded = torch.cat([shard, shard.new_zeros(pad)], dim=dim) if pad[dim] else shard
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded.contiguous(), group=group)
+    return [part.narrow(dim, 0, n) for part, n in zip(parts, sizes)]

@@ -1,0 +1,153 @@
+"""bitsandbytes 4-bit bases (NF4/FP4, optional double quantization): QKaSA.
+
+The truncation runs in float32 on the dequantized weight (tools/qkasa_modes.py also measures truncating the original
+16-bit weights), then one of two modes applies it (``KaSAConfig.quant_mode``):
+
+    requantize           W_world is quantized back to 4 bits and replaces the base (one 4-bit base per task);
+    low_rank_correction  the 4-bit base is left untouched and the layer subtracts the frozen rank-r tail as two small
+                         factors in its forward, y = Q(W)x − L(Rx) + ΔW x (one quantized base can serve many tasks;
+                         the effective base has exactly the tail of the dequantized weight removed).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from ..config import KaSAConfig
+from ..core.layer import KaSALinear
+from ..core.types import Target
+from .base import Format, Subtract
+
+
+class Bnb4Format(Format):
+    """A bitsandbytes Linear4bit base. Truncation reads the dequantized weight; ``quant_mode`` picks correction or
+    requantize; merging builds a float nn.Linear in the compute dtype."""
+
+    name = "bnb4"
+
+    def matches(self, module: nn.Module) -> bool:
+        return is_4bit(module)
+
+    def read(self, module: nn.Module, stored: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if stored is not None:
+            raise ValueError("a gathered 4-bit weight needs its quant state; 4-bit bases are read whole, in place")
+        return dequantize(module)
+
+    def keeps_base(self, config: KaSAConfig) -> bool:
+        return config.quant_mode == "low_rank_correction"
+
+    def rewrite(self, target: Target, left: torch.Tensor, right: torch.Tensor, subtract: Subtract) -> None:
+        """requantize: Q(D(Q(W)) − left·right) replaces the 4-bit weight (the whole weight, on this rank)."""
+        requantize_(target.module, dequantize(target.module) - left.float() @ right.float())
+
+    @torch.no_grad()
+    def merged_linear(self, layer: KaSALinear) -> nn.Module:
+        """A new nn.Linear in the base's compute dtype holding the dequantized effective weight + ΔW."""
+        base = layer.base_layer
+        dtype = base.compute_dtype or torch.float32
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None, device="meta")
+        merged = dequantize(base) + layer.effective_delta()
+        linear.weight = nn.Parameter(merged.to(dtype), requires_grad=False)
+        if base.bias is not None:
+            linear.bias = nn.Parameter(base.bias.detach().to(dtype), requires_grad=False)
+        return linear
+
+    def metadata(self, module: nn.Module, model: nn.Module) -> Optional[dict]:
+        """How the base was quantized: what tools/merge.py needs to rebuild it from the 16-bit checkpoint."""
+        w = module.weight
+        dtype = getattr(getattr(model, "config", None), "dtype", None) or torch.float32
+        return {"quant_type": w.quant_type, "double_quant": bool(w.compress_statistics), "blocksize": w.blocksize,
+                "from_dtype": str(dtype).removeprefix("torch.")}
+
+
+BNB4 = Bnb4Format()
+
+
+def is_4bit(module: nn.Module) -> bool:
+    return type(module).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4")
+
+
+def training_layout_(module: nn.Module) -> None:
+    """Keep a 4-bit layer in bitsandbytes' canonical layout: on CPU it otherwise repacks its weight for inference at
+    the first eval-mode forward, after which training, dequantizing and merging fail. Undoes such a repack."""
+    if hasattr(module, "support_avx512bf16_for_cpu"):
+        module.support_avx512bf16_for_cpu = False
+    state = getattr(module.weight, "quant_state", None)
+    if state is not None and getattr(state, "packing_format_for_cpu", False):
+        from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+
+        data, quant_state = _convert_weight_packed_for_cpu_inverse(module.weight.data, state)
+        module.weight.data, module.weight.quant_state = data, quant_state
+
+
+def dequantize(module: nn.Module) -> torch.Tensor:
+    """The (m×n) float32 weight a 4-bit layer computes with."""
+    import bitsandbytes.functional as bnbF
+
+    training_layout_(module)
+    w = module.weight
+    return bnbF.dequantize_4bit(w.data, w.quant_state).float()
+
+
+def requantize_(module: nn.Module, weight: torch.Tensor) -> None:
+    """Replace a 4-bit layer's weight by ``weight`` (m×n) quantized with the layer's own settings."""
+    from bitsandbytes.nn import Params4bit
+
+    old = module.weight
+    state = old.quant_state
+    new = Params4bit(weight.to(torch.float32).contiguous().cpu(), requires_grad=False, quant_type=state.quant_type,
+                     blocksize=state.blocksize, compress_statistics=state.nested,
+                     quant_storage=old.quant_storage)
+    module.weight = new.to(old.device)
+
+
+HEADS = ("lm_head", "score", "classifier")
+
+
+def quantize_linears_(model: nn.Module, quant_type: str = "nf4", double_quant: bool = True,
+                      compute_dtype: torch.dtype = torch.float32,
+                      keep: Callable[[str], bool] = lambda name: False) -> int:
+    """Replace every nn.Linear by a bitsandbytes Linear4bit holding its weight, in place, except heads and the
+    modules ``keep(name)`` is true for (e.g. those trained in full, modules_to_save).
+
+    What ``from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True))`` does on a GPU, done on
+    the loaded model so it also runs on a CPU-only machine. Returns the number of layers quantized.
+    """
+    from bitsandbytes.nn import Linear4bit, Params4bit
+
+    count = 0
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear or name.rsplit(".", 1)[-1] in HEADS or keep(name):
+            continue
+        q = Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                       compute_dtype=compute_dtype, compress_statistics=double_quant, quant_type=quant_type,
+                       device="meta")
+        q.weight = Params4bit(module.weight.detach().float().cpu(), requires_grad=False, quant_type=quant_type,
+                              compress_statistics=double_quant)
+        if module.bias is not None:
+            q.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
+        q = q.to(module.weight.device)
+        training_layout_(q)
+        model.set_submodule(name, q)
+        count += 1
+    return count
+
+
+def quantize_roundtrip(weight: torch.Tensor, quant_type: str = "nf4", double_quant: bool = True) -> torch.Tensor:
+    """D(Q(weight)) in float32, bit for bit what quantize_linears_ then dequantize give for this weight (m×n)."""
+    holder = nn.Module()
+    holder.layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    holder.layer.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    quantize_linears_(holder, quant_type, double_quant)
+    return dequantize(holder.layer)
+
+
+def effective_weight(layer: KaSALinear) -> torch.Tensor:
+    """The m×n float32 base weight a KaSALinear around a 4-bit layer computes with (before ΔW)."""
+    w = dequantize(layer.base_layer)
+    if layer.tail_left is not None:
+        w = w - layer.tail_left.float() @ layer.tail_right.float()
+    return w

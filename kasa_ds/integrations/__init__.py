@@ -1,0 +1,1 @@
+"""KaSA inside other training stacks: the transformers Trainer and its subclasses (:mod:`.transformers`)."""

@@ -1,0 +1,197 @@
+"""save_adapter / load_adapter in PEFT's on-disk format for its KaSA variant.
+
+A directory with
+    adapter_config.json         LoraConfig fields with ``kasa_config: {beta, gamma}`` (peft_type LORA)
+    kasa_ds_config.json         what PEFT's format has no field for: svd_solver, adapter_dtype, quant_mode and, for
+                                a 4-bit base, base_quantization (how to rebuild it from the 16-bit checkpoint)
+    adapter_model.safetensors   base_model.model.<module>.lora_A.weight (r, n)
+                                base_model.model.<module>.lora_B.weight (m, r)
+                                base_model.model.<module>.lora_diag     (r,)
+                                base_model.model.<module_to_save>.<param>
+The truncated base is not stored: like PEFT, loading re-runs the truncation on the original base weights.
+:func:`write_adapter` is the one writer: save_adapter, recipe checkpoints and exports all go through it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..config import KaSAConfig
+from ..core.layer import kasa_layers
+from ..core.types import KaSAReport
+from ..inject import CONFIG_ATTR, apply_kasa, get_config, modules_to_save
+from ..placements.local import LOCAL
+from ..placements.tp import TP, tp_layers
+from ..placements.tp.spec import sharded_factor, split_factor
+from ..placements.zero3 import ZERO3, is_partitioned
+from ..registry import format_of
+from .files import atomic_directory
+
+PREFIX = "base_model.model."
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+EXTRA_FILE = "kasa_ds_config.json"
+EXTRA_KEYS = ("svd_solver", "adapter_dtype", "quant_mode")
+ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE, EXTRA_FILE)
+
+
+def adapter_param_items(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name without PEFT's prefix, parameter) for every adapter and modules_to_save parameter, in a fixed order."""
+    config = get_config(model)
+    items = [(f"{name}.{pname}", p) for name, layer in kasa_layers(model) for pname, p in layer.adapter_parameters()]
+    for name in modules_to_save(model, config):
+        items += [(f"{name}.{pname}", p) for pname, p in model.get_submodule(name).named_parameters()]
+    return items
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors this rank holds, under PEFT's key names, detached on CPU (partitioned or TP-sharded
+    tensors as held: use :func:`gathered_adapter_state` for full shapes)."""
+    return {PREFIX + key: p.detach().to("cpu").contiguous() for key, p in adapter_param_items(model)}
+
+
+def gathered_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole adapter under PEFT's keys with full shapes, on rank 0 at least (every rank for TP, {} on the other
+    ranks under ZeRO-3). Collective when the adapter is sharded: call it on every rank."""
+    items = adapter_param_items(model)
+    if any(True for _ in tp_layers(model)):
+        placement = TP
+    elif any(is_partitioned(p) for _, p in items):
+        placement = ZERO3
+    else:
+        placement = LOCAL
+    return {PREFIX + key: t for key, t in placement.gather_adapter(model, items).items()}
+
+
+def adapter_metadata(model: nn.Module) -> dict:
+    """What :func:`write_adapter` needs from the model besides its tensors."""
+    hf_config = getattr(model, "config", None)
+    return {"base_model_name_or_path": getattr(hf_config, "_name_or_path", None) or None,
+            "task_type": _infer_task_type(model), "base_quantization": base_quantization(model)}
+
+
+def write_adapter(directory: str | os.PathLike, state: dict[str, torch.Tensor], config: KaSAConfig, *,
+                  base_model_name_or_path: Optional[str] = None, task_type: Optional[str] = None,
+                  base_quantization: Optional[dict] = None) -> None:
+    """Write the three adapter files into an existing ``directory`` (the caller makes the write atomic)."""
+    empty = [k for k, v in state.items() if v.numel() == 0]
+    if not state or empty:
+        raise RuntimeError(f"refusing to write an adapter with empty tensors ({empty[:3] or 'no tensors'}): the "
+                           "parameters look partitioned; gather them first (kasa_ds.io.adapter.gathered_adapter_state)")
+    directory = Path(directory)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    (directory / CONFIG_FILE).write_text(json.dumps(config.to_peft_dict(base_model_name_or_path, task_type), indent=2))
+    extra = {k: getattr(config, k) for k in EXTRA_KEYS}
+    if base_quantization is not None:
+        extra["base_quantization"] = base_quantization
+    (directory / EXTRA_FILE).write_text(json.dumps(extra, indent=2))
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, *, state: Optional[dict[str, torch.Tensor]] = None,
+                 base_model_name_or_path: Optional[str] = None, task_type: Optional[str] = None) -> Path:
+    """Write the adapter of ``model`` to directory ``path`` atomically (a temporary sibling renamed into place).
+
+    ``state`` lets sharded callers pass tensors they gathered (:func:`gathered_adapter_state`); by default the
+    model's own parameters are taken.
+    """
+    meta = adapter_metadata(model)
+    meta["base_model_name_or_path"] = base_model_name_or_path or meta["base_model_name_or_path"]
+    meta["task_type"] = task_type or meta["task_type"]
+    state = adapter_state_dict(model) if state is None else state
+    with atomic_directory(path) as tmp:
+        write_adapter(tmp, state, get_config(model), **meta)
+    return Path(path)
+
+
+def base_quantization(model: nn.Module) -> Optional[dict]:
+    """How the adapted layers' bases were quantized (their format's metadata), or None for float bases."""
+    for _, layer in kasa_layers(model):
+        meta = format_of(layer.base_layer).metadata(layer.base_layer, model)
+        if meta is not None:
+            return meta
+    return None
+
+
+def read_base_quantization(path: str | os.PathLike) -> Optional[dict]:
+    extra = Path(path) / EXTRA_FILE
+    return json.loads(extra.read_text()).get("base_quantization") if extra.is_file() else None
+
+
+def read_adapter_config(path: str | os.PathLike) -> KaSAConfig:
+    path = Path(path)
+    missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if not (path / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{path} is not a KaSA adapter directory: missing {', '.join(missing)}")
+    with open(path / CONFIG_FILE) as f:
+        config = KaSAConfig.from_peft_dict(json.load(f))
+    if (path / EXTRA_FILE).is_file():  # absent in adapters written by PEFT
+        with open(path / EXTRA_FILE) as f:
+            extra = json.load(f)
+        config = dataclasses.replace(config, **{k: v for k, v in extra.items() if k in EXTRA_KEYS})
+    return config
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, *, svd_solver: Optional[str] = None,
+                 show_progress: bool = True) -> Optional[KaSAReport]:
+    """Load a PEFT-format KaSA adapter into ``model``; the model keeps its training/eval mode.
+
+    On a model without KaSA layers (the original base), the adapter's config is applied first, which truncates the
+    base weights exactly as PEFT does on load; on an already adapted model only the weights are replaced. Returns
+    the KaSAReport of the injection, or None if the model was already adapted.
+    """
+    config = read_adapter_config(path)
+    if svd_solver is not None:
+        config.svd_solver = svd_solver
+    state = load_file(str(Path(path) / WEIGHTS_FILE))
+    was_training = model.training
+    report = None
+    if getattr(model, CONFIG_ATTR, None) is None:
+        report = apply_kasa(model, config, show_progress=show_progress)
+    elif model.kasa_config.r != config.r:
+        raise ValueError(f"adapter at {path} has r={config.r} but the model was adapted with r={model.kasa_config.r}")
+    load_adapter_state(model, state)
+    model.train(was_training)
+    return report
+
+
+def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy PEFT-keyed adapter tensors into ``model``; every adapter parameter must be present, nothing extra.
+
+    On a tensor-parallel model a full-shape factor is cut to this rank's shard, so an adapter trained at any TP size
+    (or on one process, or by PEFT) loads at any other."""
+    expected = {PREFIX + key for key, _ in adapter_param_items(model)}
+    unexpected = [k for k in state if k not in expected]
+    missing = [k for k in expected if k not in state]
+    if unexpected or missing:
+        raise ValueError(f"adapter does not fit this model: {len(missing)} missing keys (e.g. {missing[:2]}), "
+                         f"{len(unexpected)} unexpected keys (e.g. {unexpected[:2]}); was it trained on another "
+                         "architecture or with other target_modules?")
+    params = dict(model.named_parameters())
+    shards = {f"{name}.{sharded_factor(layer.spec)}": layer.spec for name, layer in tp_layers(model)}
+    with torch.no_grad():
+        for key, value in state.items():
+            name = key[len(PREFIX):]
+            param = params[name]
+            if name in shards and tuple(param.shape) != tuple(value.shape):
+                value = split_factor(value, shards[name], shards[name].tp_rank)
+            if tuple(param.shape) != tuple(value.shape):
+                raise ValueError(f"{key}: adapter tensor has shape {tuple(value.shape)}, model expects "
+                                 f"{tuple(param.shape)}")
+            param.copy_(value.to(param.dtype))
+
+
+def _infer_task_type(model: nn.Module) -> Optional[str]:
+    cls = type(model).__name__
+    if cls.endswith("ForSequenceClassification"):
+        return "SEQ_CLS"
+    if cls.endswith("ForCausalLM"):
+        return "CAUSAL_LM"
+    return None

@@ -1,0 +1,119 @@
+"""Exact LoRA export: a KaSA adapter as a plain PEFT LoRA of rank 2r on the original, untruncated base.
+
+    W_world + ΔW = W − L·R + s·ΔU·diag(ΔΣ)·ΔVᵀ = W + B·A   with   B = [−L | s·ΔU·diag(ΔΣ)]  (m × 2r)
+                                                                 A = [R ; ΔVᵀ]              (2r × n)
+and ``lora_alpha = 2r`` (PEFT's scaling α/r = 1). L = U_tΣ_t, R = V_tᵀ is the dropped tail: recomputed from the
+original weights (as training computed it, :mod:`kasa_ds.io.tails`), read from an SVD cache, or — for a QKaSA
+``low_rank_correction`` adapter — the correction itself, so the unchanged 4-bit base is served. The files hold only
+``lora_A``/``lora_B`` (and modules_to_save) tensors: what LoRA servers (vLLM, TGI, SGLang) and PEFT load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..config import KaSAConfig
+from ..core.layer import kasa_layers
+from ..dist.comm import rank
+from ..inject import get_config
+from .adapter import (CONFIG_FILE, PREFIX, WEIGHTS_FILE, adapter_metadata, base_quantization, gathered_adapter_state,
+                      read_adapter_config, read_base_quantization)
+from .files import atomic_directory
+from .hf_checkpoint import list_tensors, module_key, read_tensor
+from .svd_cache import SVDCache
+from .tails import base_and_tail
+
+Base = Union[str, os.PathLike, nn.Module, None]
+
+
+def lora_pair(state: dict[str, torch.Tensor], name: str, config: KaSAConfig, left: torch.Tensor,
+              right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lora_A 2r×n, lora_B m×2r), float32, of one adapted module ``name`` from PEFT-keyed KaSA ``state``."""
+    a = state[f"{PREFIX}{name}.lora_A.weight"].float()
+    b = state[f"{PREFIX}{name}.lora_B.weight"].float()
+    d = state[f"{PREFIX}{name}.lora_diag"].float()
+    return torch.cat([right.float(), a]), torch.cat([-left.float(), b * d * config.scaling], dim=1)
+
+
+def lora_config(config: KaSAConfig, base_model_name_or_path: Optional[str], task_type: Optional[str]) -> dict:
+    """PEFT LoraConfig fields of the exported adapter: rank 2r, lora_alpha 2r, no KaSA fields."""
+    d = config.to_peft_dict(base_model_name_or_path, task_type)
+    d.pop("kasa_config")
+    d.update(r=2 * config.r, lora_alpha=2 * config.r)
+    return d
+
+
+def _refuse_requantize(config: KaSAConfig, quantization: Optional[dict]) -> None:
+    if quantization is not None and config.quant_mode == "requantize":
+        raise ValueError("a quant_mode=requantize adapter replaced its quantized base by Q(W_world): no LoRA on the "
+                         "original base reproduces it. Merge it (tools/merge.py), or train with "
+                         "kasa.quant_mode=low_rank_correction to serve a shared 4-bit base")
+
+
+def _write(out_dir, state: dict, config: dict) -> Path:
+    with atomic_directory(out_dir) as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    return Path(out_dir)
+
+
+def export_lora_files(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, base_dir: str | os.PathLike,
+                      svd_cache: Optional[str | os.PathLike] = None) -> Path:
+    """A KaSA adapter directory → a LoRA adapter directory, the tails recomputed from the original checkpoint
+    ``base_dir`` one weight at a time (memory: one weight), or read from ``svd_cache``."""
+    config = read_adapter_config(adapter_dir)
+    quantization = read_base_quantization(adapter_dir)
+    _refuse_requantize(config, quantization)
+    kasa = load_file(str(Path(adapter_dir) / WEIGHTS_FILE))
+    tensors = list_tensors(base_dir)
+    cache = SVDCache(svd_cache, base_dir, config) if svd_cache else None
+    state = {k: v for k, v in kasa.items() if ".lora_" not in k}  # modules_to_save
+    for name in sorted({k[len(PREFIX):].rsplit(".lora_", 1)[0] for k in kasa if ".lora_" in k}):
+        key = module_key(name, set(tensors))
+        if key is None:
+            raise ValueError(f"adapter module {name} has no weight in {base_dir}; wrong base model?")
+        weight = read_tensor(base_dir, tensors[key + ".weight"], key + ".weight")
+        _, left, right = base_and_tail(weight, key, config, quantization, cache)
+        state[f"{PREFIX}{name}.lora_A.weight"], state[f"{PREFIX}{name}.lora_B.weight"] = lora_pair(
+            kasa, name, config, left, right)
+    peft = json.loads((Path(adapter_dir) / CONFIG_FILE).read_text())
+    return _write(out_dir, state, lora_config(config, peft.get("base_model_name_or_path"), peft.get("task_type")))
+
+
+def export_lora_adapter(model: nn.Module, out_dir: str | os.PathLike, base: Base = None) -> Optional[Path]:
+    """Write the adapted ``model``'s exact rank-2r LoRA to ``out_dir`` (rank 0; collective when the adapter is
+    sharded: call on every rank). ``base``: the original model (an nn.Module with the same module names) or its
+    checkpoint directory, needed unless every layer keeps its tail as a correction (QKaSA low_rank_correction)."""
+    config = get_config(model)
+    quantization = base_quantization(model)
+    _refuse_requantize(config, quantization)
+    kasa = gathered_adapter_state(model)
+    if rank() != 0:
+        return None
+    tensors = list_tensors(base) if isinstance(base, (str, os.PathLike)) else None
+    state = {k: v for k, v in kasa.items() if ".lora_" not in k}
+    for name, layer in kasa_layers(model):
+        if layer.tail_left is not None:
+            left, right = layer.tail_left, layer.tail_right
+        elif base is None:
+            raise ValueError(f"{name}: the truncated base no longer holds the dropped tail; pass base= the original "
+                             "model or its checkpoint directory")
+        elif tensors is None:
+            _, left, right = base_and_tail(base.get_submodule(name).weight.detach(), name, config, quantization)
+        else:
+            key = module_key(name, set(tensors))
+            if key is None:
+                raise ValueError(f"{name} has no weight in {base}; wrong base model?")
+            weight = read_tensor(base, tensors[key + ".weight"], key + ".weight")
+            _, left, right = base_and_tail(weight, key, config, quantization)
+        state[f"{PREFIX}{name}.lora_A.weight"], state[f"{PREFIX}{name}.lora_B.weight"] = lora_pair(
+            kasa, name, config, left.cpu(), right.cpu())
+    meta = adapter_metadata(model)
+    return _write(out_dir, state, lora_config(config, meta["base_model_name_or_path"], meta["task_type"]))

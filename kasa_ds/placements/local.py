@@ -1,0 +1,60 @@
+"""Weights held whole by this rank: one process, DDP, DeepSpeed ZeRO ≤ 2 (replicated on every rank)."""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..config import KaSAConfig
+from ..core.layer import KaSALinear
+from ..core.truncation import tail_factors
+from ..core.types import LayerReport, Target
+from ..dist.comm import is_distributed, is_rank_zero, rank, world_size
+from ..progress import progress
+from .base import Placement, kasa_linear
+from .scheduled import truncate_scheduled
+
+
+class LocalPlacement(Placement):
+    name = "local"
+
+    def describe(self, module: nn.Module, name: str):
+        return ((module.out_features, module.in_features), None) if isinstance(module, nn.Linear) else None
+
+    def truncate(self, targets: list[Target], config: KaSAConfig, *, show_progress: bool = True,
+                 distributed: bool = False, max_gather_bytes: int = 0) -> list[LayerReport]:
+        """In this process on the weights' devices; ``distributed`` (every rank calling, weights replicated): the
+        solves are spread over the ranks and the factors broadcast."""
+        if distributed and is_distributed() and world_size() > 1:
+            return truncate_scheduled(targets, config, max_gather_bytes=max_gather_bytes, show_progress=show_progress)
+        reports = []
+        bar_off = not (show_progress and is_rank_zero())
+        for t in progress(targets, desc="KaSA truncation", unit="layer", disable=bar_off):
+            if t.module.weight.device.type == "meta":
+                raise ValueError(f"{t.name}: weight is on the meta device; load the weights before apply_kasa")
+            tic = time.perf_counter()
+            with torch.no_grad():
+                tail = tail_factors(t.format.read(t.module), config.r, config.svd_solver)
+                t.format.apply_tail(t, tail.left, tail.right, config, self.subtract)
+            reports.append(LayerReport(t.name, t.shape, tail.tail_energy, time.perf_counter() - tic))
+        return reports
+
+    def read_on_owner(self, target: Target, owner: int, group) -> Optional[torch.Tensor]:
+        """The float32 weight on ``owner`` (every rank holds it; no communication), None elsewhere."""
+        return target.format.read(target.module) if rank(group) == owner else None
+
+    @torch.no_grad()
+    def subtract(self, target: Target, left: torch.Tensor, right: torch.Tensor) -> None:
+        """W ← W − left·right computed in the factors' precision (float32 or float64), rounded once to W's dtype."""
+        weight = target.module.weight
+        delta = (left @ right).to(weight.device)
+        weight.copy_((weight.to(delta.dtype) - delta).to(weight.dtype))
+
+    def wrap(self, target: Target, config: KaSAConfig) -> KaSALinear:
+        return kasa_linear(target, config)
+
+
+LOCAL = LocalPlacement()

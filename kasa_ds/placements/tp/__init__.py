@@ -1,0 +1,84 @@
+"""Tensor-parallel placement: megatron-core and DeepSpeed AutoTP linears, one shard math for both.
+
+Recognizers (:mod:`.megatron`, :mod:`.autotp`) turn a layer into a :class:`~.spec.ShardSpec`; truncation reduces
+Grams over the TP group (:mod:`.truncate`); :class:`~.layer.KaSAParallelLinear` shards the adapter like the base.
+Neither library is imported unless the model already uses it.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ...config import KaSAConfig
+from ...core.types import LayerReport, Target
+from ...dist.comm import all_gather_uneven
+from ..base import Placement
+from .autotp import autotp_spec
+from .layer import KaSAParallelLinear
+from .megatron import megatron_spec
+from .spec import ShardSpec, full_indices, join_factor, sharded_factor
+from .truncate import local_rows, truncate_tensor_parallel
+
+
+def shard_spec(module: nn.Module, name: str = "module") -> Optional[ShardSpec]:
+    """The module's TP sharding, or None for a module that is not a supported TP linear (libraries already loaded
+    only: a model that uses megatron or AutoTP has imported them)."""
+    if "megatron.core" in sys.modules:
+        spec = megatron_spec(module, name)
+        if spec is not None:
+            return spec
+    if "deepspeed" in sys.modules:
+        return autotp_spec(module, name)
+    return None
+
+
+class TPPlacement(Placement):
+    name = "tp"
+
+    def describe(self, module: nn.Module, name: str):
+        spec = shard_spec(module, name)
+        return (spec.full_shape, spec) if spec is not None else None
+
+    def truncate(self, targets: list[Target], config: KaSAConfig, *, show_progress: bool = True,
+                 distributed: bool = True, max_gather_bytes: int = 0) -> list[LayerReport]:
+        return truncate_tensor_parallel(targets, config, show_progress=show_progress)
+
+    @torch.no_grad()
+    def subtract(self, target: Target, left: torch.Tensor, right: torch.Tensor) -> None:
+        """This rank's rows (dim 0) or columns (dim 1) of W − left·right, in the TP=1 layout of left/right."""
+        spec, weight = target.spec, target.module.weight
+        index = full_indices(spec, spec.tp_rank).to(left.device)
+        left, right = (left[index], right) if spec.dim == 0 else (left, right[:, index])
+        weight.sub_((left.float() @ right.float()).to(weight.device, weight.dtype))
+
+    def wrap(self, target: Target, config: KaSAConfig) -> KaSAParallelLinear:
+        return KaSAParallelLinear(target.module, target.spec, config.r, config.alpha, config.dropout, config.beta,
+                                  config.gamma, adapter_dtype=getattr(torch, config.adapter_dtype))
+
+    def gather_adapter(self, model: nn.Module, items: list[tuple[str, nn.Parameter]]) -> dict[str, torch.Tensor]:
+        """{key: full tensor} on every rank: each TP layer's sharded factor is all-gathered over its TP group (r × its
+        split dimension per layer, never a base weight). Collective over every TP group."""
+        state = super().gather_adapter(model, items)
+        for name, layer in tp_layers(model):
+            spec = layer.spec
+            if spec.tp_size == 1:
+                continue
+            local = layer.get_parameter(sharded_factor(spec)).detach()
+            parts = all_gather_uneven(local, spec.sizes, spec.dim, spec.group)
+            state[f"{name}.{sharded_factor(spec)}"] = join_factor(parts, spec).cpu()
+        return state
+
+
+def tp_layers(model: nn.Module):
+    for name, module in model.named_modules():
+        if isinstance(module, KaSAParallelLinear):
+            yield name, module
+
+
+TP = TPPlacement()
+
+__all__ = ["TP", "TPPlacement", "KaSAParallelLinear", "ShardSpec", "shard_spec", "tp_layers", "local_rows"]

@@ -1,0 +1,118 @@
+"""DeepSpeed ZeRO-3 flat shards: each rank holds ``param.ds_tensor``, a 1/world slice of the padded, flattened weight.
+
+Truncation (:func:`kasa_ds.placements.scheduled.truncate_scheduled`): each weight's shards are gathered to its owner
+only, the owner solves, the thin factors are broadcast, and every rank rewrites its own shard once,
+W_shard ← W_shard − (left·right)_shard (and the full copy of a persistent parameter, which lives on every rank):
+a weight is never re-partitioned and no rank ever holds the model whole.
+
+Regularizer: adapter parameters are partitioned outside forward, and the three terms are separable (‖ΔΣ‖² needs ΔΣ
+only, ‖ΔVᵀΔV − I‖ lora_A only, ‖ΔUᵀΔU − I‖ lora_B only), so each is computed inside the forward of the module owning
+its parameter, where DeepSpeed's hooks have gathered it, with its gradient taken analytically there
+(kasa_ds.core.penalty); ``kasa_regularization`` sums them. Each term is tied (× 0) into its module's output, so its
+gradient arrives during that module's backward, while the parameter is gathered: the loss must therefore depend on
+the model's output, as any training loss does (task loss + regularizer).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..config import KaSAConfig
+from ..core.layer import KaSALinear, kasa_layers
+from ..core.types import LayerReport, Target
+from ..dist.comm import comm_device, gather_to_owner, rank
+from ..dist.schedule import DEFAULT_MAX_GATHER_BYTES
+from .base import Placement, kasa_linear
+from .scheduled import truncate_scheduled
+
+
+def is_partitioned(param: torch.Tensor) -> bool:
+    return hasattr(param, "ds_id") and hasattr(param, "ds_tensor")
+
+
+class Zero3Placement(Placement):
+    name = "zero3"
+    regularize_in_forward = True
+
+    def describe(self, module: nn.Module, name: str):
+        if isinstance(module, nn.Linear) and is_partitioned(module.weight):
+            return tuple(module.weight.ds_shape), None
+        return None
+
+    def truncate(self, targets: list[Target], config: KaSAConfig, *, show_progress: bool = True,
+                 distributed: bool = True, max_gather_bytes: int = DEFAULT_MAX_GATHER_BYTES) -> list[LayerReport]:
+        """Collective over the world (the group the weights are partitioned over)."""
+        return truncate_scheduled(targets, config, max_gather_bytes=max_gather_bytes or DEFAULT_MAX_GATHER_BYTES,
+                                  show_progress=show_progress)
+
+    def read_on_owner(self, target: Target, owner: int, group) -> Optional[torch.Tensor]:
+        """The whole weight as float32 on ``owner``, gathered from the flat shards; None elsewhere. Collective."""
+        weight = target.module.weight
+        flat = gather_to_owner(weight.ds_tensor.detach().to(comm_device()), owner, group)
+        if flat is None:
+            return None
+        return target.format.read(target.module, flat[: weight.ds_numel].view(weight.ds_shape))
+
+    @torch.no_grad()
+    def subtract(self, target: Target, left: torch.Tensor, right: torch.Tensor) -> None:
+        rewrite_shard(target.module.weight, left, right, rank())
+
+    def wrap(self, target: Target, config: KaSAConfig) -> KaSALinear:
+        layer = kasa_linear(target, config)
+        layer.set_regularize_in_forward(True)
+        return layer
+
+    def gather_adapter(self, model: nn.Module, items: list[tuple[str, nn.Parameter]],
+                       max_bytes: int = DEFAULT_MAX_GATHER_BYTES) -> dict[str, torch.Tensor]:
+        """Full-shape tensors on rank 0 ({} elsewhere), gathered in groups of at most ``max_bytes``. Collective."""
+        import deepspeed
+
+        state: dict[str, torch.Tensor] = {}
+        group: list[tuple[str, nn.Parameter]] = []
+        size = 0
+        for i, (key, p) in enumerate(items):
+            group.append((key, p))
+            size += (p.ds_numel if is_partitioned(p) else p.numel()) * p.element_size()
+            last = i == len(items) - 1
+            if last or size + _nbytes(items[i + 1][1]) > max_bytes:
+                with deepspeed.zero.GatheredParameters([q for _, q in group], modifier_rank=None):
+                    if rank() == 0:
+                        state.update({k: q.detach().to("cpu").clone() for k, q in group})
+                group, size = [], 0
+        return state
+
+
+def _nbytes(p: torch.Tensor) -> int:
+    return (p.ds_numel if is_partitioned(p) else p.numel()) * p.element_size()
+
+
+def rewrite_shard(weight: nn.Parameter, left: torch.Tensor, right: torch.Tensor, shard_index: int) -> None:
+    """W ← W − left·right on what this rank holds: its ZeRO-3 shard (and a persistent full copy).
+
+    ``shard_index``: this process's index in the group the weight is partitioned over (its shard's position)."""
+    with torch.no_grad():
+        shard = weight.ds_tensor
+        per_rank = shard.numel()
+        start = shard_index * per_rank
+        stop = min(start + per_rank, weight.ds_numel)
+        if stop > start:
+            n = weight.ds_shape[1]
+            row0, row1 = start // n, (stop - 1) // n + 1  # rows this shard touches
+            rows = (left[row0:row1] @ right).flatten()[start - row0 * n: stop - row0 * n]
+            view = shard.data[: stop - start]
+            view.sub_(rows.to(view.device, view.dtype))
+        if weight.data.numel() == weight.ds_numel:  # persistent (or currently gathered) full copy
+            weight.data.sub_((left @ right).to(weight.data.device, weight.dtype).view_as(weight.data))
+
+
+def prepare_for_zero3(model: nn.Module) -> None:
+    """Before ``deepspeed.initialize`` of a model adapted while whole: each adapter parameter computes its regularizer
+    term in its own module's forward, where ZeRO-3 has gathered it (and exactly it)."""
+    for _, layer in kasa_layers(model):
+        layer.set_regularize_in_forward(True)
+
+
+ZERO3 = Zero3Placement()

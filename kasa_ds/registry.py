@@ -1,0 +1,77 @@
+"""Which (format, placement) a module is, and the one table of combinations kasa_ds refuses, each with its fix.
+
+Formats and placements are tried in order, first match wins (PEFT's dispatchers): a bitsandbytes Linear4bit is also
+an nn.Linear, so 4-bit is asked first; a tensor-parallel layer is recognized before a ZeRO-3 partition, which is
+recognized before a weight held whole. Adding a base kind is one module under formats/ or placements/ plus one line
+here (README, "Adding a base kind").
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import nn
+
+from .core.types import Target
+from .formats.base import Format
+from .formats.bnb4 import BNB4
+from .formats.bnb8 import BNB8
+from .formats.dense import DENSE
+from .placements.base import Placement
+from .placements.local import LOCAL
+from .placements.tp import TP
+from .placements.zero3 import ZERO3
+
+FORMATS: tuple[Format, ...] = (BNB4, BNB8, DENSE)
+PLACEMENTS: tuple[Placement, ...] = (TP, ZERO3, LOCAL)
+
+#: (format, placement or run context) → why not, and what to do instead. "deepspeed" is a DeepSpeed engine of any
+#: ZeRO stage (the recipe's context: its optimizer, precision and checkpointing), not a weight placement.
+REFUSED: dict[tuple[str, str], str] = {
+    ("bnb4", "zero3"): "4-bit bases (QKaSA) under ZeRO-3 are not supported yet: train QKaSA in one process (no "
+                       "--ds_config), or use a 16-bit base with ZeRO-3",
+    ("bnb4", "tp"): "4-bit bases (QKaSA) are not tensor-parallel: drop tensor_parallel or model.quantize",
+    ("bnb4", "deepspeed"): "4-bit bases (QKaSA) under DeepSpeed are not supported yet: train QKaSA in one process "
+                           "(drop --ds_config)",
+    ("bnb8", "zero3"): "8-bit bases under ZeRO-3 are not supported: train in one process, or use a 16-bit base",
+    ("bnb8", "tp"): "8-bit bases are not tensor-parallel: use a 16-bit base for tensor parallelism",
+}
+
+#: module kinds that look like linears but are refused, with the fix
+UNSUPPORTED_KINDS = {
+    "Conv1D": "GPT-2 style Conv1D (transposed weight) is not supported, as in PEFT's KaSA; target nn.Linear layers or "
+              "convert the model to nn.Linear first",
+}
+
+
+def refusal(format_name: str, context: str) -> Optional[str]:
+    """The message for a refused combination, or None where it is supported."""
+    return REFUSED.get((format_name, context))
+
+
+def classify(module: nn.Module, name: str) -> Optional[Target]:
+    """The Target for ``module`` (format, placement, whole shape), or None if it is no base kasa_ds adapts (a
+    container, say). Raises ValueError naming the fix for a known kind or combination that is refused."""
+    kind = type(module).__name__
+    if kind in UNSUPPORTED_KINDS:
+        raise ValueError(f"{name}: {UNSUPPORTED_KINDS[kind]}")
+    for placement in PLACEMENTS:
+        described = placement.describe(module, name)
+        if described is None:
+            continue
+        shape, spec = described
+        fmt = next((f for f in FORMATS if f.matches(module)), None)
+        if fmt is None:
+            raise ValueError(f"{name}: {kind} holds its weight in a format kasa_ds does not read "
+                             f"({type(getattr(module, 'weight', None)).__name__}); known formats: "
+                             f"{', '.join(f.name for f in FORMATS)}")
+        why = refusal(fmt.name, placement.name)
+        if why is not None:
+            raise ValueError(f"{name}: {why}")
+        return Target(name, module, fmt, placement, tuple(shape), spec)
+    return None
+
+
+def format_of(module: nn.Module) -> Format:
+    """The format of a base layer (for merging and metadata)."""
+    return next(f for f in FORMATS if f.matches(module))

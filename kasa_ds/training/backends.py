@@ -1,0 +1,192 @@
+"""How the recipe runs its model: a plain process, or a DeepSpeed engine (ZeRO 0–3, optionally AutoTP).
+
+One backend object per run answers what was an if-chain at each site of the training script:
+    place        device placement before KaSA, or AutoTP sharding (DeepSpeed), under the loading context
+                 (ZeRO-3: the model is built partitioned under HfDeepSpeedConfig; no rank ever holds it whole)
+    prepare      after KaSA: under DeepSpeed half precision the trainable parameters are cast (it keeps fp32 masters)
+    build        optimizer, schedule (and engine)
+    forward, backward, step, save_state / restore_state (the trainer state in a checkpoint directory)
+``dp_rank``/``dp_world`` say which share of each global batch this rank takes (TP ranks of a replica share one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from functools import partial
+
+import torch
+from torch import nn
+
+from ..placements.tp.autotp import autotp_shard
+from .config import ConfigError, TrainConfig
+from .precision import MemoryGuard, autocast, build_optimizer, grad_scaler, lr_factor
+from .processes import ProcessEnv
+
+
+class PlainBackend:
+    """One process (the recipe refuses several ranks without DeepSpeed): torch or bitsandbytes AdamW, autocast with
+    loss scaling, gradient clipping, the memory guard."""
+
+    distributed_truncation = False
+
+    def __init__(self, cfg: TrainConfig, env: ProcessEnv) -> None:
+        self.cfg, self.env = cfg, env
+        self.dp_rank, self.dp_world = env.rank, env.world
+
+    def loading(self):
+        return contextlib.nullcontext()
+
+    def place(self, model: nn.Module) -> nn.Module:
+        return model.to(self.env.device)
+
+    def prepare(self, model: nn.Module) -> None:
+        pass
+
+    def build(self, model: nn.Module) -> None:
+        t = self.cfg.train
+        self.model = self.forward = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.params, t.optimizer, t.lr, t.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(lr_factor, cfg=t))
+        self.scaler = grad_scaler(self.env.device, t.autocast)
+        self.guard = MemoryGuard(t.max_memory_gib, self.env.device)
+
+    def forward_context(self, step: int):
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.guard.around_step(step))
+        stack.enter_context(autocast(self.env.device, self.cfg.train.autocast))
+        return stack
+
+    def backward(self, loss: torch.Tensor, step: int) -> None:
+        with self.guard.around_step(step):
+            scaled = loss / self.cfg.train.gradient_accumulation_steps
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+
+    def step(self) -> float:
+        """Clip, step, schedule; returns the gradient norm before clipping."""
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm).item()
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save_state(self, directory) -> None:
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        if self.scaler is not None:  # float16 autocast: the loss scale is training state too
+            state["grad_scaler"] = self.scaler.state_dict()
+        torch.save(state, directory / "trainer_state.pt")
+
+    def restore_state(self, directory) -> None:
+        state = torch.load(directory / "trainer_state.pt", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and "grad_scaler" in state:
+            self.scaler.load_state_dict(state["grad_scaler"])
+
+
+class DeepSpeedBackend(PlainBackend):
+    """A DeepSpeed engine: ZeRO stage, precision and offload from the JSON, batch geometry and clipping from the
+    recipe; ``tensor_parallel > 1`` shards the model with AutoTP before KaSA (then ZeRO ≤ 2 across replicas)."""
+
+    def __init__(self, cfg: TrainConfig, env: ProcessEnv) -> None:
+        super().__init__(cfg, env)
+        self.ds = deepspeed_config(cfg, env.world)
+        self.zero3 = self.ds.get("zero_optimization", {}).get("stage", 0) == 3
+        if cfg.tensor_parallel > 1 and self.zero3:
+            raise ConfigError("tensor_parallel with ZeRO-3 is not supported; use ds_configs/zero2.json (TP + ZeRO-2)")
+        self.distributed_truncation = env.world > 1 and cfg.tensor_parallel == 1  # TP bases: their own collective
+        self.half = next((dt for key, dt in (("bf16", torch.bfloat16), ("fp16", torch.float16))
+                          if self.ds.get(key, {}).get("enabled")), None)
+
+    def loading(self):
+        """ZeRO-3: HfDeepSpeedConfig alive while from_pretrained runs builds the model partitioned (zero.Init)."""
+        if not self.zero3:
+            return contextlib.nullcontext()
+        from transformers.integrations import HfDeepSpeedConfig
+
+        self.hf_ds_config = HfDeepSpeedConfig(self.ds)  # must stay referenced while the model lives
+        return contextlib.nullcontext()
+
+    def place(self, model: nn.Module) -> nn.Module:
+        if not self.zero3:
+            model = model.to(self.env.device)
+        if self.cfg.tensor_parallel > 1:
+            from deepspeed.utils import groups
+
+            model = autotp_shard(model, self.ds)  # q/k/v/gate/up → LinearLayer, o/down → LinearAllreduce
+            self.dp_rank, self.dp_world = groups.get_data_parallel_rank(), groups.get_data_parallel_world_size()
+        return model
+
+    def prepare(self, model: nn.Module) -> None:
+        if self.half is not None:  # DeepSpeed keeps float32 master copies and optimizer states of these itself
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.data = p.data.to(self.half)
+
+    def build(self, model: nn.Module) -> None:
+        import deepspeed
+
+        t = self.cfg.train
+        self.model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.params, t.optimizer, t.lr, t.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(lr_factor, cfg=t))
+        self.forward, *_ = deepspeed.initialize(model=model, optimizer=self.optimizer, lr_scheduler=self.scheduler,
+                                                config=self.ds)
+
+    def forward_context(self, step: int):
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, step: int) -> None:
+        self.forward.backward(loss)
+        self.forward.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
+
+    def step(self) -> float:
+        return float(self.forward.get_global_grad_norm() or 0.0)
+
+    def save_state(self, directory) -> None:
+        self.forward.save_checkpoint(str(directory), tag="deepspeed", exclude_frozen_parameters=True)
+
+    def restore_state(self, directory) -> None:
+        self.forward.load_checkpoint(str(directory), tag="deepspeed", load_module_strict=False)
+
+
+def make_backend(cfg: TrainConfig, env: ProcessEnv) -> PlainBackend:
+    return DeepSpeedBackend(cfg, env) if cfg.ds_config else PlainBackend(cfg, env)
+
+
+def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
+    """The DeepSpeed JSON with batch geometry and clipping taken from the recipe config ("auto" in the JSON)."""
+    with open(cfg.ds_config) as f:
+        ds = json.load(f)
+    t = cfg.train
+    if cfg.tensor_parallel > 1:
+        size = ds.setdefault("tensor_parallel", {}).setdefault("autotp_size", cfg.tensor_parallel)
+        if size != cfg.tensor_parallel:
+            raise ConfigError(f"{cfg.ds_config}: tensor_parallel.autotp_size={size} disagrees with the recipe's "
+                              f"tensor_parallel={cfg.tensor_parallel}; set one of them")
+        if world % cfg.tensor_parallel:
+            raise ConfigError(f"tensor_parallel={cfg.tensor_parallel} does not divide the {world} ranks")
+    wanted = {"train_micro_batch_size_per_gpu": t.micro_batch_size,
+              "gradient_accumulation_steps": t.gradient_accumulation_steps,
+              "train_batch_size": t.micro_batch_size * t.gradient_accumulation_steps * world,
+              "gradient_clipping": t.max_grad_norm}
+    if cfg.tensor_parallel > 1:  # DeepSpeed derives it from the data-parallel size once AutoTP has set its groups
+        wanted.pop("train_batch_size")
+        ds.pop("train_batch_size", None)
+    for key, value in wanted.items():
+        if ds.get(key, "auto") not in ("auto", value):
+            raise ConfigError(f"{cfg.ds_config}: {key}={ds[key]} disagrees with the recipe ({value}); set it to "
+                              "\"auto\" and choose it in the YAML (train.*)")
+        ds[key] = value
+    return ds

@@ -1,0 +1,151 @@
+"""Datasets for the recipe: sequence classification and Alpaca-style instruction tuning (prompt masked from loss).
+
+Records come from .jsonl, .json (a list of objects), .csv, or a directory written by ``datasets.save_to_disk``.
+Batches are padded to the longest example; labels use -100 where no loss is taken.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from typing import Any, Iterator, Optional
+
+import torch
+
+IGNORE_INDEX = -100
+ALPACA_PROMPT = ("Below is an instruction that describes a task{with_input}. Write a response that appropriately "
+                 "completes the request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n")
+
+
+def load_records(path: str) -> list[dict[str, Any]]:
+    if os.path.isdir(path):
+        try:
+            import datasets
+        except ImportError:
+            raise ImportError(f"{path} is a directory: reading a saved HF dataset needs `pip install datasets`") \
+                from None
+        data = datasets.load_from_disk(path)
+        if isinstance(data, datasets.DatasetDict):
+            raise ValueError(f"{path} holds a DatasetDict with splits {list(data)}: point at one split's directory")
+        return [dict(row) for row in data]
+    if path.endswith(".jsonl"):
+        with open(path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    if path.endswith(".json"):
+        with open(path) as f:
+            data = json.load(f)
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a JSON list of records")
+        return data
+    if path.endswith(".csv"):
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+    raise ValueError(f"{path}: unsupported data format; use .jsonl, .json, .csv or a datasets.save_to_disk directory")
+
+
+class ClassificationDataset(torch.utils.data.Dataset):
+    """(text, integer label) pairs → {input_ids, attention_mask, labels}."""
+
+    def __init__(self, records: list[dict], tokenizer, max_length: int, text_field: str, label_field: str,
+                 num_labels: int) -> None:
+        for i, rec in enumerate(records[:1] + records[-1:]):
+            missing = [k for k in (text_field, label_field) if k not in rec]
+            if missing:
+                raise ValueError(f"data record lacks field(s) {missing}; set data.text_field / data.label_field "
+                                 f"(record keys: {sorted(rec)})")
+        self.encodings = tokenizer([str(r[text_field]) for r in records], truncation=True, max_length=max_length)
+        self.labels = [int(r[label_field]) for r in records]
+        bad = sorted({lab for lab in self.labels if not 0 <= lab < num_labels})
+        if bad:
+            raise ValueError(f"labels {bad[:5]} are outside [0, {num_labels}); set model.num_labels")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        return {"input_ids": self.encodings["input_ids"][i], "labels": self.labels[i]}
+
+
+class InstructionDataset(torch.utils.data.Dataset):
+    """Alpaca records {instruction, input?, output} → prompt + response + EOS, loss on the response only."""
+
+    def __init__(self, records: list[dict], tokenizer, max_length: int) -> None:
+        if records and not {"instruction", "output"} <= set(records[0]):
+            raise ValueError(f"instruction data needs 'instruction' and 'output' fields (got {sorted(records[0])})")
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no EOS token; causal-LM training needs one to end responses")
+        self.examples: list[tuple[list[int], list[int]]] = []
+        self.dropped = 0
+        for rec in records:
+            prompt = format_prompt(rec["instruction"], rec.get("input") or "")
+            p_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            r_ids = tokenizer(str(rec["output"]), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            ids = (p_ids + r_ids)[:max_length]
+            labels = ([IGNORE_INDEX] * len(p_ids) + r_ids)[:max_length]
+            if all(lab == IGNORE_INDEX for lab in labels):
+                self.dropped += 1  # the prompt alone fills max_length: nothing to learn from
+                continue
+            self.examples.append((ids, labels))
+        if not self.examples:
+            raise ValueError(f"every instruction example is longer than model.max_length={max_length} before its "
+                             "response starts; raise model.max_length")
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        ids, labels = self.examples[i]
+        return {"input_ids": ids, "labels": labels}
+
+
+def format_prompt(instruction: str, input_text: str = "") -> str:
+    if input_text:
+        return ALPACA_PROMPT.format(with_input=", paired with an input that provides further context",
+                                    instruction=instruction, input_block=f"### Input:\n{input_text}\n\n")
+    return ALPACA_PROMPT.format(with_input="", instruction=instruction, input_block="")
+
+
+def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad input_ids (pad_id), attention_mask (0) and sequence labels (-100) to the longest example."""
+    width = max(len(b["input_ids"]) for b in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    seq_labels = isinstance(batch[0]["labels"], list)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long) if seq_labels else \
+        torch.tensor([b["labels"] for b in batch], dtype=torch.long)
+    for i, b in enumerate(batch):
+        n = len(b["input_ids"])
+        ids[i, :n] = torch.tensor(b["input_ids"])
+        mask[i, :n] = 1
+        if seq_labels:
+            labels[i, :n] = torch.tensor(b["labels"])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def global_batches(num_examples: int, global_batch: int, seed: int, start_step: int = 0) -> Iterator[list[int]]:
+    """Endless stream of global batches of example indices: epoch e is a permutation seeded by (seed, e).
+
+    The stream depends only on (seed, global_batch), never on world size, so each rank takes its slice of the same
+    global batch; ``start_step`` skips batches already trained on (resume replays the same order).
+    """
+    if num_examples < global_batch:
+        raise ValueError(f"{num_examples} training examples cannot fill one global batch of {global_batch}")
+    per_epoch = num_examples // global_batch  # drop the ragged tail batch of each epoch
+    step = start_step
+    while True:
+        epoch, offset = divmod(step, per_epoch)
+        order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        for b in range(offset, per_epoch):
+            yield order[b * global_batch:(b + 1) * global_batch].tolist()
+        step = (epoch + 1) * per_epoch
+
+
+def rank_slice(indices: list[int], rank: int, world: int) -> list[int]:
+    """This rank's contiguous share of a global batch."""
+    per = len(indices) // world
+    return indices[rank * per:(rank + 1) * per]
+
+
+def eval_subset(records: list[dict], limit: Optional[int]) -> list[dict]:
+    return records if limit is None else records[:limit]

@@ -1,0 +1,199 @@
+"""Per-GPU memory plan of a KaSA / QKaSA run, from a model's config.json alone (no weights).
+
+Parameter counts are exact (the model is built on the meta device). Bytes per parameter follow from the run:
+
+- base weights: 2 B (bf16/fp16) or, for QKaSA, 4-bit NF4/FP4 linears (0.5 B + block constants: 4 B per 64 weights,
+  or with double quantization 1 B per 64 + 4 B per 64·256) and 16-bit embeddings/norms/head; low_rank_correction adds
+  the frozen rank-r tail factors (16-bit). TP splits the decoder linears; ZeRO-3 splits everything over DP.
+- adapters without DeepSpeed: float32 parameters, gradients and AdamW states (4 + 4 + 8 B; 8-bit AdamW: 2 B states).
+  Under DeepSpeed bf16: 2 B parameters + 2 B gradients + float32 master 4 B + AdamW 8 B; ZeRO-1 splits master +
+  states over DP, ZeRO-2 also gradients, ZeRO-3 also parameters; optimizer offload moves master + states to CPU.
+- activations of a Llama-style decoder with SDPA/flash attention (no s² scores kept), per token and layer:
+  2-byte tensors saved by autograd — norm inputs in float32 (2 × 4h), norm outputs (2 × 2h), rotated q and k, v
+  (k and v repeated to every head for grouped-query attention), the attention output and its contiguous copy for
+  o_proj (5 × 2h), SwiGLU's gate, up, silu(gate) and their product (4 × 2·ffn) — plus each adapter's dropped-out
+  input and its 1-byte mask ((2 + 1) B × in_features when dropout > 0); TP splits the attention and MLP terms.
+  With gradient checkpointing each layer keeps only its input (2h), and the peak is the larger of the loss's
+  tensors and one layer recomputed in backward together with the gradients it is working on (h + 2·ffn). The loss
+  adds float32 logits and their gradient (2 × 4·V per token) beside the bf16 logits (2·V).
+  Checked against CPU peaks measured with torch.profiler's memory timeline (tools/validate_memory_plan.py, float32,
+  compute_bytes=4): within 15%, see README.
+- a fixed 1.0 GiB per GPU for the CUDA context, NCCL buffers and allocator slack.
+
+Not modelled: fragmentation beyond that slack, DeepSpeed's prefetch/bucket buffers (bounded by the config's bucket
+sizes), pipeline parallelism, and GPU kernels' workspaces; GPU peaks have not been measured here (no GPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from ..registry import refusal
+from .config import TrainConfig
+from .models import model_dir
+
+GiB = 1 << 30
+COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # AutoTP / megatron split their rows
+
+
+@dataclass
+class RunShape:
+    method: str = "kasa"  # kasa (16-bit base) | qkasa (4-bit base)
+    r: int = 16
+    targets: tuple = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    seq_len: int = 4096
+    micro_batch: int = 1
+    checkpointing: bool = True
+    optimizer: str = "adamw"  # adamw | paged_adamw (32-bit states) | adamw8bit | paged_adamw8bit
+    deepspeed: bool = True
+    zero: int = 3
+    offload: str = "none"  # none | optimizer | all
+    tp: int = 1
+    gpus: int = 8
+    quant_mode: str = "low_rank_correction"
+    double_quant: bool = True
+    dropout: float = 0.05
+    adapter_bytes: int = 4  # adapters without DeepSpeed: float32 (kasa_ds) or 2 (bf16, as QLoRA's scripts cast them)
+    compute_bytes: int = 2  # bytes of the base weights and activations: 2 (bf16/fp16) or 4 (float32)
+
+
+@dataclass
+class ModelShape:
+    total: int
+    linear: int  # parameters in decoder linears (quantizable, TP-split)
+    hidden: int
+    ffn: int
+    kv_dim: int
+    layers: int
+    vocab: int
+    targets: list = field(default_factory=list)  # (name, m, n)
+
+
+def model_shape(config_json_dir: str, target_names) -> ModelShape:
+    """Exact counts from a HF config.json (meta device, no weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(config_json_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    return shape_of(model, cfg, target_names)
+
+
+def shape_of(model, cfg, target_names) -> ModelShape:
+    """Counts of a model already built (on the meta device, say) with its HF config."""
+    linear, targets = 0, []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in f".{name}":
+            linear += module.weight.numel()
+            if name.rsplit(".", 1)[-1] in target_names:
+                targets.append((name, module.out_features, module.in_features))
+    heads, kv_heads = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
+    return ModelShape(total=sum(p.numel() for p in model.parameters()), linear=linear, hidden=cfg.hidden_size,
+                      ffn=cfg.intermediate_size, kv_dim=cfg.hidden_size // heads * kv_heads,
+                      layers=cfg.num_hidden_layers, vocab=cfg.vocab_size, targets=targets)
+
+
+def plan(shape: ModelShape, run: RunShape, gpu_gib: Optional[float] = None) -> dict:
+    """Bytes per GPU by category, their total and (given ``gpu_gib``) whether it fits."""
+    if run.gpus % run.tp:
+        raise ValueError(f"tp={run.tp} does not divide gpus={run.gpus}")
+    if run.method == "qkasa" and (run.tp > 1 or (run.deepspeed and run.zero == 3)):
+        raise ValueError(refusal("bnb4", "tp" if run.tp > 1 else "zero3"))
+    dp = run.gpus // run.tp
+    h, i, L, V, tp = shape.hidden, shape.ffn, shape.layers, shape.vocab, run.tp  # (GQA's k, v count as h: repeated)
+    cb = run.compute_bytes
+    other = shape.total - shape.linear
+
+    # base weights
+    if run.method == "qkasa":
+        per_weight = 0.5 + (1 / 64 + 4 / (64 * 256) if run.double_quant else 4 / 64)
+        base = shape.linear * per_weight + other * cb
+        if run.quant_mode == "low_rank_correction":
+            base += sum(run.r * (m + n) * 2 for _, m, n in shape.targets)
+    else:
+        base = shape.linear * cb / tp + other * cb
+    if run.deepspeed and run.zero == 3:
+        base /= dp
+    if run.offload == "all":
+        base = 0.0
+
+    # adapters (parameters on this GPU: sharded factor / tp)
+    adapter = 0.0
+    for name, m, n in shape.targets:
+        col = name.rsplit(".", 1)[-1] in COLUMN_PARALLEL
+        adapter += run.r * (m / tp if col else m) + run.r * (n if col else n / tp) + run.r
+    state_bytes = 2 if run.optimizer in ("adamw8bit", "paged_adamw8bit") else 8
+    if run.deepspeed:
+        split = {0: (1, 1, 1), 1: (1, 1, dp), 2: (1, dp, dp), 3: (dp, dp, dp)}[run.zero]
+        params, grads = adapter * 2 / split[0], adapter * 2 / split[1]
+        optimizer = 0.0 if run.offload in ("optimizer", "all") else adapter * (4 + state_bytes) / split[2]
+    else:
+        ab = run.adapter_bytes
+        params, grads, optimizer = adapter * ab, adapter * ab, adapter * state_bytes
+    # activations
+    tokens = run.seq_len * run.micro_batch
+    split_terms = cb * 5 * h / tp + cb * 4 * i / tp
+    per_layer = 2 * (4 * h + cb * h) + split_terms
+    if run.dropout > 0:  # each adapter keeps its dropped-out input and the 1-byte mask (in_features per token)
+        per_layer += sum((cb + 1) * n for _, _, n in shape.targets) / L
+    logits = tokens * V * (cb + 2 * 4) / (tp if run.tp > 1 else 1)
+    if run.checkpointing:  # layer inputs, then the larger of: the loss's tensors, one layer recomputed in backward
+        backward_grads = cb * (h + 2 * i / tp)  # with it: the incoming gradient and two MLP-width gradients
+        activations = tokens * cb * h * L + max(logits, tokens * (per_layer + backward_grads))
+    else:
+        activations = tokens * per_layer * L + logits
+
+    out = {"base_weights": base, "adapter_params": params, "adapter_grads": grads, "optimizer_states": optimizer,
+           "activations": activations, "cuda_context_and_slack": 1.0 * GiB}
+    total = sum(out.values())
+    result = {"per_gpu_bytes": out, "total_bytes": total, "data_parallel": dp, "adapter_params_per_gpu": adapter}
+    if gpu_gib is not None:
+        result["gpu_gib"] = gpu_gib
+        result["fits"] = total <= gpu_gib * GiB
+    return result
+
+
+def format_plan(result: dict) -> str:
+    lines = [f"  {k:<24} {v / GiB:8.2f} GiB" for k, v in result["per_gpu_bytes"].items()]
+    lines.append(f"  {'total per GPU':<24} {result['total_bytes'] / GiB:8.2f} GiB")
+    if "fits" in result:
+        verdict = "fits" if result["fits"] else "does NOT fit"
+        lines.append(f"  → {verdict} a {result['gpu_gib']:g} GiB GPU")
+    return "\n".join(lines)
+
+
+def recipe_estimate(cfg: TrainConfig) -> Optional[dict]:
+    """The plan of a one-process recipe run, or None where the planner does not model it (encoders /
+    classification, a regex target_modules)."""
+    if cfg.model.task != "causal_lm" or isinstance(cfg.kasa.target_modules, str):
+        return None
+    names = tuple(cfg.kasa.target_modules)
+    run = recipe_run(cfg, names, deepspeed=False, zero=0, gpus=1)
+    return plan(model_shape(model_dir(cfg.model), names), run, cfg.train.max_memory_gib)
+
+
+def recipe_run(cfg: TrainConfig, target_names, **placement) -> RunShape:
+    """The RunShape of a recipe config; ``placement``: deepspeed, zero, gpus, tp."""
+    return RunShape(method="qkasa" if cfg.model.quantize else "kasa", r=cfg.kasa.r, targets=tuple(target_names),
+                    seq_len=cfg.model.max_length, micro_batch=cfg.train.micro_batch_size,
+                    checkpointing=cfg.model.gradient_checkpointing, optimizer=cfg.train.optimizer,
+                    quant_mode=cfg.kasa.quant_mode, double_quant=cfg.model.double_quant, dropout=cfg.kasa.dropout,
+                    **placement)
+
+
+def check_recipe_plan(cfg: TrainConfig) -> str:
+    """Before anything loads: the planner's estimate of this run against train.max_memory_gib. Returns the line to
+    print; raises ValueError naming the knobs when it does not fit."""
+    estimate = recipe_estimate(cfg)
+    if estimate is None:
+        return "max_memory_gib: no planner estimate for this model/task; the limit is enforced while training"
+    if not estimate["fits"]:
+        raise ValueError(f"train.max_memory_gib={cfg.train.max_memory_gib:g}: the planner estimates more "
+                         f"(tools/plan_memory.py):\n{format_plan(estimate)}\nlower train.micro_batch_size or "
+                         "model.max_length, set model.gradient_checkpointing: true, model.quantize: nf4 or "
+                         "train.optimizer: paged_adamw8bit")
+    return (f"memory plan: {estimate['total_bytes'] / (1 << 30):.2f} GiB estimated, limit "
+            f"{cfg.train.max_memory_gib:g} GiB")

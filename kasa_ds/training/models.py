@@ -1,0 +1,45 @@
+"""Load the recipe's model and tokenizer from a local directory (never a hub)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..formats.bnb4 import quantize_linears_
+from .assets import embedded_model_dir
+from .config import EMBEDDED_MODEL, ModelSection
+
+
+def model_dir(section: ModelSection) -> str:
+    return str(embedded_model_dir()) if section.path == EMBEDDED_MODEL else section.path
+
+
+def load_tokenizer(section: ModelSection):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir(section), local_files_only=True)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    return tok
+
+
+def load_model(section: ModelSection, pad_token_id: int, keep_full_precision=lambda name: False) -> nn.Module:
+    """The HF model for ``section.task``; with ``section.quantize`` every linear but the heads and the modules
+    ``keep_full_precision(name)`` names becomes 4-bit."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    kwargs = dict(dtype=getattr(torch, section.dtype), local_files_only=True)
+    if section.task == "seq_cls":
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir(section), num_labels=section.num_labels,
+                                                                   **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir(section), **kwargs)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = pad_token_id
+    if section.quantize:
+        compute = torch.bfloat16 if torch.cuda.is_available() and section.dtype == "bfloat16" else torch.float32
+        quantize_linears_(model, section.quantize, section.double_quant, compute, keep=keep_full_precision)
+    if section.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model

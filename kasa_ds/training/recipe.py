@@ -1,0 +1,247 @@
+"""The fine-tuning recipe as an object: setup → train_step per step (evaluate, save) → final evaluation and adapter.
+
+    recipe = Recipe(load_train_config(path, overrides))   # config validated; nothing loaded yet
+    recipe.preflight()      # checks that need no model: launcher, resume checkpoint, memory plan
+    exit_code = recipe.run()  # setup, train, save; PREEMPTED_EXIT when asked to stop
+
+or all of it, with errors as one ``error:`` line (exit 2): ``run_recipe(config)``.
+
+Setup order: processes → tokenizer, data → model (placed by the backend) → KaSA (truncate + inject) → optimizer and
+engine → resume. Each step's loss is the task loss + the KaSA regularizer, logged separately.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..core.regularization import kasa_regularization
+from ..inject import apply_kasa
+from ..io.adapter import adapter_metadata, gathered_adapter_state, load_adapter_state, write_adapter
+from ..io.files import atomic_directory
+from ..io.svd_cache import SVDCache
+from ..progress import progress
+from . import checkpoint
+from .backends import make_backend
+from .config import ConfigError, TrainConfig, dump
+from .data import ClassificationDataset, InstructionDataset, collate, eval_subset, global_batches, load_records, \
+    rank_slice
+from .evaluation import evaluate, fmt
+from .memory_plan import check_recipe_plan
+from .metrics import MetricsLogger
+from .models import load_model, load_tokenizer, model_dir
+from .preemption import PREEMPTED_EXIT, StopRequest
+from .processes import launcher_world_size, mean_over_ranks, setup_distributed, shutdown_distributed
+
+
+class Recipe:
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.fingerprint = checkpoint.run_fingerprint(cfg)
+        self.resume_from: Optional[Path] = None
+
+    # ---- before anything loads -------------------------------------------------------------------------------
+    def preflight(self) -> None:
+        """Refuse several ranks with nothing to synchronize them, a mismatched checkpoint, and a run the memory planner
+        says will not fit, before any work."""
+        ranks = launcher_world_size()
+        if ranks > 1 and self.cfg.ds_config is None:
+            raise ConfigError(f"{ranks} ranks without --ds_config: nothing would synchronize their gradients; pass "
+                              "--ds_config ds_configs/zero0.json (data parallel) or zero2/zero3")
+        self.resume_from = checkpoint.find_resume_checkpoint(self.cfg, self.fingerprint)
+        if self.cfg.train.max_memory_gib is not None and self.cfg.ds_config is None:
+            print(check_recipe_plan(self.cfg))
+
+    # ---- setup -----------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.stop = StopRequest()  # from here SIGUSR1/SIGTERM mean "checkpoint after this step and exit"
+        self.env = setup_distributed(cfg)
+        self.rank, self.device = self.env.rank, self.env.device
+        self.output_dir = Path(cfg.output_dir)
+        if self.rank == 0:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(dump(cfg))
+        torch.manual_seed(cfg.train.seed + self.rank)
+        self.backend = make_backend(cfg, self.env)
+        self.setup_data()
+        self.setup_model()
+        self.backend.build(self.model)
+        self.start_step = 0
+        if self.resume_from is not None:
+            self.restore(self.resume_from)
+        self.logger = MetricsLogger(self.output_dir, enabled=self.rank == 0, tensorboard=cfg.tensorboard)
+
+    def setup_data(self) -> None:
+        cfg = self.cfg
+        self.tokenizer = load_tokenizer(cfg.model)
+        if cfg.model.task == "seq_cls":
+            make = partial(ClassificationDataset, tokenizer=self.tokenizer, max_length=cfg.model.max_length,
+                           text_field=cfg.data.text_field, label_field=cfg.data.label_field,
+                           num_labels=cfg.model.num_labels)
+        else:
+            make = partial(InstructionDataset, tokenizer=self.tokenizer, max_length=cfg.model.max_length)
+        self.train_set = make(load_records(cfg.data.train))
+        self.eval_set = (make(eval_subset(load_records(cfg.data.eval), cfg.data.max_eval_examples))
+                         if cfg.data.eval else None)
+        self.batch_of = partial(collate, pad_id=self.tokenizer.pad_token_id)
+
+    def setup_model(self) -> None:
+        """Load (partitioned under ZeRO-3), place or shard, then truncate and inject KaSA (the truncation work is
+        spread over the ranks when there are several)."""
+        cfg, backend = self.cfg, self.backend
+        self.kasa_config = cfg.kasa_config()
+        with backend.loading():
+            model = load_model(cfg.model, self.tokenizer.pad_token_id,
+                               keep_full_precision=self.kasa_config.in_module_to_save)
+        self.model = backend.place(model)
+        if backend.dp_world != self.env.world:
+            self.say(f"tensor parallel: {cfg.tensor_parallel}-way AutoTP × {backend.dp_world} data-parallel replicas")
+        truncate = None
+        if cfg.kasa.svd_cache:
+            cache = SVDCache(cfg.kasa.svd_cache, model_dir(cfg.model), self.kasa_config)
+            truncate = partial(cache.truncate, show_progress=self.rank == 0)
+        self.say(apply_kasa(self.model, self.kasa_config, truncate=truncate, show_progress=self.rank == 0,
+                            distributed=backend.distributed_truncation, max_gather_bytes=cfg.kasa.max_gather_mb << 20))
+        backend.prepare(self.model)
+
+    # ---- one step --------------------------------------------------------------------------------------------
+    def train_step(self, step: int, indices: list[int]) -> dict:
+        """One optimizer step over this rank's share ``indices`` of the global batch (all micro-batches)."""
+        t, backend = self.cfg.train, self.backend
+        tic = time.perf_counter()
+        task_sum = reg_value = 0.0
+        for micro in range(t.gradient_accumulation_steps):
+            ids = indices[micro * t.micro_batch_size:(micro + 1) * t.micro_batch_size]
+            batch = {k: v.to(self.device) for k, v in self.batch_of([self.train_set[i] for i in ids]).items()}
+            with backend.forward_context(step + 1):
+                task_loss = backend.forward(**batch).loss.float()
+                reg = kasa_regularization(self.model).to(task_loss.device).float()
+            backend.backward(task_loss + reg, step + 1)
+            task_sum += task_loss.item()
+            reg_value = reg.item()
+        grad_norm = backend.step()
+        loss = mean_over_ranks(task_sum / t.gradient_accumulation_steps, self.device, self.env.world)
+        return {"loss": loss, "kasa_reg": reg_value, "lr": backend.lr(), "grad_norm": grad_norm,
+                "step_time": time.perf_counter() - tic}
+
+    def evaluate(self) -> dict:
+        """Eval-set metrics (the same on every rank; collective)."""
+        if self.eval_set is None:
+            return {}
+        return evaluate(self.backend.forward, self.eval_set, self.batch_of, self.cfg.train.micro_batch_size,
+                        self.device, self.backend.dp_rank, self.backend.dp_world, self.cfg.model.task)
+
+    # ---- checkpoints -----------------------------------------------------------------------------------------
+    def save(self, step: int) -> None:
+        """<output_dir>/checkpoints/step-N: trainer state, RNG, and the adapter (the same files as save_adapter)."""
+        tmp = checkpoint.begin(self.cfg.output_dir, step)
+        self.backend.save_state(tmp)
+        checkpoint.save_rng(tmp, self.rank)
+        self.write_adapter(tmp)
+        checkpoint.commit(tmp, {"step": step, "fingerprint": self.fingerprint}, keep=self.cfg.train.keep_checkpoints)
+
+    def write_adapter(self, directory: Path) -> None:
+        """The gathered adapter (collective when sharded), written by rank 0 into an existing directory."""
+        state = gathered_adapter_state(self.model)
+        if self.rank == 0:
+            self.write_adapter_files(directory, state)
+
+    def write_adapter_files(self, directory: Path, state: dict) -> None:
+        meta = adapter_metadata(self.model)
+        meta["base_model_name_or_path"] = self.cfg.model.path
+        write_adapter(directory, state, self.kasa_config, **meta)
+
+    def restore(self, path: Path) -> None:
+        if self.cfg.ds_config is None:  # under DeepSpeed, load_checkpoint restores the (partitioned) trainables
+            load_adapter_state(self.model, checkpoint.load_tensors(path / "adapter_model.safetensors"))
+        self.backend.restore_state(path)
+        checkpoint.restore_rng(path, self.rank)
+        self.start_step = checkpoint.read_meta(path, self.fingerprint)["step"]
+        self.say(f"resuming from {path} at step {self.start_step}" + (" (the run is complete: evaluating only; "
+                 "pass --resume none for a fresh run)" if self.start_step >= self.cfg.train.max_steps else ""))
+
+    # ---- the run ---------------------------------------------------------------------------------------------
+    def run(self) -> int:
+        self.setup()
+        t, backend = self.cfg.train, self.backend
+        before = self.evaluate()
+        if before:
+            self.say("eval before: " + fmt(before))
+            self.logger.log("eval", self.start_step, before, {"when": "before"})
+        global_batch = t.micro_batch_size * t.gradient_accumulation_steps * backend.dp_world
+        batches = global_batches(len(self.train_set), global_batch, t.seed, self.start_step)
+        bar = progress(range(self.start_step, t.max_steps), disable=self.rank != 0, desc="train", unit="step",
+                       initial=self.start_step, total=t.max_steps)
+        self.model.train()
+        window = []
+        for step in bar:
+            record = self.train_step(step, rank_slice(next(batches), backend.dp_rank, backend.dp_world))
+            done = step + 1
+            window.append(record["loss"])
+            self.logger.log("train", done, record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", reg=f"{record['kasa_reg']:.2e}", refresh=False)
+            if done % t.log_every == 0 or done == t.max_steps:
+                if self.rank == 0:
+                    bar.write(f"step {done}/{t.max_steps} | loss {sum(window) / len(window):.4f} | kasa_reg "
+                              f"{record['kasa_reg']:.3e} | lr {record['lr']:.2e} | grad_norm {record['grad_norm']:.3f}"
+                              f" | {record['step_time']:.2f} s/step")
+                window = []
+            if self.eval_set is not None and done % t.eval_every == 0 and done < t.max_steps:
+                metrics = self.evaluate()
+                self.logger.log("eval", done, metrics)
+                self.say(f"eval at step {done}: " + fmt(metrics))
+                self.model.train()
+            saved = done % t.save_every == 0 or done == t.max_steps
+            if saved:
+                self.save(done)
+            if done < t.max_steps and self.stop.agreed(self.device):  # collective, every step
+                return self.preempted(done, saved)
+        return self.finish(before)
+
+    def preempted(self, done: int, saved: bool) -> int:
+        if not saved:
+            self.save(done)
+        self.say(f"stopping after step {done} ({self.stop.reason}): checkpoint saved in {self.cfg.output_dir}/"
+                 f"checkpoints; exit {PREEMPTED_EXIT} — run again with resume=auto (the default) to continue")
+        self.logger.close()
+        return PREEMPTED_EXIT
+
+    def finish(self, before: dict) -> int:
+        after = self.evaluate()
+        if after:
+            self.logger.log("eval", self.cfg.train.max_steps, after, {"when": "after"})
+            self.say("eval before: " + fmt(before) + "\neval after:  " + fmt(after))
+        state = gathered_adapter_state(self.model)  # collective when sharded
+        if self.rank == 0:
+            with atomic_directory(self.output_dir / "adapter") as tmp:
+                self.write_adapter_files(tmp, state)
+            self.say(f"adapter written to {self.output_dir / 'adapter'}")
+        self.logger.close()
+        return 0
+
+    def say(self, *args) -> None:
+        if getattr(self, "rank", 0) == 0:
+            print(*args, flush=True)
+
+
+def run_recipe(cfg: TrainConfig) -> int:
+    """Preflight and run ``cfg``; a refused configuration or checkpoint is one ``error:`` line and exit code 2."""
+    recipe = Recipe(cfg)
+    try:
+        recipe.preflight()
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        rc = recipe.run()
+    except ConfigError as e:  # found during setup (DeepSpeed JSON vs recipe): the same on every rank
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    shutdown_distributed()
+    return rc
