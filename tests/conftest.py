@@ -48,6 +48,13 @@ def randomize_adapters(model, seed: int = 1) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
+def token_data(n: int = 32, length: int = 16, seed: int = 0) -> list[dict]:
+    """Causal-LM examples of equal length (no padding) for the tiny Llama: labels = input_ids."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 96, (n, length), generator=g)
+    return [{"input_ids": row, "labels": row.clone(), "attention_mask": torch.ones_like(row)} for row in ids]
+
+
 @pytest.fixture
 def tokens():
     return torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(7))

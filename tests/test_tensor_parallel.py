@@ -81,6 +81,15 @@ def test_autotp_zero2_matches_one_process_and_exports_to_peft(tmp_path):
     with torch.no_grad():
         logits = model(input_ids=ref["tokens"]).logits
     assert ((logits - ref["logits"]).norm() / ref["logits"].norm()).item() < 2e-4
+    # and its exact LoRA export (tools/export_adapter.py --as-lora): a plain rank-2r LoRA on the original base
+    sys.path.insert(0, str(REPO / "tools"))
+    from export_adapter import export_lora
+
+    lora = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base),
+                                     export_lora(out / "adapter", tmp_path / "lora", base)).eval()
+    with torch.no_grad():
+        logits = lora(input_ids=ref["tokens"]).logits
+    assert ((logits - ref["logits"]).norm() / ref["logits"].norm()).item() < 2e-4
 
 
 def test_gram_tail_basis_matches_float64_truncation():

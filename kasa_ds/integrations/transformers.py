@@ -21,6 +21,7 @@ What a plain Trainer gets wrong with a KaSA model, and what the mixin does inste
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -38,14 +39,17 @@ from ..dist.comm import is_rank_zero
 from ..inject import CONFIG_ATTR, apply_kasa, get_config
 from ..io.adapter import (WEIGHTS_FILE, adapter_metadata, gathered_adapter_state, load_adapter_state,
                           read_adapter_config, write_adapter)
+from ..io.svd_cache import SVDCache
 from ..placements.zero3 import prepare_for_zero3
 
 
 class KaSATrainerMixin:
-    """Put before a Trainer class in the bases (``with_kasa`` does it). ``kasa_config``: apply KaSA to ``model`` here;
-    without it the model must already be adapted."""
+    """Put before a Trainer class in the bases (``with_kasa`` does it). ``kasa_config``: apply KaSA to ``model`` here
+    (``svd_cache``: a directory from tools/precompute_svd.py for the model's checkpoint, skipping the SVDs); without
+    it the model must already be adapted."""
 
-    def __init__(self, *args, kasa_config: Optional[KaSAConfig] = None, **kwargs) -> None:
+    def __init__(self, *args, kasa_config: Optional[KaSAConfig] = None, svd_cache: Optional[str] = None,
+                 **kwargs) -> None:
         model = kwargs["model"] if "model" in kwargs else (args[0] if args else None)
         if not isinstance(model, nn.Module):
             raise ValueError("KaSA trainers adapt the model in place: pass the model object (loaded with "
@@ -53,7 +57,11 @@ class KaSATrainerMixin:
         if kasa_config is not None:
             if getattr(model, CONFIG_ATTR, None) is not None:
                 raise ValueError("the model already has KaSA adapters: drop kasa_config, or pass a fresh model")
-            report = apply_kasa(model, kasa_config, show_progress=is_rank_zero())
+            truncate = None
+            if svd_cache is not None:
+                cache = SVDCache(svd_cache, model.config._name_or_path, kasa_config)
+                truncate = partial(cache.truncate, show_progress=is_rank_zero())
+            report = apply_kasa(model, kasa_config, truncate=truncate, show_progress=is_rank_zero())
             if is_rank_zero():
                 print(report, flush=True)
         get_config(model)  # the model must be adapted: one message naming the fix otherwise
