@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence, Union
@@ -49,12 +50,13 @@ class KaSAConfig:
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"KaSAConfig.r must be a positive integer, got {self.r!r}")
-        if not self.alpha > 0:
-            raise ValueError(f"KaSAConfig.alpha must be > 0, got {self.alpha!r}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"KaSAConfig.alpha must be a finite number > 0, got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"KaSAConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if self.beta < 0 or self.gamma < 0:
-            raise ValueError(f"KaSAConfig.beta and gamma must be >= 0, got beta={self.beta!r} gamma={self.gamma!r}")
+        if not (math.isfinite(self.beta) and math.isfinite(self.gamma) and self.beta >= 0 and self.gamma >= 0):
+            raise ValueError(f"KaSAConfig.beta and gamma must be finite and >= 0, got beta={self.beta!r} "
+                             f"gamma={self.gamma!r}")
         if self.svd_solver not in SVD_SOLVERS:
             raise ValueError(f"KaSAConfig.svd_solver must be one of {SVD_SOLVERS}, got {self.svd_solver!r}")
         if self.adapter_dtype not in ADAPTER_DTYPES:

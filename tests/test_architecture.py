@@ -12,7 +12,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "kasa_ds"
 #: each layer may import only from itself and the layers before it (kasa_ds/__init__ and compat stand above all)
-LAYERS = [("config", "progress"), ("core",), ("formats", "dist"), ("placements",), ("registry",), ("inject", "merge"),
+LAYERS = [("config", "progress", "cli"), ("core",), ("formats", "dist"), ("placements",), ("registry",), ("inject", "merge"),
           ("io",), ("training", "integrations")]
 #: optional third-party packages that kasa_ds may import inside a function (only where a model uses them)
 OPTIONAL = ("deepspeed", "bitsandbytes", "megatron", "transformers", "peft", "torch.utils.tensorboard", "datasets")

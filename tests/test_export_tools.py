@@ -69,11 +69,11 @@ def test_merge_refuses_to_write_into_the_base(base_and_adapter):
     from merge import merge
 
     root, _ = base_and_adapter
-    with pytest.raises(SystemExit, match="is the base model directory"):
+    with pytest.raises(SystemExit, match="which this command reads and never overwrites"):
         merge(root / "base", root / "adapter", root / "base")
     (root / "taken").mkdir(exist_ok=True)
     (root / "taken" / "x").write_text("user data")
-    with pytest.raises(SystemExit, match="exists and is not empty"):
+    with pytest.raises(SystemExit, match="exists, is not empty"):
         merge(root / "base", root / "adapter", root / "taken")
     assert (root / "taken" / "x").read_text() == "user data"
 

@@ -22,9 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kasa_ds.io.adapter import ADAPTER_FILES, WEIGHTS_FILE, read_adapter_config  # noqa: E402
-from kasa_ds.io.files import atomic_directory  # noqa: E402
-from kasa_ds.io.lora import export_lora_files  # noqa: E402
+from kasa_ds.cli import bad_input_fails, fail  # noqa: E402
+from kasa_ds.io.adapter import ADAPTER_FILES, WEIGHTS_FILE, is_kasa_adapter_dir, read_adapter_config  # noqa: E402
+from kasa_ds.io.files import atomic_directory, check_output_dir  # noqa: E402
+from kasa_ds.io.lora import export_lora_files, is_lora_export_dir  # noqa: E402
 from kasa_ds.training.checkpoint import latest_checkpoint  # noqa: E402
 
 
@@ -33,7 +34,7 @@ def adapter_source(source: Path) -> Path:
     if (source / "checkpoints").is_dir():
         ckpt = latest_checkpoint(source)
         if ckpt is None:
-            raise SystemExit(f"error: {source} has no complete checkpoint")
+            fail(f"{source} has no complete checkpoint")
         source = ckpt
     read_adapter_config(source)  # raises with a clear message if this is not an adapter directory
     from safetensors import safe_open
@@ -41,12 +42,16 @@ def adapter_source(source: Path) -> Path:
     with safe_open(str(source / WEIGHTS_FILE), "pt") as f:
         empty = [k for k in f.keys() if 0 in f.get_slice(k).get_shape()]
     if empty:
-        raise SystemExit(f"error: {source} holds empty adapter tensors ({empty[:2]}): not a gathered adapter")
+        fail(f"{source} holds empty adapter tensors ({empty[:2]}): not a gathered adapter")
     return source
 
 
 def export(source: Path, out: Path) -> Path:
-    source = adapter_source(source)
+    """Copy the adapter behind ``source`` to ``out``: a new directory or an earlier exported adapter, never the run,
+    its checkpoints or the source itself."""
+    with bad_input_fails():
+        check_output_dir(out, is_kasa_adapter_dir, sources=[source])
+        source = adapter_source(source)
     with atomic_directory(out) as tmp:
         for name in ADAPTER_FILES:  # kasa_ds_config.json too: solver, quant mode and base quantization
             if (source / name).is_file():
@@ -56,12 +61,11 @@ def export(source: Path, out: Path) -> Path:
 
 def export_lora(source: Path, out: Path, base: Path, svd_cache: Path | None = None) -> Path:
     if not (base / "config.json").is_file():
-        raise SystemExit(f"error: --base {base}: not a model directory with config.json (the original, untruncated "
-                         "checkpoint the adapter was trained from)")
-    try:
+        fail(f"--base {base}: not a model directory with config.json (the original, untruncated checkpoint the "
+             "adapter was trained from)")
+    with bad_input_fails():
+        check_output_dir(out, is_lora_export_dir, sources=[source])  # never the run or checkpoint itself
         return export_lora_files(adapter_source(source), out, base, svd_cache)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

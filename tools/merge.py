@@ -9,7 +9,7 @@ checkpoint (config, tokenizer, shards + index) that transformers loads with no k
 
 The base directory is never written to; the output is written to a temporary sibling and renamed when complete.
 
-QKaSA adapters (trained on a 4-bit or 8-bit base; their kasa_ds_config.json records how it was quantized) are merged into the
+Adapters trained on a 4-bit or 8-bit base (their kasa_ds_config.json records how it was quantized) are merged into the
 16-bit checkpoint they were quantized from: each adapted weight W is quantized and dequantized as during training,
 X = D(Q(W)), then W_eff = X − tail(X) (low_rank_correction) or D(Q(X − tail(X))) (requantize), and W_eff + ΔW is
 written in --dtype: the merged model computes what the 4-bit model did, without bitsandbytes.
@@ -28,11 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from kasa_ds.io.adapter import PREFIX, WEIGHTS_FILE, read_adapter_config, read_base_quantization  # noqa: E402
+from kasa_ds.io.adapter import (PREFIX, WEIGHTS_FILE, check_finite, read_adapter_config,  # noqa: E402
+                                read_base_quantization)
 from kasa_ds.io.hf_checkpoint import ShardWriter, iter_tensors, list_tensors, module_key  # noqa: E402
 from kasa_ds.io.svd_cache import SVDCache  # noqa: E402
 from kasa_ds.io.tails import base_and_tail, roundtrip_of  # noqa: E402
-from kasa_ds.io.files import atomic_directory  # noqa: E402
+from kasa_ds.cli import bad_input_fails, fail  # noqa: E402
+from kasa_ds.io.files import atomic_directory, check_output_dir  # noqa: E402
 from kasa_ds.progress import progress  # noqa: E402
 
 COPY_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
@@ -42,24 +44,24 @@ COPY_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "spe
 def merge(base: Path, adapter: Path, out: Path, dtype: torch.dtype = torch.bfloat16, svd_cache: Path | None = None,
           max_shard_bytes: int = 5 << 30) -> Path:
     base, adapter, out = base.resolve(), adapter.resolve(), out.resolve()
-    if out == base or base in out.parents:
-        raise SystemExit(f"error: --out {out} is the base model directory (or inside it); the base is never written")
-    if out.exists() and any(out.iterdir()):
-        raise SystemExit(f"error: --out {out} exists and is not empty; choose a new directory")
+    with bad_input_fails():
+        check_output_dir(out, None, sources=[adapter], models=[base])
     config = read_adapter_config(adapter)
     quantization = read_base_quantization(adapter)
     if quantization is not None and svd_cache is not None:
-        raise SystemExit("error: --svd-cache holds truncations of the 16-bit weights; a QKaSA adapter truncates the "
+        fail("--svd-cache holds truncations of the 16-bit weights; a QKaSA adapter truncates the "
                          "dequantized 4-bit weights: drop --svd-cache")
     tensors = list_tensors(base)
     keys = set(tensors)
     ad = load_file(str(adapter / WEIGHTS_FILE))  # adapter-sized: r·(m+n) per layer
+    with bad_input_fails():
+        check_finite(ad, str(adapter / WEIGHTS_FILE))
     modules = sorted({k[len(PREFIX):].rsplit(".lora_", 1)[0] for k in ad if ".lora_" in k})
     plan = {}  # checkpoint module name -> adapter module name
     for name in modules:
         ck = module_key(name, keys)
         if ck is None:
-            raise SystemExit(f"error: adapter module {name} has no weight in {base}; wrong base model?")
+            fail(f"adapter module {name} has no weight in {base}; wrong base model?")
         plan[ck] = name
     saved = {k[len(PREFIX):]: v for k, v in ad.items() if ".lora_" not in k}  # modules_to_save tensors
     cache = SVDCache(svd_cache, base, config) if svd_cache else None

@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kasa_ds.cli import bad_input_fails, fail, positive_float, positive_int, probability  # noqa: E402
 from kasa_ds.training.memory_plan import GiB, RunShape, format_plan, model_shape, plan  # noqa: E402
 
 
@@ -28,10 +29,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="directory with the model's config.json (weights not needed)")
     p.add_argument("--method", choices=["kasa", "qkasa"], default=d.method)
-    p.add_argument("--r", type=int, default=d.r)
+    p.add_argument("--r", type=positive_int, default=d.r)
     p.add_argument("--targets", default=",".join(d.targets), help="comma-separated module names")
-    p.add_argument("--seq-len", type=int, default=d.seq_len)
-    p.add_argument("--micro-batch", type=int, default=d.micro_batch)
+    p.add_argument("--seq-len", type=positive_int, default=d.seq_len)
+    p.add_argument("--micro-batch", type=positive_int, default=d.micro_batch)
     p.add_argument("--no-checkpointing", action="store_true", help="activation (gradient) checkpointing off")
     p.add_argument("--optimizer", choices=["adamw", "paged_adamw", "adamw8bit", "paged_adamw8bit"], default=d.optimizer)
     p.add_argument("--quant-mode", choices=["low_rank_correction", "requantize"], default=d.quant_mode,
@@ -41,23 +42,23 @@ def parse_args(argv=None):
     p.add_argument("--no-deepspeed", action="store_true", help="one process per GPU without DeepSpeed")
     p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=d.zero)
     p.add_argument("--offload", choices=["none", "optimizer", "all"], default=d.offload)
-    p.add_argument("--tp", type=int, default=d.tp)
-    p.add_argument("--gpus", type=int, default=d.gpus)
-    p.add_argument("--gpu-gib", type=float, default=80.0, help="memory of one GPU in GiB (H100 80 GB: 79.6)")
-    p.add_argument("--dropout", type=float, default=d.dropout)
+    p.add_argument("--tp", type=positive_int, default=d.tp)
+    p.add_argument("--gpus", type=positive_int, default=d.gpus)
+    p.add_argument("--gpu-gib", type=positive_float, default=80.0, help="memory of one GPU in GiB (H100 80 GB: 79.6)")
+    p.add_argument("--dropout", type=probability, default=d.dropout)
     p.add_argument("--min-gpus", action="store_true", help="search the smallest GPU count that fits")
-    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpus-per-node", type=positive_int, default=8)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     a = parse_args(argv)
     if not (Path(a.model) / "config.json").is_file():
-        raise SystemExit(f"error: --model {a.model}: no config.json there")
+        fail(f"--model {a.model}: no config.json there")
     targets = tuple(t for t in a.targets.split(",") if t)
     shape = model_shape(a.model, targets)
     if not shape.targets:
-        raise SystemExit(f"error: none of --targets {a.targets} names a decoder linear of {a.model}")
+        fail(f"none of --targets {a.targets} names a decoder linear of {a.model}")
 
     def run_for(gpus: int) -> RunShape:
         return RunShape(method=a.method, r=a.r, targets=targets, seq_len=a.seq_len, micro_batch=a.micro_batch,
@@ -70,11 +71,9 @@ def main(argv=None) -> dict:
         step = max(a.gpus_per_node, a.tp)
         gpus = next((g for g in range(step, 4097, step) if plan(shape, run_for(g), a.gpu_gib)["fits"]), None)
         if gpus is None:
-            raise SystemExit("error: no GPU count up to 4096 fits; use offload, checkpointing or a shorter sequence")
-    try:
+            fail("no GPU count up to 4096 fits; use offload, checkpointing or a shorter sequence")
+    with bad_input_fails():
         result = plan(shape, run_for(gpus), a.gpu_gib)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
     run = run_for(gpus)
     mode = "no DeepSpeed" if not run.deepspeed else f"ZeRO-{run.zero}, offload {run.offload}"
     print(f"{a.model}: {shape.total:,} parameters, {len(shape.targets)} adapted layers (r={a.r}), "

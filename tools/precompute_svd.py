@@ -25,7 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch.distributed as dist  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
+from kasa_ds.cli import bad_input_fails, fail  # noqa: E402
 from kasa_ds.config import KaSAConfig  # noqa: E402
+from kasa_ds.io.files import check_output_dir  # noqa: E402
 from kasa_ds.io.hf_checkpoint import list_tensors, read_tensor  # noqa: E402
 from kasa_ds.io.svd_cache import INDEX, cache_fingerprint  # noqa: E402
 from kasa_ds.core.truncation import check_rank, tail_factors  # noqa: E402
@@ -57,12 +59,14 @@ def main(argv=None) -> Path:
     p.add_argument("--solver", default="auto")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
+    with bad_input_fails():
+        check_output_dir(a.out, lambda d: (d / INDEX).is_file(), models=[a.model])
     config = KaSAConfig(r=a.r, target_modules=a.targets.split(","), svd_solver=a.solver)
     tensors = list_tensors(a.model)  # headers only; errors out on a bad directory before any work
     names = [k.removesuffix(".weight") for k, info in tensors.items()
              if k.endswith(".weight") and len(info.shape) == 2 and config.is_target(k.removesuffix(".weight"))]
     if not names:
-        raise SystemExit(f"error: --targets {a.targets} matched no 2-D weight in {a.model}")
+        fail(f"--targets {a.targets} matched no 2-D weight in {a.model}")
     for name in names:
         check_rank(a.r, tensors[name + ".weight"].shape, name)
     rank, world = init_processes()

@@ -27,13 +27,13 @@ from torch import nn
 from ..config import KaSAConfig
 from ..core.layer import kasa_layers
 from ..core.types import KaSAReport
-from ..inject import CONFIG_ATTR, apply_kasa, get_config, modules_to_save
+from ..inject import CONFIG_ATTR, apply_kasa, find_targets, get_config, modules_to_save
 from ..placements.local import LOCAL
 from ..placements.tp import TP, tp_layers
 from ..placements.tp.spec import sharded_factor, split_factor
 from ..placements.zero3 import ZERO3, is_partitioned
 from ..registry import format_of
-from .files import atomic_directory
+from .files import atomic_directory, check_output_dir
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
@@ -87,6 +87,7 @@ def write_adapter(directory: str | os.PathLike, state: dict[str, torch.Tensor], 
         raise RuntimeError(f"refusing to write an adapter with empty tensors ({empty[:3] or 'no tensors'}): the "
                            "parameters look partitioned; gather them first (kasa_ds.io.adapter.gathered_adapter_state)")
     directory = Path(directory)
+    check_finite(state, f"adapter for {directory}")  # a diverged run never writes an adapter or checkpoint
     save_file({k: v.contiguous() for k, v in state.items()}, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
     (directory / CONFIG_FILE).write_text(json.dumps(config.to_peft_dict(base_model_name_or_path, task_type), indent=2))
     extra = {k: getattr(config, k) for k in EXTRA_KEYS}
@@ -95,13 +96,23 @@ def write_adapter(directory: str | os.PathLike, state: dict[str, torch.Tensor], 
     (directory / EXTRA_FILE).write_text(json.dumps(extra, indent=2))
 
 
+def is_kasa_adapter_dir(path: Path) -> bool:
+    """A KaSA adapter directory (kasa_ds's or PEFT's): an adapter_config.json with a kasa_config."""
+    try:
+        return bool(json.loads((Path(path) / CONFIG_FILE).read_text()).get("kasa_config"))
+    except (OSError, ValueError):
+        return False
+
+
 def save_adapter(model: nn.Module, path: str | os.PathLike, *, state: Optional[dict[str, torch.Tensor]] = None,
                  base_model_name_or_path: Optional[str] = None, task_type: Optional[str] = None) -> Path:
     """Write the adapter of ``model`` to directory ``path`` atomically (a temporary sibling renamed into place).
 
+    ``path`` may hold an earlier KaSA adapter (it is replaced whole); any other non-empty directory is refused.
     ``state`` lets sharded callers pass tensors they gathered (:func:`gathered_adapter_state`); by default the
     model's own parameters are taken.
     """
+    check_output_dir(path, is_kasa_adapter_dir, what="adapter directory")
     meta = adapter_metadata(model)
     meta["base_model_name_or_path"] = base_model_name_or_path or meta["base_model_name_or_path"]
     meta["task_type"] = task_type or meta["task_type"]
@@ -154,12 +165,45 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, svd_solver: Optio
     was_training = model.training
     report = None
     if getattr(model, CONFIG_ATTR, None) is None:
+        check_fits(model, config, state, path)  # before anything is truncated: a misfit leaves the model as it was
         report = apply_kasa(model, config, show_progress=show_progress)
     elif model.kasa_config.r != config.r:
         raise ValueError(f"adapter at {path} has r={config.r} but the model was adapted with r={model.kasa_config.r}")
     load_adapter_state(model, state)
     model.train(was_training)
     return report
+
+
+def check_fits(model: nn.Module, config: KaSAConfig, state: dict[str, torch.Tensor], path) -> None:
+    """The adapter ``state`` (config ``config``) fits the unadapted ``model``: the same keys as the targets and
+    modules_to_save it would get, full shapes, finite values. Raises ValueError naming the file; changes nothing."""
+    targets = find_targets(model, config)  # validates r and every target first
+    expected = {}
+    for t in targets:
+        m, n = t.shape
+        key = f"{PREFIX}{t.name}."
+        expected.update({key + "lora_A.weight": (config.r, n), key + "lora_B.weight": (m, config.r),
+                         key + "lora_diag": (config.r,)})
+    for name in modules_to_save(model, config):
+        expected.update({f"{PREFIX}{name}.{p}": tuple(getattr(v, "ds_shape", v.shape))
+                         for p, v in model.get_submodule(name).named_parameters()})
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and tuple(state[k].shape) != expected[k]]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{path}: the adapter does not fit this model ({len(missing)} missing keys, e.g. "
+                         f"{missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]}; {len(wrong)} of another "
+                         f"shape, e.g. {wrong[:2]}): was it trained on another base or with other target_modules? The "
+                         "model was left unchanged")
+    check_finite(state, f"{path}/{WEIGHTS_FILE}")
+
+
+def check_finite(state: dict[str, torch.Tensor], where: str) -> None:
+    """Refuse NaN/inf adapter tensors, naming the file and the first bad tensor."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{where}: {len(bad)} tensor(s) hold NaN or inf (e.g. {bad[0]}); the training that wrote them "
+                         "diverged: use an earlier checkpoint, or a lower train.lr")
 
 
 def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -174,6 +218,7 @@ def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None
         raise ValueError(f"adapter does not fit this model: {len(missing)} missing keys (e.g. {missing[:2]}), "
                          f"{len(unexpected)} unexpected keys (e.g. {unexpected[:2]}); was it trained on another "
                          "architecture or with other target_modules?")
+    check_finite(state, "adapter state")
     params = dict(model.named_parameters())
     shards = {f"{name}.{sharded_factor(layer.spec)}": layer.spec for name, layer in tp_layers(model)}
     with torch.no_grad():

@@ -1,4 +1,5 @@
-"""Atomic directory writes: a reader sees the old complete directory or the new one, never a half-written one."""
+"""Output directories: never destroy user data (:func:`check_output_dir`), and write atomically
+(:func:`atomic_directory`: a reader sees the old complete directory or the new one, never a half-written one)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,33 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator, Optional
+
+
+def check_output_dir(out: str | os.PathLike, previous: Optional[Callable[[Path], bool]], *,
+                     sources: Iterable[str | os.PathLike] = (), models: Iterable[str | os.PathLike] = (),
+                     what: str = "--out") -> None:
+    """Refuse, before any work, an output directory whose replacement would destroy data: one that equals or contains
+    a ``source`` or ``model`` (or lies inside a model directory), or one that is non-empty and not a previous output
+    of the same kind (``previous(out)``; None: no kind may be replaced). Raises ValueError naming the fix."""
+    out = Path(out).resolve()
+    for path, is_model in [(Path(p), False) for p in sources] + [(Path(p), True) for p in models]:
+        path = path.resolve()
+        if out == path or out in path.parents or (is_model and path in out.parents):
+            relation = "is" if out == path else ("contains" if out in path.parents else "lies inside")
+            raise ValueError(f"{what} {out} {relation} {path}, which this command reads and never overwrites; "
+                             "choose a new directory")
+    if out.is_dir() and any(out.iterdir()) and not (previous is not None and previous(out)):
+        kind = "" if previous is None else " and is not an earlier output of this command"
+        raise ValueError(f"{what} {out} exists, is not empty{kind}: choose a new directory (nothing was written)")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{what} {out} is a file: choose a directory path")
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextmanager
@@ -16,6 +43,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700; the result follows the umask like mkdir
     try:
         yield tmp
         old = None

@@ -23,9 +23,9 @@ from ..config import KaSAConfig
 from ..core.layer import kasa_layers
 from ..dist.comm import rank
 from ..inject import get_config
-from .adapter import (CONFIG_FILE, PREFIX, WEIGHTS_FILE, adapter_metadata, base_quantization, gathered_adapter_state,
-                      read_adapter_config, read_base_quantization)
-from .files import atomic_directory
+from .adapter import (CONFIG_FILE, PREFIX, WEIGHTS_FILE, adapter_metadata, base_quantization, check_finite,
+                      gathered_adapter_state, read_adapter_config, read_base_quantization)
+from .files import atomic_directory, check_output_dir
 from .hf_checkpoint import list_tensors, module_key, read_tensor
 from .svd_cache import SVDCache
 from .tails import base_and_tail
@@ -57,6 +57,15 @@ def _refuse_requantize(config: KaSAConfig, quantization: Optional[dict]) -> None
                          "kasa.quant_mode=low_rank_correction to serve a shared 4-bit base")
 
 
+def is_lora_export_dir(path: Path) -> bool:
+    """An earlier LoRA export: a PEFT LoRA adapter_config.json without KaSA fields."""
+    try:
+        config = json.loads((Path(path) / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return config.get("peft_type") == "LORA" and not config.get("kasa_config")
+
+
 def _write(out_dir, state: dict, config: dict) -> Path:
     with atomic_directory(out_dir) as tmp:
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -68,10 +77,12 @@ def export_lora_files(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike
                       svd_cache: Optional[str | os.PathLike] = None) -> Path:
     """A KaSA adapter directory → a LoRA adapter directory, the tails recomputed from the original checkpoint
     ``base_dir`` one weight at a time (memory: one weight), or read from ``svd_cache``."""
+    check_output_dir(out_dir, is_lora_export_dir, sources=[adapter_dir], models=[base_dir])
     config = read_adapter_config(adapter_dir)
     quantization = read_base_quantization(adapter_dir)
     _refuse_requantize(config, quantization)
     kasa = load_file(str(Path(adapter_dir) / WEIGHTS_FILE))
+    check_finite(kasa, str(Path(adapter_dir) / WEIGHTS_FILE))
     tensors = list_tensors(base_dir)
     cache = SVDCache(svd_cache, base_dir, config) if svd_cache else None
     state = {k: v for k, v in kasa.items() if ".lora_" not in k}  # modules_to_save
@@ -94,6 +105,7 @@ def export_lora_adapter(model: nn.Module, out_dir: str | os.PathLike, base: Base
     config = get_config(model)
     quantization = base_quantization(model)
     _refuse_requantize(config, quantization)
+    check_output_dir(out_dir, is_lora_export_dir, models=[base] if isinstance(base, (str, os.PathLike)) else [])
     kasa = gathered_adapter_state(model)
     if rank() != 0:
         return None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from functools import partial
 
 import torch
@@ -64,10 +65,14 @@ class PlainBackend:
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
 
     def step(self) -> float:
-        """Clip, step, schedule; returns the gradient norm before clipping."""
+        """Clip, step, schedule; returns the gradient norm before clipping. A non-finite norm (without loss
+        scaling, which skips such steps itself) skips the step: the weights never take a NaN update."""
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm).item()
+        if not self.scaler and not math.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            return grad_norm
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
@@ -86,6 +87,7 @@ class TrainSection:
     optimizer: str = "adamw"  # adamw | adamw8bit | paged_adamw8bit (bitsandbytes; runs without DeepSpeed)
     autocast: Optional[str] = None  # bfloat16 | float16 (with loss scaling) | null: mixed precision without DeepSpeed
     max_memory_gib: Optional[float] = None  # without DeepSpeed: planner check before loading, then a cap per step
+    max_nonfinite_steps: int = 3  # stop (exit 3) after this many consecutive steps with a NaN/inf loss or gradient
 
 
 @dataclass
@@ -265,9 +267,14 @@ def validate(c: TrainConfig) -> None:
     need(c.data.eval is None or os.path.exists(c.data.eval), f"data.eval={c.data.eval}: file or directory not found")
     t = c.train
     for key in ("max_steps", "micro_batch_size", "gradient_accumulation_steps", "eval_every", "save_every",
-                "log_every", "keep_checkpoints"):
+                "log_every", "keep_checkpoints", "max_nonfinite_steps"):
         need(getattr(t, key) >= 1, f"train.{key}={getattr(t, key)}: must be >= 1")
+    for section, key, value in _float_keys(c):
+        need(math.isfinite(value), f"{section}{key}={value}: must be a finite number")
     need(t.lr > 0, f"train.lr={t.lr}: must be > 0")
+    need(t.max_grad_norm > 0, f"train.max_grad_norm={t.max_grad_norm}: must be > 0 (gradients are clipped to this "
+         "norm; use a large value such as 1e9 to disable clipping)")
+    need(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay}: must be >= 0")
     need(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps}: must be >= 0")
     need(t.lr_schedule in ("cosine", "linear", "constant"),
          f"train.lr_schedule={t.lr_schedule!r}: choose cosine, linear or constant")
@@ -303,6 +310,16 @@ def validate(c: TrainConfig) -> None:
         c.kasa_config()
     except ValueError as e:
         raise ConfigError(f"kasa: {e}") from None
+
+
+def _float_keys(config, where: str = ""):
+    """(section prefix, key, value) of every float-valued key, sections included."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _float_keys(value, f"{where}{f.name}.")
+        elif isinstance(value, float):
+            yield where, f.name, value
 
 
 def _build(cls, raw: Any, where: str):

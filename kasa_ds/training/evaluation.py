@@ -11,6 +11,10 @@ import torch.distributed as dist
 from .data import IGNORE_INDEX
 
 
+class TrainingDiverged(RuntimeError):
+    """A NaN/inf loss, gradient or eval output: the run stops without writing anything non-finite."""
+
+
 def evaluate(forward: Callable, dataset, batch_of: Callable, batch_size: int, device: torch.device, rank: int,
              world: int, task: str) -> dict:
     """Each rank takes a strided share of ``dataset``; sums are all-reduced, so every rank returns the same metrics.
@@ -41,6 +45,9 @@ def evaluate(forward: Callable, dataset, batch_of: Callable, batch_size: int, de
         dist.all_reduce(totals)
     model.train(was_training)
     loss = (totals[0] / totals[1]).item()
+    if not math.isfinite(loss):
+        raise TrainingDiverged(f"the eval loss is {loss}: the model's outputs are NaN/inf (a diverged run or a "
+                               "corrupted base); no accuracy is reported from them")
     if task == "seq_cls":
         return {"loss": loss, "accuracy": (totals[2] / totals[1]).item()}
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}

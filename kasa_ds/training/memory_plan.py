@@ -59,6 +59,13 @@ class RunShape:
     adapter_bytes: int = 4  # adapters without DeepSpeed: float32 (kasa_ds) or 2 (bf16, as QLoRA's scripts cast them)
     compute_bytes: int = 2  # bytes of the base weights and activations: 2 (bf16/fp16) or 4 (float32)
 
+    def __post_init__(self) -> None:
+        for key in ("r", "seq_len", "micro_batch", "tp", "gpus"):
+            if not (isinstance(getattr(self, key), int) and getattr(self, key) >= 1):
+                raise ValueError(f"{key}={getattr(self, key)!r}: must be an integer >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout!r}: must be in [0, 1)")
+
 
 @dataclass
 class ModelShape:

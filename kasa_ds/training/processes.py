@@ -26,6 +26,12 @@ def launcher_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE") or 1)
 
 
+def launcher_rank() -> int:
+    """This process's global rank as the launcher set it, before init (torchrun/deepspeed/srun scripts: RANK;
+    mpirun: OMPI_COMM_WORLD_RANK or PMI_RANK)."""
+    return int(os.environ.get("RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or os.environ.get("PMI_RANK") or 0)
+
+
 def setup_distributed(cfg: TrainConfig) -> ProcessEnv:
     """Initialize torch.distributed when launched with several ranks or DeepSpeed; pick CUDA when present."""
     # DeepSpeed calls two torch collectives torch 2.13 deprecated, warning on every call: keep the log readable

@@ -12,6 +12,7 @@ engine → resume. Each step's loss is the task loss + the KaSA regularizer, log
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from functools import partial
@@ -31,12 +32,16 @@ from .backends import make_backend
 from .config import ConfigError, TrainConfig, dump
 from .data import ClassificationDataset, InstructionDataset, collate, eval_subset, global_batches, load_records, \
     rank_slice
-from .evaluation import evaluate, fmt
+from .evaluation import TrainingDiverged, evaluate, fmt
 from .memory_plan import check_recipe_plan
 from .metrics import MetricsLogger
 from .models import load_model, load_tokenizer, model_dir
 from .preemption import PREEMPTED_EXIT, StopRequest
-from .processes import launcher_world_size, mean_over_ranks, setup_distributed, shutdown_distributed
+from .processes import launcher_rank, launcher_world_size, mean_over_ranks, setup_distributed, shutdown_distributed
+from .run_lock import RunLock
+
+
+EXIT_DIVERGED = 3
 
 
 class Recipe:
@@ -44,6 +49,8 @@ class Recipe:
         self.cfg = cfg
         self.fingerprint = checkpoint.run_fingerprint(cfg)
         self.resume_from: Optional[Path] = None
+        self.lock = RunLock(cfg.output_dir)
+        self.nonfinite = 0  # consecutive steps with a NaN/inf loss or gradient
 
     # ---- before anything loads -------------------------------------------------------------------------------
     def preflight(self) -> None:
@@ -53,6 +60,8 @@ class Recipe:
         if ranks > 1 and self.cfg.ds_config is None:
             raise ConfigError(f"{ranks} ranks without --ds_config: nothing would synchronize their gradients; pass "
                               "--ds_config ds_configs/zero0.json (data parallel) or zero2/zero3")
+        if launcher_rank() == 0:  # one training per output directory, held for the whole run
+            self.lock.acquire()
         self.resume_from = checkpoint.find_resume_checkpoint(self.cfg, self.fingerprint)
         if self.cfg.train.max_memory_gib is not None and self.cfg.ds_config is None:
             print(check_recipe_plan(self.cfg))
@@ -127,8 +136,24 @@ class Recipe:
             reg_value = reg.item()
         grad_norm = backend.step()
         loss = mean_over_ranks(task_sum / t.gradient_accumulation_steps, self.device, self.env.world)
+        self.check_finite(step + 1, loss, grad_norm)
         return {"loss": loss, "kasa_reg": reg_value, "lr": backend.lr(), "grad_norm": grad_norm,
                 "step_time": time.perf_counter() - tic}
+
+    def check_finite(self, step: int, loss: float, grad_norm: float) -> None:
+        """Count consecutive non-finite steps (the same decision on every rank: the loss is all-reduced); stop
+        after train.max_nonfinite_steps of them."""
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.nonfinite = 0
+            return
+        self.nonfinite += 1
+        limit = self.cfg.train.max_nonfinite_steps
+        self.say(f"step {step}: non-finite loss {loss} / gradient norm {grad_norm} ({self.nonfinite} of {limit} "
+                 "allowed in a row; " + ("the step was skipped)" if self.cfg.ds_config is None else "DeepSpeed)"))
+        if self.nonfinite >= limit:
+            raise TrainingDiverged(f"training diverged: {limit} consecutive steps up to step {step} had a NaN/inf "
+                                   f"loss or gradient (train.lr={self.cfg.train.lr:g}); nothing non-finite was "
+                                   "written. Lower train.lr, check the data, or resume from an earlier checkpoint")
 
     def evaluate(self) -> dict:
         """Eval-set metrics (the same on every rank; collective)."""
@@ -139,7 +164,11 @@ class Recipe:
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
     def save(self, step: int) -> None:
-        """<output_dir>/checkpoints/step-N: trainer state, RNG, and the adapter (the same files as save_adapter)."""
+        """<output_dir>/checkpoints/step-N: trainer state, RNG, and the adapter (the same files as save_adapter).
+        Skipped right after a non-finite step (the same decision on every rank): nothing non-finite is written."""
+        if self.nonfinite:
+            self.say(f"checkpoint at step {step} skipped: the step was not finite")
+            return
         tmp = checkpoint.begin(self.cfg.output_dir, step)
         self.backend.save_state(tmp)
         checkpoint.save_rng(tmp, self.rank)
@@ -234,14 +263,20 @@ def run_recipe(cfg: TrainConfig) -> int:
     """Preflight and run ``cfg``; a refused configuration or checkpoint is one ``error:`` line and exit code 2."""
     recipe = Recipe(cfg)
     try:
-        recipe.preflight()
-    except (ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        rc = recipe.run()
-    except ConfigError as e:  # found during setup (DeepSpeed JSON vs recipe): the same on every rank
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    shutdown_distributed()
-    return rc
+        try:
+            recipe.preflight()
+        except (ConfigError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        try:
+            rc = recipe.run()
+        except ConfigError as e:  # found during setup (DeepSpeed JSON vs recipe): the same on every rank
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except TrainingDiverged as e:  # decided on the all-reduced loss: the same on every rank
+            print(f"error: {e}", file=sys.stderr)
+            rc = EXIT_DIVERGED
+        shutdown_distributed()
+        return rc
+    finally:
+        recipe.lock.release()

@@ -1,0 +1,219 @@
+"""Failure modes (#17): writers never destroy user data, bad numbers are refused up front, a failed load leaves the
+model as it was, two trainings cannot share an output directory, non-finite training stops loudly."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ALL_LLAMA_TARGETS, randomize_adapters, tiny_llama
+from kasa_ds import KaSAConfig, apply_kasa, save_adapter
+from kasa_ds.training import checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+
+
+def snapshot(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """A run directory as the recipe leaves it: two checkpoints (each a KaSA adapter), metrics, the adapter."""
+    model = tiny_llama()
+    apply_kasa(model, KaSAConfig(r=4, target_modules=["q_proj"]), show_progress=False)
+    run = tmp_path / "run"
+    for step in (2, 4):
+        randomize_adapters(model, seed=step)
+        tmp = checkpoint.begin(run, step)
+        save_adapter(model, tmp / "adapter")
+        for f in (tmp / "adapter").iterdir():
+            f.rename(tmp / f.name)
+        (tmp / "adapter").rmdir()
+        checkpoint.commit(tmp, {"step": step, "fingerprint": {}}, keep=5)
+    (run / "metrics.jsonl").write_text('{"step": 4}\n')
+    save_adapter(model, run / "adapter")
+    return model, run
+
+
+def test_writers_refuse_outputs_that_would_destroy_data(tmp_path, run_dir):
+    from export_adapter import export, export_lora
+    from precompute_svd import main as precompute
+
+    model, run = run_dir
+    before = snapshot(run)
+    for out, why in ((run, "which this command reads"), (run / "checkpoints", "exists, is not empty"),
+                     (run / "checkpoints" / "step-0000004", "which this command reads")):
+        with pytest.raises(SystemExit, match=why) as e:
+            export(run if out != run / "checkpoints" / "step-0000004" else out, out)
+        assert e.value.code == 2
+    assert snapshot(run) == before  # every checkpoint, the metrics and the adapter are still there
+    assert export(run, tmp_path / "exported") == tmp_path / "exported"
+    export(run, tmp_path / "exported")  # an earlier export of the same kind is replaced
+    # the base model: never the cache's destination; a non-empty foreign directory neither
+    tiny_llama().save_pretrained(tmp_path / "base")
+    base = snapshot(tmp_path / "base")
+    args = ["--model", str(tmp_path / "base"), "--kasa-r", "4", "--targets", "q_proj"]
+    for out in (tmp_path / "base", run):
+        with pytest.raises(SystemExit) as e:
+            precompute([*args, "--out", str(out)])
+        assert e.value.code == 2
+    assert snapshot(tmp_path / "base") == base and snapshot(run) == before
+    precompute([*args, "--out", str(tmp_path / "cache")])
+    precompute([*args, "--out", str(tmp_path / "cache")])  # an earlier cache is replaced
+    # save_adapter: an earlier adapter is replaced, anything else refused
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("user data")
+    with pytest.raises(ValueError, match="exists, is not empty"):
+        save_adapter(model, tmp_path / "notes")
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "user data"
+    save_adapter(model, run / "adapter")
+    # a LoRA export never replaces a KaSA adapter
+    with pytest.raises(SystemExit, match="not an earlier output"):
+        export_lora(run, tmp_path / "exported", tmp_path / "base")
+
+
+@pytest.mark.parametrize("override,why", [
+    ("train.lr=inf", "finite"), ("train.lr=1e400", "finite"), ("kasa.alpha=nan", "finite"),
+    ("train.max_grad_norm=-1", "max_grad_norm=-1.0: must be > 0"), ("train.max_grad_norm=0", "must be > 0"),
+    ("train.weight_decay=-0.1", "must be >= 0"), ("kasa.beta=inf", "finite"),
+    ("train.max_memory_gib=nan", "finite")])
+def test_every_numeric_key_is_range_checked(override, why):
+    from kasa_ds.training.config import ConfigError, load_train_config
+
+    with pytest.raises(ConfigError, match=why):
+        load_train_config(None, [override])
+
+
+@pytest.mark.parametrize("argument", [["--gpus", "-8"], ["--gpus", "0"], ["--micro-batch", "-4"],
+                                      ["--gpu-gib", "nan"], ["--dropout", "1.5"], ["--r", "0"]])
+def test_plan_memory_refuses_impossible_arguments(argument, capsys):
+    from plan_memory import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(REPO / "configs/models/llama-3-8b"), *argument])
+    assert e.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+def test_the_planner_refuses_impossible_shapes():
+    from kasa_ds.training.memory_plan import RunShape
+
+    for kw in ({"gpus": 0}, {"micro_batch": -4}, {"tp": 0}, {"dropout": 1.0}):
+        with pytest.raises(ValueError, match="must be"):
+            RunShape(**kw)
+
+
+def llama(intermediate=128, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=intermediate,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        max_position_embeddings=64, tie_word_embeddings=False)).eval()
+
+
+def test_a_failed_load_adapter_leaves_the_model_unchanged(tmp_path):
+    from kasa_ds import kasa_layers, load_adapter
+
+    trained = llama(intermediate=112)
+    apply_kasa(trained, KaSAConfig(r=4, target_modules=ALL_LLAMA_TARGETS), show_progress=False)
+    randomize_adapters(trained)
+    save_adapter(trained, tmp_path / "other_shape")
+    model = llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="does not fit this model.*of another shape.*left unchanged"):
+        load_adapter(model, tmp_path / "other_shape", show_progress=False)
+    assert not list(kasa_layers(model)) and getattr(model, "kasa_config", None) is None
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing truncated
+    # a NaN adapter (a diverged run's) is refused the same way, naming the file
+    from safetensors.torch import load_file, save_file
+
+    fits = llama()
+    apply_kasa(fits, KaSAConfig(r=4, target_modules=ALL_LLAMA_TARGETS), show_progress=False)
+    save_adapter(fits, tmp_path / "nan")
+    state = load_file(str(tmp_path / "nan" / "adapter_model.safetensors"))
+    next(iter(state.values()))[0] = float("nan")
+    save_file(state, str(tmp_path / "nan" / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="adapter_model.safetensors: 1 tensor.*NaN or inf"):
+        load_adapter(model, tmp_path / "nan", show_progress=False)
+    assert not list(kasa_layers(model))
+
+
+def test_outputs_follow_the_umask(tmp_path):
+    import os
+    import stat
+
+    model = tiny_llama()
+    apply_kasa(model, KaSAConfig(r=4, target_modules=["q_proj"]), show_progress=False)
+    old = os.umask(0o022)
+    try:
+        save_adapter(model, tmp_path / "adapter")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "adapter").stat().st_mode) == 0o755  # group can read it on shared storage
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory):
+    from make_tiny_llama import build
+
+    return build(tmp_path_factory.mktemp("tiny-llama"), hidden=48, layers=2, vocab=320)
+
+
+def recipe_config(model_dir, out, *extra):
+    from kasa_ds.training.config import load_train_config
+
+    return load_train_config(str(REPO / "configs/tiny_llama_instruct.yaml"), [
+        f"model.path={model_dir}", f"output_dir={out}", "data.max_eval_examples=8", "train.micro_batch_size=4",
+        "model.max_length=96", "train.log_every=1", *extra])
+
+
+def test_a_second_training_on_the_same_output_dir_is_refused(tmp_path, tiny_llama_dir, capsys):
+    from kasa_ds.training.recipe import run_recipe
+    from kasa_ds.training.run_lock import RunLock
+
+    holder = RunLock(tmp_path / "run")
+    holder.acquire()  # another training holds the directory
+    try:
+        assert run_recipe(recipe_config(tiny_llama_dir, tmp_path / "run", "train.max_steps=1")) == 2
+        assert "is in use by another training (pid" in capsys.readouterr().err
+        assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    finally:
+        holder.release()
+    assert run_recipe(recipe_config(tiny_llama_dir, tmp_path / "run", "train.max_steps=1")) == 0  # released: runs
+
+
+def test_diverging_training_stops_loudly_and_writes_nothing_nonfinite(tmp_path, tiny_llama_dir, capsys):
+    import math
+
+    from kasa_ds.training.recipe import EXIT_DIVERGED, run_recipe
+
+    out = tmp_path / "run"
+    rc = run_recipe(recipe_config(tiny_llama_dir, out, "train.lr=1e6", "train.lr_schedule=constant",
+                                  "train.warmup_steps=0", "train.max_steps=12", "train.save_every=1"))
+    err = capsys.readouterr().err
+    assert rc == EXIT_DIVERGED and "training diverged: 3 consecutive steps" in err
+    assert not (out / "adapter").exists()
+    from safetensors.torch import load_file
+
+    for ckpt in (out / "checkpoints").glob("step-*"):  # only the finite steps before it went wrong
+        assert all(torch.isfinite(v).all() for v in load_file(str(ckpt / "adapter_model.safetensors")).values())
+    import json
+
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+              if '"train"' in line]
+    assert not math.isfinite(losses[-1])
+
+
+def test_nan_outputs_make_evaluation_fail(tmp_path):
+    from kasa_ds.training.data import collate
+    from kasa_ds.training.evaluation import TrainingDiverged, evaluate
+
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")  # a corrupted base
+    data = [{"input_ids": list(range(3, 13)), "labels": list(range(3, 13))}] * 4
+    with pytest.raises(TrainingDiverged, match="eval loss is nan"):
+        evaluate(model, data, lambda b: collate(b, 0), 2, torch.device("cpu"), 0, 1, "causal_lm")
