@@ -217,3 +217,57 @@ def test_nan_outputs_make_evaluation_fail(tmp_path):
     data = [{"input_ids": list(range(3, 13)), "labels": list(range(3, 13))}] * 4
     with pytest.raises(TrainingDiverged, match="eval loss is nan"):
         evaluate(model, data, lambda b: collate(b, 0), 2, torch.device("cpu"), 0, 1, "causal_lm")
+
+
+def test_resume_none_moves_an_earlier_run_aside_and_pruning_spares_other_runs(tmp_path, tiny_llama_dir, capsys):
+    from kasa_ds.training.recipe import run_recipe
+
+    out = tmp_path / "run"
+    assert run_recipe(recipe_config(tiny_llama_dir, out, "train.max_steps=4", "train.save_every=2",
+                                    "train.keep_checkpoints=1")) == 0
+    assert run_recipe(recipe_config(tiny_llama_dir, out, "resume=none", "train.max_steps=2", "train.save_every=1",
+                                    "train.keep_checkpoints=2")) == 0
+    assert "resume=none: the earlier run in" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000001", "step-0000002"]
+    (previous,) = (out / "previous-runs").iterdir()
+    assert (previous / "checkpoints" / "step-0000004").is_dir() and (previous / "adapter").is_dir()
+    assert "max_steps: 2" in (out / "config.yaml").read_text()
+    # pruning by run id: a checkpoint of another run in the same directory is never removed
+    foreign = out / "checkpoints" / "step-0000009"
+    (out / "checkpoints" / "step-0000002").rename(foreign)
+    meta = foreign / "meta.json"
+    meta.write_text(meta.read_text().replace('"run_id": "', '"run_id": "other-'))
+    assert run_recipe(recipe_config(tiny_llama_dir, out, "resume=none", "train.max_steps=3", "train.save_every=1",
+                                    "train.keep_checkpoints=1")) == 0
+    assert not foreign.exists()  # moved aside with the rest of that run, never deleted
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000003"]
+    assert any((p / "checkpoints" / "step-0000009").is_dir() for p in (out / "previous-runs").iterdir())
+    tmp = checkpoint.begin(out, 4)
+    checkpoint.commit(tmp, {"step": 4, "run_id": "third", "fingerprint": {}}, keep=1)
+    assert (out / "checkpoints" / "step-0000003").is_dir()  # another run's: kept
+
+
+def test_resume_refuses_changed_settings_data_and_incomplete_checkpoints(tmp_path, tiny_llama_dir, capsys):
+    import shutil
+
+    from kasa_ds.training.recipe import run_recipe
+
+    data = tmp_path / "train.jsonl"
+    shutil.copy(REPO / "data/rt_instruct/train.jsonl", data)
+    out = tmp_path / "run"
+    base = ["train.lr_schedule=constant", f"data.train={data}", "train.save_every=1"]
+    assert run_recipe(recipe_config(tiny_llama_dir, out, *base, "train.max_steps=2")) == 0
+    capsys.readouterr()
+    for change, named in (("train.lr=5e-3", "train.lr"), ("model.max_length=64", "model.max_length"),
+                          ("kasa.dropout=0.2", "kasa.dropout")):
+        assert run_recipe(recipe_config(tiny_llama_dir, out, *base, "train.max_steps=3", change)) == 2
+        err = capsys.readouterr().err
+        assert "was written with other settings" in err and named in err, change
+    with open(data, "a") as f:
+        f.write('{"instruction": "new", "input": "", "output": "record"}\n')
+    assert run_recipe(recipe_config(tiny_llama_dir, out, *base, "train.max_steps=3")) == 2
+    assert "data.train_contents" in capsys.readouterr().err
+    shutil.copy(REPO / "data/rt_instruct/train.jsonl", data)  # the same contents again: resumable
+    (out / "checkpoints" / "step-0000002" / "rng_state_rank0.pt").unlink()
+    assert run_recipe(recipe_config(tiny_llama_dir, out, *base, "train.max_steps=3")) == 2
+    assert "is incomplete: rng_state_rank0.pt missing" in capsys.readouterr().err

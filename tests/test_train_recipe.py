@@ -81,7 +81,7 @@ def test_corrupted_or_foreign_checkpoint_is_refused_and_kept(tiny_llama_dir, tmp
     assert recipe.main(causal_args(tiny_llama_dir, out, "train.max_steps=1", "train.save_every=1")) == 0
     ckpt = out / "checkpoints" / "step-0000001"
     assert recipe.main(causal_args(tiny_llama_dir, out, "train.max_steps=2", "kasa.r=4")) == 2
-    assert "belongs to another run" in capsys.readouterr().err and ckpt.is_dir()
+    assert "was written with other settings (kasa.r: checkpoint 8 vs run 4)" in capsys.readouterr().err and ckpt.is_dir()
     (ckpt / "meta.json").write_text("{not json")
     assert recipe.main(causal_args(tiny_llama_dir, out, "train.max_steps=2")) == 2
     err = capsys.readouterr().err

@@ -2,16 +2,20 @@
 
 A checkpoint is written into a hidden temporary directory and renamed into place only after every rank has
 finished writing, so a crash never leaves a half-written checkpoint that ``--resume auto`` would pick. It holds the
-adapter (PEFT keys), the trainer state (optimizer, schedule, step, RNG) and meta.json with the fingerprint of the
-run it belongs to; resuming a run with another model, rank or targets is refused before anything is loaded.
+adapter (PEFT keys), the trainer state (optimizer, schedule, step, RNG) and meta.json: the run's id, the fingerprint
+of every setting that changes the trajectory (data contents included) and the files written. Resuming with other
+settings, or from a checkpoint missing a file, is refused before anything is loaded, naming what differs; pruning
+removes only the current run's older checkpoints.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -49,20 +53,29 @@ def begin(output_dir: str | os.PathLike, step: int) -> Path:
 
 
 def commit(tmp: Path, meta: dict[str, Any], keep: int) -> Path:
-    """After all ranks wrote into ``tmp``: rank 0 writes meta.json, renames into place, prunes old checkpoints."""
+    """After all ranks wrote into ``tmp``: rank 0 writes meta.json (with the list of files every rank wrote), renames
+    into place, and prunes the older checkpoints of the same run (``meta["run_id"]``), never another run's."""
     _barrier()
     final = tmp.with_name(tmp.name[1:].removesuffix(".tmp"))
     if rank() == 0:
+        meta = {**meta, "files": sorted(p.name for p in tmp.iterdir())}
         with open(tmp / META, "w") as f:
             json.dump(meta, f, indent=2)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-        complete = sorted(p for p in final.parent.iterdir() if STEP_DIR.match(p.name))
-        for old in complete[:-keep]:
+        mine = sorted(p for p in final.parent.iterdir() if STEP_DIR.match(p.name) and _run_id(p) == meta.get("run_id"))
+        for old in mine[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
+
+
+def _run_id(path: Path) -> Optional[str]:
+    try:
+        return json.loads((path / META).read_text()).get("run_id")
+    except (OSError, ValueError):
+        return None
 
 
 def read_meta(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
@@ -80,7 +93,12 @@ def read_meta(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
     diff = {k: (theirs.get(k), v) for k, v in fingerprint.items() if theirs.get(k) != v}
     if diff:
         detail = "; ".join(f"{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in diff.items())
-        raise ValueError(f"{path} belongs to another run ({detail}); use another output_dir or resume=none")
+        raise ValueError(f"{path} was written with other settings ({detail}): resuming would not continue that "
+                         "trajectory. Restore those settings, use another output_dir, or resume=none")
+    absent = [f for f in meta.get("files", []) if not (path / f).exists()]
+    if absent:
+        raise ValueError(f"{path} is incomplete: {', '.join(absent[:3])} missing; resume from another checkpoint "
+                         "(resume=<dir>) or start over (resume=none)")
     return meta
 
 
@@ -100,13 +118,43 @@ def _barrier() -> None:
         dist.barrier()
 
 
+#: settings that change a run's trajectory: a checkpoint resumes only a run that agrees on all of them
+TRAJECTORY_KEYS = {
+    "model": ("path", "task", "num_labels", "dtype", "max_length", "quantize", "double_quant"),
+    "kasa": ("r", "alpha", "dropout", "target_modules", "modules_to_save", "exclude_modules", "beta", "gamma",
+             "svd_solver", "init_seed", "quant_mode"),
+    "train": ("micro_batch_size", "gradient_accumulation_steps", "lr", "weight_decay", "warmup_steps", "lr_schedule",
+              "max_grad_norm", "seed", "optimizer", "autocast"),
+    "data": ("train", "text_field", "label_field"),
+}
+
+
 def run_fingerprint(cfg: TrainConfig) -> dict:
-    """What a checkpoint must share with this run to be resumed (model, method, data, batch geometry)."""
-    k = cfg.kasa
-    return {"model": cfg.model.path, "task": cfg.model.task, "r": k.r, "alpha": k.alpha,
-            "target_modules": k.target_modules, "modules_to_save": k.modules_to_save, "train_data": cfg.data.train,
-            "micro_batch_size": cfg.train.micro_batch_size, "seed": cfg.train.seed,
-            "gradient_accumulation_steps": cfg.train.gradient_accumulation_steps}
+    """What a checkpoint must share with this run to be resumed: every trajectory setting, the training data's
+    contents, and max_steps where the schedule depends on it (cosine, linear: extending a run changes its decay)."""
+    out = {f"{section}.{key}": getattr(getattr(cfg, section), key)
+           for section, keys in TRAJECTORY_KEYS.items() for key in keys}
+    out["data.train_contents"] = content_hash(cfg.data.train)
+    if cfg.train.lr_schedule != "constant":
+        out["train.max_steps"] = cfg.train.max_steps
+    return out
+
+
+def content_hash(path: str | os.PathLike) -> str:
+    """A cheap identity of a data file or directory: per file, its size and the SHA-256 of its first and last MiB."""
+    root = Path(path)
+    digest = hashlib.sha256()
+    for f in sorted(root.rglob("*")) if root.is_dir() else [root]:
+        if not f.is_file():
+            continue
+        size = f.stat().st_size
+        digest.update(f"{f.relative_to(root) if root.is_dir() else f.name}:{size}".encode())
+        with open(f, "rb") as handle:
+            digest.update(handle.read(1 << 20))
+            if size > 2 << 20:
+                handle.seek(-(1 << 20), os.SEEK_END)
+                digest.update(handle.read())
+    return digest.hexdigest()[:16]
 
 
 def find_resume_checkpoint(cfg: TrainConfig, fingerprint: dict) -> Optional[Path]:
@@ -120,10 +168,39 @@ def find_resume_checkpoint(cfg: TrainConfig, fingerprint: dict) -> Optional[Path
 
 
 def save_rng(directory: Path, rank_: int) -> None:
-    torch.save(torch.get_rng_state(), directory / f"rng_state_rank{rank_}.pt")
+    """The CPU generator's state, and every CUDA device's on a GPU machine."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(state, directory / f"rng_state_rank{rank_}.pt")
 
 
 def restore_rng(directory: Path, rank_: int) -> None:
+    """Restore this rank's generators; a rank the checkpoint has no state for (resuming at a larger world size)
+    keeps its seed-derived state."""
     path = directory / f"rng_state_rank{rank_}.pt"
-    if path.is_file():
-        torch.set_rng_state(torch.load(path, weights_only=True))
+    if not path.is_file():
+        return
+    state = torch.load(path, weights_only=True)
+    if isinstance(state, torch.Tensor):  # kasa_ds 0.1 checkpoints: the CPU state alone
+        state = {"cpu": state}
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def move_aside(output_dir: str | os.PathLike) -> Optional[Path]:
+    """A fresh run (resume=none) in a directory holding an earlier run: move that run's files into
+    <output_dir>/previous-runs/<time>/ (nothing is deleted). Returns where they went, or None if there were none."""
+    root = Path(output_dir)
+    names = [n for n in ("checkpoints", "adapter", "metrics.jsonl", "config.yaml", "tensorboard")
+             if (root / n).exists()]
+    if not names:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    candidates = (root / "previous-runs" / (stamp + (f"-{i}" if i else "")) for i in range(1000))
+    target = next(t for t in candidates if not t.exists())
+    target.mkdir(parents=True)
+    for name in names:
+        (root / name).rename(target / name)
+    return target

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+import uuid
 from functools import partial
 from pathlib import Path
 from typing import Optional
@@ -54,17 +55,24 @@ class Recipe:
 
     # ---- before anything loads -------------------------------------------------------------------------------
     def preflight(self) -> None:
-        """Refuse several ranks with nothing to synchronize them, a mismatched checkpoint, and a run the memory planner
-        says will not fit, before any work."""
+        """Refuse several ranks with nothing to synchronize them, a run the memory planner says will not fit, a
+        second training on the same output_dir, and a checkpoint written with other settings — before any work.
+        Checks that write nothing come first; then rank 0 takes the directory (and, with resume=none, moves an
+        earlier run's files aside)."""
         ranks = launcher_world_size()
         if ranks > 1 and self.cfg.ds_config is None:
             raise ConfigError(f"{ranks} ranks without --ds_config: nothing would synchronize their gradients; pass "
                               "--ds_config ds_configs/zero0.json (data parallel) or zero2/zero3")
-        if launcher_rank() == 0:  # one training per output directory, held for the whole run
-            self.lock.acquire()
-        self.resume_from = checkpoint.find_resume_checkpoint(self.cfg, self.fingerprint)
         if self.cfg.train.max_memory_gib is not None and self.cfg.ds_config is None:
             print(check_recipe_plan(self.cfg))
+        if launcher_rank() == 0:  # one training per output directory, held for the whole run
+            self.lock.acquire()
+            moved = checkpoint.move_aside(self.cfg.output_dir) if self.cfg.resume == "none" else None
+            if moved is not None:
+                print(f"resume=none: the earlier run in {self.cfg.output_dir} was moved to {moved}", flush=True)
+        self.resume_from = checkpoint.find_resume_checkpoint(self.cfg, self.fingerprint)
+        resumed = checkpoint.read_meta(self.resume_from, self.fingerprint) if self.resume_from else {}
+        self.run_id = resumed.get("run_id") or uuid.uuid4().hex[:12]  # rank 0's is the one checkpoints record
 
     # ---- setup -----------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -173,7 +181,8 @@ class Recipe:
         self.backend.save_state(tmp)
         checkpoint.save_rng(tmp, self.rank)
         self.write_adapter(tmp)
-        checkpoint.commit(tmp, {"step": step, "fingerprint": self.fingerprint}, keep=self.cfg.train.keep_checkpoints)
+        checkpoint.commit(tmp, {"step": step, "run_id": self.run_id, "fingerprint": self.fingerprint},
+                          keep=self.cfg.train.keep_checkpoints)
 
     def write_adapter(self, directory: Path) -> None:
         """The gathered adapter (collective when sharded), written by rank 0 into an existing directory."""
