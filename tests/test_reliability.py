@@ -271,3 +271,55 @@ def test_resume_refuses_changed_settings_data_and_incomplete_checkpoints(tmp_pat
     (out / "checkpoints" / "step-0000002" / "rng_state_rank0.pt").unlink()
     assert run_recipe(recipe_config(tiny_llama_dir, out, *base, "train.max_steps=3")) == 2
     assert "is incomplete: rng_state_rank0.pt missing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", "no records (the file is empty)"),
+    (b'{"instruction": "a", "output": "b"}\n{"instruction": "c", "output"\n', "train.jsonl:2: not valid JSON"),
+    (b'{"instruction": "caf\xe9", "output": "b"}\n', "train.jsonl:1: not UTF-8 text"),
+    (b'{"instruction": "a", "output": "b"}\n' * 2 + b'{"instruction": "c"}\n', "record 3 lacks ['output']"),
+    (b'{"instruction": "a", "output": "  "}\n', "record 1: empty 'output'"),
+    (b'{"instruction": "a", "output": 7}\n', "record 1: 'output' is a int, not text"),
+    (b'[1, 2]\n', "record 1 is a list, not an object"),
+])
+def test_bad_data_is_one_line_naming_file_and_record_before_the_model_loads(tmp_path, tiny_llama_dir, capsys,
+                                                                              content, message):
+    from kasa_ds.training.recipe import run_recipe
+
+    data = tmp_path / "train.jsonl"
+    data.write_bytes(content)
+    assert run_recipe(recipe_config(tiny_llama_dir, tmp_path / "run", f"data.train={data}")) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: ") and message in captured.err, captured.err
+    assert len(captured.err.strip().splitlines()) == 1 and "KaSA:" not in captured.out
+    assert not (tmp_path / "run").exists()  # nothing loaded, nothing written
+
+
+def test_targets_and_r_are_checked_from_config_json_before_loading(tmp_path, tiny_llama_dir, capsys):
+    from kasa_ds.training.recipe import run_recipe
+
+    for override, message in (("kasa.target_modules=[qproj]", "matched no module"),
+                              ("kasa.r=48", "KaSA rank r=48 is invalid")):
+        assert run_recipe(recipe_config(tiny_llama_dir, tmp_path / "run", override)) == 2
+        captured = capsys.readouterr()
+        assert message in captured.err and "KaSA:" not in captured.out
+        assert not (tmp_path / "run").exists()
+
+
+def test_svd_cache_refuses_another_model_of_the_same_layout(tmp_path):
+    """A base and its 'instruct' variant: same files, sizes and headers, other weights. The cache of one must not
+    truncate the other (the truncated weights would be off by the difference, and full-rank)."""
+    from precompute_svd import main as precompute
+
+    from kasa_ds.io.hf_checkpoint import fingerprint
+    from kasa_ds.io.svd_cache import SVDCache
+
+    tiny_llama(seed=1).save_pretrained(tmp_path / "base")
+    tiny_llama(seed=2).save_pretrained(tmp_path / "instruct")
+    assert fingerprint(tmp_path / "base") == fingerprint(tmp_path / "instruct")  # what 0.1 keyed the cache on
+    cache = precompute(["--model", str(tmp_path / "base"), "--kasa-r", "4", "--targets", "q_proj,v_proj",
+                        "--out", str(tmp_path / "cache")])
+    config = KaSAConfig(r=4, target_modules=["q_proj", "v_proj"])
+    SVDCache(cache, tmp_path / "base", config)  # its own model: accepted
+    with pytest.raises(ValueError, match="computed from other weights.*recompute it"):
+        SVDCache(cache, tmp_path / "instruct", config)

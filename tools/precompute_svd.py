@@ -2,8 +2,9 @@
 reuse it and skip the SVDs.
 
 The safetensors files are read tensor by tensor (headers first, then only the weights a rank owns); the weights are
-spread over the ranks by SVD cost (kasa_ds.dist.schedule.assign_owners) and every rank writes the factors of its own weights. One
-process, torch.distributed or MPI:
+spread over the ranks by SVD cost (kasa_ds.dist.schedule.assign_owners) and every rank writes the factors of its own
+weights; the index records a digest of each weight's stored bytes, so the cache is refused for another model of the
+same layout. One process, torch.distributed or MPI:
 
     python tools/precompute_svd.py --model DIR --kasa-r 16 --targets q_proj,k_proj,v_proj,o_proj --out CACHE
     torchrun --nproc_per_node 8 tools/precompute_svd.py --model DIR --kasa-r 16 --targets ... --out CACHE
@@ -28,7 +29,7 @@ from safetensors.torch import save_file  # noqa: E402
 from kasa_ds.cli import bad_input_fails, fail  # noqa: E402
 from kasa_ds.config import KaSAConfig  # noqa: E402
 from kasa_ds.io.files import check_output_dir  # noqa: E402
-from kasa_ds.io.hf_checkpoint import list_tensors, read_tensor  # noqa: E402
+from kasa_ds.io.hf_checkpoint import list_tensors, read_tensor, weight_digest  # noqa: E402
 from kasa_ds.io.svd_cache import INDEX, cache_fingerprint  # noqa: E402
 from kasa_ds.core.truncation import check_rank, tail_factors  # noqa: E402
 from kasa_ds.progress import progress  # noqa: E402
@@ -94,8 +95,9 @@ def main(argv=None) -> Path:
         owners = [{n: file for n in mine}]
     if rank == 0:
         entries = {n: f for part in owners for n, f in part.items()}
+        digests = {n: weight_digest(a.model, tensors[n + ".weight"], n + ".weight") for n in entries}
         (tmp / INDEX).write_text(json.dumps({"fingerprint": cache_fingerprint(a.model, config), "entries": entries,
-                                             "targets": config.target_modules}, indent=1))
+                                             "digests": digests, "targets": config.target_modules}, indent=1))
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

@@ -69,6 +69,23 @@ def iter_tensors(model_dir: str | os.PathLike) -> Iterator[tuple[str, torch.Tens
                 yield key, f.get_tensor(key)
 
 
+def weight_digest(model_dir: str | os.PathLike, info: TensorInfo, key: str, sample: int = 64 << 10) -> str:
+    """Identity of one stored tensor's contents: SHA-256 of its first and last ``sample`` bytes in the file (two
+    models of one layout — a base and its instruct variant — differ there), read through the header's offsets."""
+    path = Path(model_dir) / info.file
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        begin, end = json.loads(f.read(n))[key]["data_offsets"]
+        start = 8 + n
+        digest = hashlib.sha256()
+        f.seek(start + begin)
+        digest.update(f.read(min(sample, end - begin)))
+        if end - begin > sample:
+            f.seek(start + max(begin + sample, end - sample))
+            digest.update(f.read(end - max(begin + sample, end - sample)))
+    return digest.hexdigest()[:16]
+
+
 def fingerprint(model_dir: str | os.PathLike) -> dict[str, dict]:
     """Identity of a checkpoint's weights without reading them: per file, its size and the SHA-256 of its header
     (names, shapes, dtypes, byte offsets). Cheap for 70B; a rewrite that keeps sizes and layout goes unnoticed."""

@@ -1,10 +1,12 @@
 """A precomputed truncation: the dropped factors of every target weight of a checkpoint, reused across runs.
 
 Layout of a cache directory (written by tools/precompute_svd.py):
-    kasa_svd_cache.json          {"fingerprint": {model files, r, solver}, "entries": {key: file}}
+    kasa_svd_cache.json          {"fingerprint": {model files, r, solver}, "entries": {key: file},
+                                  "digests": {key: digest of the weight's stored bytes}}
     factors-rank00000.safetensors  <key>.left (m×r), <key>.right (r×n), float32; one file per writing rank
 ``key`` is the weight's module name as in the checkpoint. A cache is used only if the model files (sizes and
-safetensors headers), r and the solver all match; otherwise loading it fails with a message naming what differs.
+safetensors headers), r, the solver and every weight's contents (a digest of its first and last 64 KiB as stored:
+another model of the same layout is refused) all match; otherwise loading it fails naming what differs.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from ..config import KaSAConfig
 from ..core.types import LayerReport, Target
 from ..dist.comm import is_rank_zero
 from ..progress import progress
-from .hf_checkpoint import fingerprint, module_key
+from .hf_checkpoint import fingerprint, list_tensors, module_key, weight_digest
 
 INDEX = "kasa_svd_cache.json"
 
@@ -47,6 +49,17 @@ class SVDCache:
                              f"{ {k: index['fingerprint'].get(k) for k in diff if k != 'model_files'} }); "
                              "recompute it with tools/precompute_svd.py or drop kasa.svd_cache")
         self.entries: dict[str, str] = index["entries"]
+        tensors = list_tensors(model_dir)
+        digests = index.get("digests")
+        if digests is None or set(digests) != set(self.entries):
+            raise ValueError(f"SVD cache {self.dir} records no digest of the weights it was computed from (written "
+                             "by kasa_ds 0.1): recompute it with tools/precompute_svd.py")
+        changed = [k for k, digest in digests.items()
+                   if weight_digest(model_dir, tensors[k + ".weight"], k + ".weight") != digest]
+        if changed:
+            raise ValueError(f"SVD cache {self.dir} was computed from other weights than {model_dir} ({len(changed)} "
+                             f"differ, e.g. {changed[0]}): a model of the same layout (a base vs its instruct "
+                             "variant?); recompute it with tools/precompute_svd.py for this model")
 
     def keys(self) -> set[str]:
         return {k + ".weight" for k in self.entries}

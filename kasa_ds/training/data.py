@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
@@ -18,7 +19,23 @@ ALPACA_PROMPT = ("Below is an instruction that describes a task{with_input}. Wri
                  "completes the request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n")
 
 
+class DataError(ValueError):
+    """A malformed data file or record: one line naming the file, the line/row and the fix."""
+
+
 def load_records(path: str) -> list[dict[str, Any]]:
+    """Every record of a .jsonl/.json/.csv file or a ``save_to_disk`` directory; DataError naming the file and line
+    for invalid JSON, non-UTF-8 bytes, a non-object record or an empty file."""
+    records = _read_records(path)
+    if not records:
+        raise DataError(f"{path}: no records (the file is empty); point data.train / data.eval at your data")
+    bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise DataError(f"{path}: record {bad + 1} is a {type(records[bad]).__name__}, not an object with fields")
+    return records
+
+
+def _read_records(path: str) -> list:
     if os.path.isdir(path):
         try:
             import datasets
@@ -30,18 +47,56 @@ def load_records(path: str) -> list[dict[str, Any]]:
             raise ValueError(f"{path} holds a DatasetDict with splits {list(data)}: point at one split's directory")
         return [dict(row) for row in data]
     if path.endswith(".jsonl"):
-        with open(path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+        records = []
+        for number, line in enumerate(_text(path).splitlines(), start=1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno}); fix or remove "
+                                    "that line") from None
+        return records
     if path.endswith(".json"):
-        with open(path) as f:
-            data = json.load(f)
+        try:
+            data = json.loads(_text(path))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list of records")
+            raise DataError(f"{path}: expected a JSON list of records")
         return data
     if path.endswith(".csv"):
-        with open(path, newline="") as f:
-            return list(csv.DictReader(f))
+        return list(csv.DictReader(_text(path).splitlines()))
     raise ValueError(f"{path}: unsupported data format; use .jsonl, .json, .csv or a datasets.save_to_disk directory")
+
+
+def _text(path: str) -> str:
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); re-encode "
+                        "the file as UTF-8") from None
+
+
+def check_records(records: list[dict], path: str, task: str, text_field: str = "text",
+                  label_field: str = "label") -> None:
+    """Every record has what its task needs, with the right types; DataError naming the file and record."""
+    needs = {"seq_cls": (text_field, label_field), "causal_lm": ("instruction", "output")}[task]
+    for number, record in enumerate(records, start=1):
+        missing = [k for k in needs if k not in record]
+        if missing:
+            hint = "set data.text_field / data.label_field" if task == "seq_cls" else \
+                "instruction data needs 'instruction' and 'output' fields"
+            raise DataError(f"{path}: record {number} lacks {missing} (its fields: {sorted(record)}); {hint}")
+        if task == "causal_lm":
+            for key in ("instruction", "output", "input"):
+                if key in record and record[key] is not None and not isinstance(record[key], str):
+                    raise DataError(f"{path}: record {number}: '{key}' is a {type(record[key]).__name__}, not text")
+            if not str(record["output"]).strip():
+                raise DataError(f"{path}: record {number}: empty 'output' (nothing to learn); remove the record")
+        elif isinstance(record[label_field], bool) or not str(record[label_field]).lstrip("-").isdigit():
+            raise DataError(f"{path}: record {number}: label {record[label_field]!r} is not an integer class")
 
 
 class ClassificationDataset(torch.utils.data.Dataset):

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..config import KaSAConfig
 from ..formats.bnb4 import quantize_linears_
+from ..inject import find_targets
 from .assets import embedded_model_dir
 from .config import EMBEDDED_MODEL, ModelSection
 
@@ -21,6 +23,21 @@ def load_tokenizer(section: ModelSection):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     return tok
+
+
+def check_targets(section: ModelSection, kasa_config: KaSAConfig) -> None:
+    """Targets, r and tied weights checked against the model's config.json alone (built on the meta device, no
+    weights read): a wrong kasa.target_modules or kasa.r is refused before anything loads."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(model_dir(section), local_files_only=True)
+    with torch.device("meta"):
+        if section.task == "seq_cls":
+            config.num_labels = section.num_labels
+            model = AutoModelForSequenceClassification.from_config(config)
+        else:
+            model = AutoModelForCausalLM.from_config(config)
+    find_targets(model, kasa_config)
 
 
 def load_model(section: ModelSection, pad_token_id: int, keep_full_precision=lambda name: False) -> nn.Module:

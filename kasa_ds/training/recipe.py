@@ -31,12 +31,12 @@ from ..progress import progress
 from . import checkpoint
 from .backends import make_backend
 from .config import ConfigError, TrainConfig, dump
-from .data import ClassificationDataset, InstructionDataset, collate, eval_subset, global_batches, load_records, \
-    rank_slice
+from .data import (ClassificationDataset, InstructionDataset, check_records, collate, eval_subset, global_batches,
+                   load_records, rank_slice)
 from .evaluation import TrainingDiverged, evaluate, fmt
 from .memory_plan import check_recipe_plan
 from .metrics import MetricsLogger
-from .models import load_model, load_tokenizer, model_dir
+from .models import check_targets, load_model, load_tokenizer, model_dir
 from .preemption import PREEMPTED_EXIT, StopRequest
 from .processes import launcher_rank, launcher_world_size, mean_over_ranks, setup_distributed, shutdown_distributed
 from .run_lock import RunLock
@@ -65,6 +65,8 @@ class Recipe:
                               "--ds_config ds_configs/zero0.json (data parallel) or zero2/zero3")
         if self.cfg.train.max_memory_gib is not None and self.cfg.ds_config is None:
             print(check_recipe_plan(self.cfg))
+        self.records = self.read_data()
+        check_targets(self.cfg.model, self.cfg.kasa_config())
         if launcher_rank() == 0:  # one training per output directory, held for the whole run
             self.lock.acquire()
             moved = checkpoint.move_aside(self.cfg.output_dir) if self.cfg.resume == "none" else None
@@ -73,6 +75,16 @@ class Recipe:
         self.resume_from = checkpoint.find_resume_checkpoint(self.cfg, self.fingerprint)
         resumed = checkpoint.read_meta(self.resume_from, self.fingerprint) if self.resume_from else {}
         self.run_id = resumed.get("run_id") or uuid.uuid4().hex[:12]  # rank 0's is the one checkpoints record
+
+    def read_data(self) -> dict:
+        """Train and eval records, read and checked record by record (DataError naming file and record)."""
+        d, task = self.cfg.data, self.cfg.model.task
+        records = {"train": load_records(d.train)}
+        if d.eval:
+            records["eval"] = eval_subset(load_records(d.eval), d.max_eval_examples)
+        for split, rows in records.items():
+            check_records(rows, getattr(d, split), task, d.text_field, d.label_field)
+        return records
 
     # ---- setup -----------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -103,9 +115,10 @@ class Recipe:
                            num_labels=cfg.model.num_labels)
         else:
             make = partial(InstructionDataset, tokenizer=self.tokenizer, max_length=cfg.model.max_length)
-        self.train_set = make(load_records(cfg.data.train))
-        self.eval_set = (make(eval_subset(load_records(cfg.data.eval), cfg.data.max_eval_examples))
-                         if cfg.data.eval else None)
+        if not hasattr(self, "records"):  # run() without preflight()
+            self.records = self.read_data()
+        self.train_set = make(self.records["train"])
+        self.eval_set = make(self.records["eval"]) if "eval" in self.records else None
         self.batch_of = partial(collate, pad_id=self.tokenizer.pad_token_id)
 
     def setup_model(self) -> None:
