@@ -5,6 +5,7 @@ same global batches as 1 process × micro batch 8 (kasa_ds.training.data.global_
 two ranks' gradients, so each step's mean loss equals the single-process one up to float32 reduction order (≤ 1e-5 relative).
 """
 
+import glob
 import json
 import os
 import shutil
@@ -96,8 +97,9 @@ def test_zero3_killed_run_resumes_with_the_same_losses(tmp_path, tiny_model):
     launch([*args, "--output_dir", str(tmp_path / "full")], 2, tmp_path)
     out = tmp_path / "cut"
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    port = free_port()
     cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port",
-           str(free_port()), str(REPO / "launch/train.py"), *args, "--output_dir", str(out),
+           str(port), str(REPO / "launch/train.py"), *args, "--output_dir", str(out),
            "train.log_every=1"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -106,6 +108,8 @@ def test_zero3_killed_run_resumes_with_the_same_losses(tmp_path, tiny_model):
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    # DeepSpeed's CPU allreduce segments (≈ 66 MiB per rank) of the killed job are not left in /dev/shm
+    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
     done_before_kill = len(losses(out))
     assert 8 <= done_before_kill < 30, "the job must be killed mid-run"
     launch([*args, "--output_dir", str(out)], 2, tmp_path)  # resume: auto

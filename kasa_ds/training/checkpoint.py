@@ -167,6 +167,25 @@ def find_resume_checkpoint(cfg: TrainConfig, fingerprint: dict) -> Optional[Path
     return path
 
 
+class DiskFull(RuntimeError):
+    """A checkpoint could not be written for lack of space; earlier checkpoints are intact."""
+
+
+def abort_if_disk_full(output_dir: str | os.PathLike, tmp: Path, step: int, error: BaseException) -> None:
+    """After a failed checkpoint write: remove the partial temporary directory, and if the disk is (nearly) full say
+    so — where, how much is free, how much a checkpoint takes — instead of the writer's own message."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    root = checkpoint_root(output_dir)
+    free = shutil.disk_usage(root if root.exists() else output_dir).free
+    previous = latest_checkpoint(output_dir)
+    needed = sum(f.stat().st_size for f in previous.rglob("*") if f.is_file()) if previous else None
+    if getattr(error, "errno", None) == 28 or free < (needed or 1 << 20):  # ENOSPC, or no room for another one
+        size = f"{needed / 2 ** 20:.1f} MiB like the last one" if needed else "more"
+        raise DiskFull(f"the disk holding {root} is full: writing checkpoint step-{step:07d} failed with "
+                       f"{free / 2 ** 20:.1f} MiB free (it needs {size}); free space or set output_dir on a larger "
+                       "disk and resume — the earlier checkpoints are intact") from error
+
+
 def save_rng(directory: Path, rank_: int) -> None:
     """The CPU generator's state, and every CUDA device's on a GPU machine."""
     state = {"cpu": torch.get_rng_state()}

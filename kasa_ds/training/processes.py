@@ -46,6 +46,8 @@ def setup_distributed(cfg: TrainConfig) -> ProcessEnv:
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=True,
                                    timeout=timedelta(minutes=cfg.distributed_timeout_minutes))
         world = dist.get_world_size()
+        dist.barrier()  # every rank has now mapped every rank's shared-memory segment
+        unlink_shm_name(dist.get_rank())
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
     if cuda:
@@ -54,26 +56,30 @@ def setup_distributed(cfg: TrainConfig) -> ProcessEnv:
     return ProcessEnv(rank, world, torch.device("cuda", local_rank) if cuda else torch.device("cpu"))
 
 
+def unlink_shm_name(rank: int) -> None:
+    """Remove the name of this rank's DeepSpeed CPU shared-memory allreduce segment (≈ 66 MiB in /dev/shm).
+
+    DeepSpeed's shm.cpp creates one per rank in ``init_distributed`` and maps every peer's before returning, but
+    never unlinks them: every run (every crashed or killed one too) left them in /dev/shm. Called once all ranks are
+    past init (a barrier), the names go and the mappings stay valid; the memory is freed when the last rank exits,
+    however it exits. Nothing to do on CUDA (NCCL)."""
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not (addr and port):
+        return
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
 def shutdown_distributed() -> None:
     """Leave the process group together: a rank exiting with live communicator threads can abort at interpreter
-    exit ("terminate called without an active exception") after a run that succeeded.
-
-    DeepSpeed's CPU shared-memory allreduce creates one /dev/shm segment per rank (≈ 66 MiB) and never unlinks it;
-    after the barrier every rank has long mapped its peers', so each rank unlinks its own (the mappings stay valid).
-    """
+    exit ("terminate called without an active exception") after a run that succeeded."""
     if not (dist.is_available() and dist.is_initialized()):
         return
     dist.barrier()
-    rank = dist.get_rank()
     dist.destroy_process_group()
-    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
-    if addr and port:
-        for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_*"):
-            if path.rsplit("_", 1)[-1] in (str(rank), os.environ.get("LOCAL_RANK", "")):
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
 
 
 def mean_over_ranks(value: float, device: torch.device, world: int) -> float:

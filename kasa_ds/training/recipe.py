@@ -43,6 +43,7 @@ from .run_lock import RunLock
 
 
 EXIT_DIVERGED = 3
+EXIT_DISK_FULL = 4
 
 
 class Recipe:
@@ -191,9 +192,13 @@ class Recipe:
             self.say(f"checkpoint at step {step} skipped: the step was not finite")
             return
         tmp = checkpoint.begin(self.cfg.output_dir, step)
-        self.backend.save_state(tmp)
-        checkpoint.save_rng(tmp, self.rank)
-        self.write_adapter(tmp)
+        try:
+            self.backend.save_state(tmp)
+            checkpoint.save_rng(tmp, self.rank)
+            self.write_adapter(tmp)
+        except Exception as e:  # writers report a full disk in their own words (safetensors: "unexpected pos")
+            checkpoint.abort_if_disk_full(self.cfg.output_dir, tmp, step, e)
+            raise
         checkpoint.commit(tmp, {"step": step, "run_id": self.run_id, "fingerprint": self.fingerprint},
                           keep=self.cfg.train.keep_checkpoints)
 
@@ -298,6 +303,9 @@ def run_recipe(cfg: TrainConfig) -> int:
         except TrainingDiverged as e:  # decided on the all-reduced loss: the same on every rank
             print(f"error: {e}", file=sys.stderr)
             rc = EXIT_DIVERGED
+        except checkpoint.DiskFull as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_DISK_FULL
         shutdown_distributed()
         return rc
     finally:
