@@ -55,6 +55,22 @@ def token_data(n: int = 32, length: int = 16, seed: int = 0) -> list[dict]:
     return [{"input_ids": row, "labels": row.clone(), "attention_mask": torch.ones_like(row)} for row in ids]
 
 
+def write_checkpoints(model, run, steps=(2, 4)) -> None:
+    """Recipe-style checkpoints of an adapted ``model`` in ``run``: per step, new adapter values, the adapter files
+    (the same files save_adapter writes) and meta.json, committed as the recipe does."""
+    from kasa_ds import save_adapter
+    from kasa_ds.training import checkpoint
+
+    for step in steps:
+        randomize_adapters(model, seed=step)
+        tmp = checkpoint.begin(run, step)
+        save_adapter(model, tmp / "adapter")
+        for f in (tmp / "adapter").iterdir():
+            f.rename(tmp / f.name)
+        (tmp / "adapter").rmdir()
+        checkpoint.commit(tmp, {"step": step, "fingerprint": {}}, keep=5)
+
+
 @pytest.fixture
 def tokens():
     return torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(7))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import free_port, ALL_LLAMA_TARGETS, randomize_adapters, tiny_llama
+from conftest import ALL_LLAMA_TARGETS, free_port, randomize_adapters, tiny_llama, write_checkpoints
 from kasa_ds import KaSAConfig, apply_kasa, kasa_layers, load_adapter, save_adapter
 from kasa_ds.io.svd_cache import SVDCache
 
@@ -136,13 +136,7 @@ def test_export_adapter_takes_the_newest_complete_checkpoint(tmp_path):
     model = tiny_llama()
     apply_kasa(model, KaSAConfig(r=4, target_modules=["q_proj"]), show_progress=False)
     run = tmp_path / "run"
-    for step in (2, 4):
-        randomize_adapters(model, seed=step)
-        tmp = checkpoint.begin(run, step)
-        save_adapter(model, tmp / "adapter")
-        for f in (tmp / "adapter").iterdir():
-            f.rename(tmp / f.name)
-        checkpoint.commit(tmp, {"step": step, "fingerprint": {}}, keep=5)
+    write_checkpoints(model, run)
     (checkpoint.checkpoint_root(run) / ".step-0000006.tmp").mkdir()  # a crashed save: never picked
     out = export(run, tmp_path / "exported")
     fresh = tiny_llama()

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ALL_LLAMA_TARGETS, randomize_adapters, tiny_llama
+from conftest import ALL_LLAMA_TARGETS, randomize_adapters, tiny_llama, write_checkpoints
 from kasa_ds import KaSAConfig, apply_kasa, save_adapter
 from kasa_ds.training import checkpoint
 
@@ -25,14 +25,7 @@ def run_dir(tmp_path):
     model = tiny_llama()
     apply_kasa(model, KaSAConfig(r=4, target_modules=["q_proj"]), show_progress=False)
     run = tmp_path / "run"
-    for step in (2, 4):
-        randomize_adapters(model, seed=step)
-        tmp = checkpoint.begin(run, step)
-        save_adapter(model, tmp / "adapter")
-        for f in (tmp / "adapter").iterdir():
-            f.rename(tmp / f.name)
-        (tmp / "adapter").rmdir()
-        checkpoint.commit(tmp, {"step": step, "fingerprint": {}}, keep=5)
+    write_checkpoints(model, run)
     (run / "metrics.jsonl").write_text('{"step": 4}\n')
     save_adapter(model, run / "adapter")
     return model, run

@@ -56,3 +56,44 @@ class Format:
     def metadata(self, module: nn.Module, model: nn.Module) -> Optional[dict]:
         """What ``kasa_ds_config.json`` records as ``base_quantization`` (None: a float base)."""
         return None
+
+
+class QuantizedFormat(Format):
+    """A frozen quantized base (bitsandbytes 4-bit, 8-bit): read dequantized and in place only (a gathered weight
+    would need its quantization state); kept with a correction (``quant_mode: low_rank_correction``) or requantized;
+    merged into a float nn.Linear. Subclasses give :meth:`dequantize`, :meth:`requantize` and the merged dtype."""
+
+    def dequantize(self, module: nn.Module) -> torch.Tensor:
+        """The (m×n) float32 weight the layer computes with."""
+        raise NotImplementedError
+
+    def requantize(self, module: nn.Module, weight: torch.Tensor) -> None:
+        """Replace the layer's weight by ``weight`` (m×n) quantized with the layer's own settings."""
+        raise NotImplementedError
+
+    def merged_dtype(self, module: nn.Module) -> torch.dtype:
+        return torch.float32
+
+    def read(self, module: nn.Module, stored: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if stored is not None:
+            raise ValueError(f"a gathered {self.name} weight needs its quantization state; {self.name} bases are read "
+                             "whole, in place")
+        return self.dequantize(module)
+
+    def keeps_base(self, config: KaSAConfig) -> bool:
+        return config.quant_mode == "low_rank_correction"
+
+    def rewrite(self, target: Target, left: torch.Tensor, right: torch.Tensor, subtract: Subtract) -> None:
+        """requantize: Q(D(Q(W)) − left·right) replaces the weight (the whole weight, on this rank)."""
+        self.requantize(target.module, self.dequantize(target.module) - left.float() @ right.float())
+
+    @torch.no_grad()
+    def merged_linear(self, layer: KaSALinear) -> nn.Module:
+        """A new nn.Linear holding the dequantized effective weight + ΔW, in :meth:`merged_dtype`."""
+        base = layer.base_layer
+        dtype = self.merged_dtype(base)
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None, device="meta")
+        linear.weight = nn.Parameter((self.dequantize(base) + layer.effective_delta()).to(dtype), requires_grad=False)
+        if base.bias is not None:
+            linear.bias = nn.Parameter(base.bias.detach().to(dtype), requires_grad=False)
+        return linear

@@ -16,44 +16,26 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ..config import KaSAConfig
 from ..core.layer import KaSALinear
-from ..core.types import Target
-from .base import Format, Subtract
+from .base import QuantizedFormat
 
 
-class Bnb4Format(Format):
-    """A bitsandbytes Linear4bit base. Truncation reads the dequantized weight; ``quant_mode`` picks correction or
-    requantize; merging builds a float nn.Linear in the compute dtype."""
+class Bnb4Format(QuantizedFormat):
+    """A bitsandbytes Linear4bit base; merging builds a float nn.Linear in its compute dtype."""
 
     name = "bnb4"
 
     def matches(self, module: nn.Module) -> bool:
         return is_4bit(module)
 
-    def read(self, module: nn.Module, stored: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if stored is not None:
-            raise ValueError("a gathered 4-bit weight needs its quant state; 4-bit bases are read whole, in place")
+    def dequantize(self, module: nn.Module) -> torch.Tensor:
         return dequantize(module)
 
-    def keeps_base(self, config: KaSAConfig) -> bool:
-        return config.quant_mode == "low_rank_correction"
+    def requantize(self, module: nn.Module, weight: torch.Tensor) -> None:
+        requantize_(module, weight)
 
-    def rewrite(self, target: Target, left: torch.Tensor, right: torch.Tensor, subtract: Subtract) -> None:
-        """requantize: Q(D(Q(W)) − left·right) replaces the 4-bit weight (the whole weight, on this rank)."""
-        requantize_(target.module, dequantize(target.module) - left.float() @ right.float())
-
-    @torch.no_grad()
-    def merged_linear(self, layer: KaSALinear) -> nn.Module:
-        """A new nn.Linear in the base's compute dtype holding the dequantized effective weight + ΔW."""
-        base = layer.base_layer
-        dtype = base.compute_dtype or torch.float32
-        linear = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None, device="meta")
-        merged = dequantize(base) + layer.effective_delta()
-        linear.weight = nn.Parameter(merged.to(dtype), requires_grad=False)
-        if base.bias is not None:
-            linear.bias = nn.Parameter(base.bias.detach().to(dtype), requires_grad=False)
-        return linear
+    def merged_dtype(self, module: nn.Module) -> torch.dtype:
+        return module.compute_dtype or torch.float32
 
     def metadata(self, module: nn.Module, model: nn.Module) -> Optional[dict]:
         """How the base was quantized: what tools/merge.py needs to rebuild it from the 16-bit checkpoint."""

@@ -12,46 +12,30 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..config import KaSAConfig
-from ..core.layer import KaSALinear
-from ..core.types import Target
-from .base import Format, Subtract
+from .base import QuantizedFormat
 
 
-class Bnb8Format(Format):
+class Bnb8Format(QuantizedFormat):
+    """A bitsandbytes Linear8bitLt base; merging builds a float nn.Linear in its bias's dtype (else float32)."""
+
     name = "bnb8"
 
     def matches(self, module: nn.Module) -> bool:
         return type(module).__name__ == "Linear8bitLt"
 
-    def read(self, module: nn.Module, stored: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if stored is not None:
-            raise ValueError("a gathered 8-bit weight needs its row scales; 8-bit bases are read whole, in place")
+    def dequantize(self, module: nn.Module) -> torch.Tensor:
         return dequantize8(module)
 
-    def keeps_base(self, config: KaSAConfig) -> bool:
-        return config.quant_mode == "low_rank_correction"
-
-    def rewrite(self, target: Target, left: torch.Tensor, right: torch.Tensor, subtract: Subtract) -> None:
-        """requantize: int8(D(W) − left·right) with new row scales replaces the weight."""
+    def requantize(self, module: nn.Module, weight: torch.Tensor) -> None:
+        """int8 with new row scales (from the float16 copy bitsandbytes quantizes)."""
         from bitsandbytes.nn import Int8Params
 
-        module = target.module
-        world = dequantize8(module) - left.float() @ right.float()
         device = module.weight.device
-        module.weight = Int8Params(world.cpu(), requires_grad=False, has_fp16_weights=False).to(device)
+        module.weight = Int8Params(weight.float().cpu(), requires_grad=False, has_fp16_weights=False).to(device)
         module.state.CB = module.state.SCB = None  # the next forward takes the new CB/SCB from the parameter
 
-    @torch.no_grad()
-    def merged_linear(self, layer: KaSALinear) -> nn.Module:
-        """A float nn.Linear (the bias's dtype, else float32) holding the dequantized effective weight + ΔW."""
-        base = layer.base_layer
-        dtype = base.bias.dtype if base.bias is not None else torch.float32
-        linear = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None, device="meta")
-        linear.weight = nn.Parameter((dequantize8(base) + layer.effective_delta()).to(dtype), requires_grad=False)
-        if base.bias is not None:
-            linear.bias = nn.Parameter(base.bias.detach().clone(), requires_grad=False)
-        return linear
+    def merged_dtype(self, module: nn.Module) -> torch.dtype:
+        return module.bias.dtype if module.bias is not None else torch.float32
 
     def metadata(self, module: nn.Module, model: nn.Module) -> Optional[dict]:
         dtype = getattr(getattr(model, "config", None), "dtype", None) or torch.float32
