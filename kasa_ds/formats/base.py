@@ -8,6 +8,7 @@ placement's ``subtract`` so that each rank changes only what it holds.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Callable, Optional
 
 import torch
@@ -20,13 +21,14 @@ from ..core.types import Target
 Subtract = Callable[[Target, torch.Tensor, torch.Tensor], None]
 
 
-class Format:
-    """Defaults are those of a dense float weight; subclasses override what differs."""
+class Format(ABC):
+    """Defaults are those of a dense float weight; subclasses say what they match and override what differs."""
 
     name = "dense"
 
+    @abstractmethod
     def matches(self, module: nn.Module) -> bool:
-        raise NotImplementedError
+        """Whether ``module``'s weight is stored in this format."""
 
     def read(self, module: nn.Module, stored: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The (m×n) float32 weight the module computes with; ``stored``: the whole stored weight when a partitioned
@@ -63,13 +65,13 @@ class QuantizedFormat(Format):
     would need its quantization state); kept with a correction (``quant_mode: low_rank_correction``) or requantized;
     merged into a float nn.Linear. Subclasses give :meth:`dequantize`, :meth:`requantize` and the merged dtype."""
 
+    @abstractmethod
     def dequantize(self, module: nn.Module) -> torch.Tensor:
         """The (m×n) float32 weight the layer computes with."""
-        raise NotImplementedError
 
+    @abstractmethod
     def requantize(self, module: nn.Module, weight: torch.Tensor) -> None:
         """Replace the layer's weight by ``weight`` (m×n) quantized with the layer's own settings."""
-        raise NotImplementedError
 
     def merged_dtype(self, module: nn.Module) -> torch.dtype:
         return torch.float32

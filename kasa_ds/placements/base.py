@@ -8,6 +8,7 @@ gathers the adapter's full-shape tensors for saving.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any, Optional
 
 import torch
@@ -18,26 +19,27 @@ from ..core.layer import KaSALinear
 from ..core.types import LayerReport, Target
 
 
-class Placement:
+class Placement(ABC):
     name = "local"
     #: adapter parameters are partitioned outside forward: each term of the regularizer is computed in forward
     regularize_in_forward = False
 
+    @abstractmethod
     def describe(self, module: nn.Module, name: str) -> Optional[tuple[tuple[int, int], Any]]:
         """((m, n) of the whole weight, placement spec) if this placement holds ``module``, else None."""
-        raise NotImplementedError
 
+    @abstractmethod
     def truncate(self, targets: list[Target], config: KaSAConfig, *, show_progress: bool = True,
                  distributed: bool = False, max_gather_bytes: int = 0) -> list[LayerReport]:
         """W ← W_world for every target (collective for sharded placements: every rank, same targets, same order)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def subtract(self, target: Target, left: torch.Tensor, right: torch.Tensor) -> None:
         """W ← W − left·right on what this rank holds (left m×r, right r×n of the whole weight)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def wrap(self, target: Target, config: KaSAConfig) -> KaSALinear:
-        raise NotImplementedError
+        """The KaSA layer that holds ``target.module`` as its base."""
 
     def gather_adapter(self, model: nn.Module, items: list[tuple[str, nn.Parameter]]) -> dict[str, torch.Tensor]:
         """{key: full-shape CPU tensor} for adapter ``items`` (key, parameter) on rank 0 at least; collective for

@@ -1,8 +1,8 @@
 """How the recipe runs its model: a plain process, or a DeepSpeed engine (ZeRO 0–3, optionally AutoTP).
 
 One backend object per run answers what was an if-chain at each site of the training script:
-    place        device placement before KaSA, or AutoTP sharding (DeepSpeed), under the loading context
-                 (ZeRO-3: the model is built partitioned under HfDeepSpeedConfig; no rank ever holds it whole)
+    before_loading  ZeRO-3: the model is then built partitioned (HfDeepSpeedConfig); no rank ever holds it whole
+    place        device placement before KaSA, or AutoTP sharding (DeepSpeed)
     prepare      after KaSA: under DeepSpeed half precision the trainable parameters are cast (it keeps fp32 masters)
     build        optimizer, schedule (and engine)
     forward, backward, step, save_state / restore_state (the trainer state in a checkpoint directory)
@@ -35,8 +35,8 @@ class PlainBackend:
         self.cfg, self.env = cfg, env
         self.dp_rank, self.dp_world = env.rank, env.world
 
-    def loading(self):
-        return contextlib.nullcontext()
+    def before_loading(self) -> None:
+        pass
 
     def place(self, model: nn.Module) -> nn.Module:
         return model.to(self.env.device)
@@ -113,14 +113,12 @@ class DeepSpeedBackend(PlainBackend):
         self.half = next((dt for key, dt in (("bf16", torch.bfloat16), ("fp16", torch.float16))
                           if self.ds.get(key, {}).get("enabled")), None)
 
-    def loading(self):
+    def before_loading(self) -> None:
         """ZeRO-3: HfDeepSpeedConfig alive while from_pretrained runs builds the model partitioned (zero.Init)."""
-        if not self.zero3:
-            return contextlib.nullcontext()
-        from transformers.integrations import HfDeepSpeedConfig
+        if self.zero3:
+            from transformers.integrations import HfDeepSpeedConfig
 
-        self.hf_ds_config = HfDeepSpeedConfig(self.ds)  # must stay referenced while the model lives
-        return contextlib.nullcontext()
+            self.hf_ds_config = HfDeepSpeedConfig(self.ds)  # must stay referenced while the model lives
 
     def place(self, model: nn.Module) -> nn.Module:
         if not self.zero3:

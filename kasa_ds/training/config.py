@@ -18,6 +18,7 @@ import yaml
 from ..config import KaSAConfig
 from ..registry import refusal
 from .assets import DATA_DIR, REPO_ROOT
+from .chat import FORMATS
 
 EMBEDDED_MODEL = "embedded:all-MiniLM-L6-v2"
 
@@ -47,6 +48,10 @@ class DataSection:
     eval: Optional[str] = str(DATA_DIR / "rotten_tomatoes" / "eval.jsonl")
     text_field: str = "text"  # seq_cls
     label_field: str = "label"  # seq_cls
+    format: str = "auto"  # causal_lm: auto | alpaca | messages | sharegpt | prompt_completion | text
+    chat_template: Optional[str] = None  # Jinja file or string; default: the tokenizer's own
+    train_on_prompt: bool = False  # causal_lm: loss on every token, not only the responses / assistant turns
+    overlong: str = "truncate"  # causal_lm examples longer than model.max_length: truncate | drop (counted)
     max_eval_examples: Optional[int] = None
 
 
@@ -265,6 +270,11 @@ def validate(c: TrainConfig) -> None:
         need(False, f"model.path={EMBEDDED_MODEL} is an encoder: use model.task=seq_cls, or give a causal LM directory")
     need(os.path.exists(c.data.train), f"data.train={c.data.train}: file or directory not found")
     need(c.data.eval is None or os.path.exists(c.data.eval), f"data.eval={c.data.eval}: file or directory not found")
+    need(c.data.format in FORMATS, f"data.format={c.data.format!r}: choose one of {', '.join(FORMATS)}")
+    need(c.data.overlong in ("truncate", "drop"), f"data.overlong={c.data.overlong!r}: choose truncate or drop")
+    template = c.data.chat_template
+    need(template is None or "{%" in template or "{{" in template or os.path.isfile(template),
+         f"data.chat_template={template}: neither a file nor a Jinja template string")
     t = c.train
     for key in ("max_steps", "micro_batch_size", "gradient_accumulation_steps", "eval_every", "save_every",
                 "log_every", "keep_checkpoints", "max_nonfinite_steps"):

@@ -14,7 +14,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-IGNORE_INDEX = -100
+from .chat import CONVERSATIONAL, IGNORE_INDEX, ChatError, detect_format, encode_conversation, to_messages
 ALPACA_PROMPT = ("Below is an instruction that describes a task{with_input}. Write a response that appropriately "
                  "completes the request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n")
 
@@ -79,24 +79,46 @@ def _text(path: str) -> str:
                         "the file as UTF-8") from None
 
 
-def check_records(records: list[dict], path: str, task: str, text_field: str = "text",
-                  label_field: str = "label") -> None:
-    """Every record has what its task needs, with the right types; DataError naming the file and record."""
-    needs = {"seq_cls": (text_field, label_field), "causal_lm": ("instruction", "output")}[task]
+def check_records(records: list[dict], path: str, task: str, text_field: str = "text", label_field: str = "label",
+                  fmt: str = "auto") -> str:
+    """Every record has what its task and format need, with the right types; DataError naming the file and record.
+    Returns the format (``auto`` resolved from the first record, kasa_ds.training.chat)."""
+    if task == "causal_lm":
+        fmt = detect_format(records[0], f"{path}: record 1") if fmt == "auto" else fmt
+        for number, record in enumerate(records, start=1):
+            try:
+                check_causal_record(record, fmt, f"{path}: record {number}")
+            except ChatError as e:
+                raise DataError(str(e)) from None
+        return fmt
     for number, record in enumerate(records, start=1):
-        missing = [k for k in needs if k not in record]
+        missing = [k for k in (text_field, label_field) if k not in record]
         if missing:
-            hint = "set data.text_field / data.label_field" if task == "seq_cls" else \
-                "instruction data needs 'instruction' and 'output' fields"
-            raise DataError(f"{path}: record {number} lacks {missing} (its fields: {sorted(record)}); {hint}")
-        if task == "causal_lm":
-            for key in ("instruction", "output", "input"):
-                if key in record and record[key] is not None and not isinstance(record[key], str):
-                    raise DataError(f"{path}: record {number}: '{key}' is a {type(record[key]).__name__}, not text")
-            if not str(record["output"]).strip():
-                raise DataError(f"{path}: record {number}: empty 'output' (nothing to learn); remove the record")
-        elif isinstance(record[label_field], bool) or not str(record[label_field]).lstrip("-").isdigit():
+            raise DataError(f"{path}: record {number} lacks {missing} (its fields: {sorted(record)}); set "
+                            "data.text_field / data.label_field")
+        if isinstance(record[label_field], bool) or not str(record[label_field]).lstrip("-").isdigit():
             raise DataError(f"{path}: record {number}: label {record[label_field]!r} is not an integer class")
+    return fmt
+
+
+CAUSAL_FIELDS = {"alpaca": ("instruction", "output"), "prompt_completion": ("prompt", "completion"),
+                 "text": ("text",), "messages": ("messages",), "sharegpt": ("conversations",)}
+
+
+def check_causal_record(record: dict, fmt: str, where: str) -> None:
+    missing = [k for k in CAUSAL_FIELDS[fmt] if k not in record]
+    if missing:
+        raise ChatError(f"{where} lacks {missing} (its fields: {sorted(record)}); data.format={fmt} needs "
+                        f"{list(CAUSAL_FIELDS[fmt])}")
+    if fmt in ("messages", "sharegpt"):
+        to_messages(record, fmt, where)
+        return
+    for key in (*CAUSAL_FIELDS[fmt], "input"):
+        if record.get(key) is not None and not isinstance(record[key], str):
+            raise ChatError(f"{where}: '{key}' is a {type(record[key]).__name__}, not text")
+    learned = {"alpaca": "output", "prompt_completion": "completion", "text": "text"}[fmt]
+    if not record[learned].strip():
+        raise ChatError(f"{where}: empty '{learned}' (nothing to learn); remove the record")
 
 
 class ClassificationDataset(torch.utils.data.Dataset):
@@ -122,29 +144,34 @@ class ClassificationDataset(torch.utils.data.Dataset):
         return {"input_ids": self.encodings["input_ids"][i], "labels": self.labels[i]}
 
 
-class InstructionDataset(torch.utils.data.Dataset):
-    """Alpaca records {instruction, input?, output} → prompt + response + EOS, loss on the response only."""
+class CausalLMDataset(torch.utils.data.Dataset):
+    """Causal-LM examples (input_ids, labels) from records of one format (kasa_ds.training.chat).
 
-    def __init__(self, records: list[dict], tokenizer, max_length: int) -> None:
-        if records and not {"instruction", "output"} <= set(records[0]):
-            raise ValueError(f"instruction data needs 'instruction' and 'output' fields (got {sorted(records[0])})")
+    Longer than ``max_length``: truncated (``overlong="truncate"``, counted in ``truncated``) or dropped; an example
+    whose kept part has no label (its prompt fills max_length) is dropped; both counted in ``dropped``.
+    """
+
+    def __init__(self, records: list[dict], tokenizer, max_length: int, fmt: str = "alpaca",
+                 train_on_prompt: bool = False, overlong: str = "truncate", source: str = "data") -> None:
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no EOS token; causal-LM training needs one to end responses")
         self.examples: list[tuple[list[int], list[int]]] = []
-        self.dropped = 0
-        for rec in records:
-            prompt = format_prompt(rec["instruction"], rec.get("input") or "")
-            p_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-            r_ids = tokenizer(str(rec["output"]), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            ids = (p_ids + r_ids)[:max_length]
-            labels = ([IGNORE_INDEX] * len(p_ids) + r_ids)[:max_length]
+        self.truncated = self.dropped = 0
+        for number, record in enumerate(records, start=1):
+            ids, labels = encode_record(record, fmt, tokenizer, train_on_prompt, f"{source}: record {number}")
+            if len(ids) > max_length:
+                if overlong == "drop":
+                    self.dropped += 1
+                    continue
+                ids, labels = ids[:max_length], labels[:max_length]
+                self.truncated += 1
             if all(lab == IGNORE_INDEX for lab in labels):
                 self.dropped += 1  # the prompt alone fills max_length: nothing to learn from
                 continue
             self.examples.append((ids, labels))
         if not self.examples:
-            raise ValueError(f"every instruction example is longer than model.max_length={max_length} before its "
-                             "response starts; raise model.max_length")
+            raise ValueError(f"{source}: no example has a response token within model.max_length={max_length}; "
+                             "raise model.max_length")
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -152,6 +179,34 @@ class InstructionDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, list[int]]:
         ids, labels = self.examples[i]
         return {"input_ids": ids, "labels": labels}
+
+
+class InstructionDataset(CausalLMDataset):
+    """Alpaca records {instruction, input?, output}: kasa_ds's Alpaca prompt + response + EOS (a conversation
+    through the chat template when the tokenizer has one); loss on the response only."""
+
+    def __init__(self, records: list[dict], tokenizer, max_length: int) -> None:
+        super().__init__(records, tokenizer, max_length, fmt="alpaca")
+
+
+def encode_record(record: dict, fmt: str, tokenizer, train_on_prompt: bool, where: str) -> tuple[list, list]:
+    """(input_ids, labels) of one record, untruncated."""
+    eos = [tokenizer.eos_token_id]
+    if fmt in CONVERSATIONAL and (fmt != "alpaca" or tokenizer.chat_template):
+        if not tokenizer.chat_template:
+            raise ChatError(f"data.format={fmt} needs a chat template and the tokenizer has none; set "
+                            "data.chat_template to a Jinja file or string")
+        return encode_conversation(tokenizer, to_messages(record, fmt, where), train_on_prompt, where)
+    if fmt == "text":
+        ids = tokenizer(record["text"], add_special_tokens=True)["input_ids"] + eos
+        return ids, list(ids)
+    if fmt == "alpaca":
+        prompt, response = format_prompt(record["instruction"], record.get("input") or ""), str(record["output"])
+    else:
+        prompt, response = record["prompt"], record["completion"]
+    p_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    r_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + eos
+    return p_ids + r_ids, (p_ids if train_on_prompt else [IGNORE_INDEX] * len(p_ids)) + r_ids
 
 
 def format_prompt(instruction: str, input_text: str = "") -> str:

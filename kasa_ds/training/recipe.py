@@ -31,7 +31,8 @@ from ..progress import progress
 from . import checkpoint
 from .backends import make_backend
 from .config import ConfigError, TrainConfig, dump
-from .data import (ClassificationDataset, InstructionDataset, check_records, collate, eval_subset, global_batches,
+from .chat import set_chat_template
+from .data import (CausalLMDataset, ClassificationDataset, check_records, collate, eval_subset, global_batches,
                    load_records, rank_slice)
 from .evaluation import TrainingDiverged, evaluate, fmt
 from .memory_plan import check_recipe_plan
@@ -52,6 +53,7 @@ class Recipe:
         self.fingerprint = checkpoint.run_fingerprint(cfg)
         self.resume_from: Optional[Path] = None
         self.lock = RunLock(cfg.output_dir)
+        self.run_id = uuid.uuid4().hex[:12]  # a resumed run takes its checkpoint's (preflight)
         self.nonfinite = 0  # consecutive steps with a NaN/inf loss or gradient
 
     # ---- before anything loads -------------------------------------------------------------------------------
@@ -75,7 +77,7 @@ class Recipe:
                 print(f"resume=none: the earlier run in {self.cfg.output_dir} was moved to {moved}", flush=True)
         self.resume_from = checkpoint.find_resume_checkpoint(self.cfg, self.fingerprint)
         resumed = checkpoint.read_meta(self.resume_from, self.fingerprint) if self.resume_from else {}
-        self.run_id = resumed.get("run_id") or uuid.uuid4().hex[:12]  # rank 0's is the one checkpoints record
+        self.run_id = resumed.get("run_id") or self.run_id  # rank 0's is the one checkpoints record
 
     def read_data(self) -> dict:
         """Train and eval records, read and checked record by record (DataError naming file and record)."""
@@ -84,7 +86,11 @@ class Recipe:
         if d.eval:
             records["eval"] = eval_subset(load_records(d.eval), d.max_eval_examples)
         for split, rows in records.items():
-            check_records(rows, getattr(d, split), task, d.text_field, d.label_field)
+            fmt = check_records(rows, getattr(d, split), task, d.text_field, d.label_field, d.format)
+            if split == "train":
+                self.data_format = fmt
+        if task == "causal_lm" and d.format == "auto":
+            print(f"data.format=auto: {d.train} reads as {self.data_format}", flush=True)
         return records
 
     # ---- setup -----------------------------------------------------------------------------------------------
@@ -109,17 +115,28 @@ class Recipe:
 
     def setup_data(self) -> None:
         cfg = self.cfg
-        self.tokenizer = load_tokenizer(cfg.model)
-        if cfg.model.task == "seq_cls":
-            make = partial(ClassificationDataset, tokenizer=self.tokenizer, max_length=cfg.model.max_length,
-                           text_field=cfg.data.text_field, label_field=cfg.data.label_field,
-                           num_labels=cfg.model.num_labels)
-        else:
-            make = partial(InstructionDataset, tokenizer=self.tokenizer, max_length=cfg.model.max_length)
         if not hasattr(self, "records"):  # run() without preflight()
             self.records = self.read_data()
-        self.train_set = make(self.records["train"])
-        self.eval_set = make(self.records["eval"]) if "eval" in self.records else None
+        self.tokenizer = load_tokenizer(cfg.model)
+        if cfg.model.task == "seq_cls":
+            def make(rows, source):
+                return ClassificationDataset(rows, self.tokenizer, cfg.model.max_length, cfg.data.text_field,
+                                             cfg.data.label_field, cfg.model.num_labels)
+        else:
+            set_chat_template(self.tokenizer, cfg.data.chat_template)
+            if self.data_format in ("messages", "sharegpt") and not self.tokenizer.chat_template:
+                raise ConfigError(f"data.format={self.data_format} needs a chat template and the tokenizer of "
+                                  f"{cfg.model.path} has none; set data.chat_template to a Jinja file or string")
+
+            def make(rows, source):
+                return CausalLMDataset(rows, self.tokenizer, cfg.model.max_length, self.data_format,
+                                       cfg.data.train_on_prompt, cfg.data.overlong, source)
+        self.train_set = make(self.records["train"], cfg.data.train)
+        self.eval_set = make(self.records["eval"], cfg.data.eval) if "eval" in self.records else None
+        counts = [f"{n} {what}" for what in ("truncated", "dropped") if (n := getattr(self.train_set, what, 0))]
+        if counts:
+            self.say(f"train examples longer than model.max_length={cfg.model.max_length}: {', '.join(counts)} "
+                     f"(data.overlong={cfg.data.overlong})")
         self.batch_of = partial(collate, pad_id=self.tokenizer.pad_token_id)
 
     def setup_model(self) -> None:
@@ -127,9 +144,9 @@ class Recipe:
         spread over the ranks when there are several)."""
         cfg, backend = self.cfg, self.backend
         self.kasa_config = cfg.kasa_config()
-        with backend.loading():
-            model = load_model(cfg.model, self.tokenizer.pad_token_id,
-                               keep_full_precision=self.kasa_config.in_module_to_save)
+        backend.before_loading()
+        keep = self.kasa_config.in_module_to_save  # modules trained in full stay unquantized
+        model = load_model(cfg.model, self.tokenizer.pad_token_id, keep_full_precision=keep)
         self.model = backend.place(model)
         if backend.dp_world != self.env.world:
             self.say(f"tensor parallel: {cfg.tensor_parallel}-way AutoTP × {backend.dp_world} data-parallel replicas")
