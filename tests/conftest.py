@@ -71,6 +71,20 @@ def write_checkpoints(model, run, steps=(2, 4)) -> None:
         checkpoint.commit(tmp, {"step": step, "fingerprint": {}}, keep=5)
 
 
+def write_uneven_instructions(path, n: int = 32) -> None:
+    """Alpaca records whose label-token counts differ by an order of magnitude: long prompts with one-word answers,
+    short prompts with long answers (a mean of per-batch means is then far from the token mean)."""
+    import json
+
+    words = "the quick brown fox jumps over the lazy dog while the cat watches from the warm window".split()
+    with open(path, "w") as f:
+        for i in range(n):
+            long = " ".join(words[(i + j) % len(words)] for j in range(40))
+            record = {"instruction": long, "input": "", "output": "Yes."} if i % 2 else \
+                {"instruction": "Say it.", "input": "", "output": long}
+            f.write(json.dumps(record) + "\n")
+
+
 @pytest.fixture
 def tokens():
     return torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(7))

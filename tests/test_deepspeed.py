@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
+from conftest import free_port, write_uneven_instructions
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is a [dev] dependency (pip install -e .[dev])")
 
@@ -169,3 +169,21 @@ def test_large_model_ds_configs_train(tmp_path, tiny_model, name):
     values = losses(tmp_path / "run")
     assert len(values) == 2 and all(v == v and abs(v) < 1e3 for v in values)
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_packed_causal_lm_under_zero2_and_zero3_matches_one_process(tmp_path, tiny_model):
+    """Packed causal-LM training (rows of different label-token counts) on 2 ranks × 2 rows, ZeRO-2 and fully
+    partitioned ZeRO-3, equals one process × 4 rows step for step: the loss is the token mean over the step's rows
+    on every rank, not the mean of the ranks' means (1e-5: float32 reduction order)."""
+    write_uneven_instructions(tmp_path / "data.jsonl")
+    base = ["--config", str(REPO / "configs/tiny_llama_instruct.yaml"), f"model.path={tiny_model}", "kasa.dropout=0.0",
+            f"data.train={tmp_path / 'data.jsonl'}", "data.packing=true", "model.max_length=160", "data.eval=null",
+            "train.max_steps=3", "train.save_every=3", "train.lr_schedule=constant", "train.warmup_steps=0",
+            "train.log_every=1"]
+    launch([*base, "train.micro_batch_size=4", "--output_dir", str(tmp_path / "single")], 1, tmp_path)
+    single = losses(tmp_path / "single")
+    for name, ds in (("zero2", REPO / "ds_configs/zero2.json"), ("zero3", fully_partitioned_zero3(tmp_path))):
+        launch([*base, "train.micro_batch_size=2", "--ds_config", str(ds), "--output_dir", str(tmp_path / name)], 2,
+               tmp_path)
+        assert losses(tmp_path / name) == pytest.approx(single, rel=1e-5), name

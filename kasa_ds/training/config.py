@@ -52,6 +52,7 @@ class DataSection:
     chat_template: Optional[str] = None  # Jinja file or string; default: the tokenizer's own
     train_on_prompt: bool = False  # causal_lm: loss on every token, not only the responses / assistant turns
     overlong: str = "truncate"  # causal_lm examples longer than model.max_length: truncate | drop (counted)
+    packing: bool = False  # causal_lm: bin-pack training examples into model.max_length rows (no cross-attention)
     max_eval_examples: Optional[int] = None
 
 
@@ -272,6 +273,8 @@ def validate(c: TrainConfig) -> None:
     need(c.data.eval is None or os.path.exists(c.data.eval), f"data.eval={c.data.eval}: file or directory not found")
     need(c.data.format in FORMATS, f"data.format={c.data.format!r}: choose one of {', '.join(FORMATS)}")
     need(c.data.overlong in ("truncate", "drop"), f"data.overlong={c.data.overlong!r}: choose truncate or drop")
+    need(not c.data.packing or c.model.task == "causal_lm", "data.packing is for model.task=causal_lm (a "
+         "classification example is one sequence with one label)")
     template = c.data.chat_template
     need(template is None or "{%" in template or "{{" in template or os.path.isfile(template),
          f"data.chat_template={template}: neither a file nor a Jinja template string")

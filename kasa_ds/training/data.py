@@ -6,6 +6,7 @@ Batches are padded to the longest example; labels use -100 where no loss is take
 
 from __future__ import annotations
 
+import bisect
 import csv
 import json
 import os
@@ -209,6 +210,47 @@ def encode_record(record: dict, fmt: str, tokenizer, train_on_prompt: bool, wher
     return p_ids + r_ids, (p_ids if train_on_prompt else [IGNORE_INDEX] * len(p_ids)) + r_ids
 
 
+class PackedDataset(torch.utils.data.Dataset):
+    """Causal-LM examples bin-packed into rows of at most ``max_length`` tokens (best-fit decreasing, deterministic).
+
+    A row is the concatenation of whole examples with ``position_ids`` restarting at 0 for each; given position_ids
+    and no attention mask, transformers builds a block-causal mask (no attention across examples). Each example's
+    first label is ignored: nothing of its own precedes its first token. The token-weighted loss of a packed batch
+    is therefore that of the same examples run unpacked.
+    """
+
+    def __init__(self, examples: CausalLMDataset, max_length: int) -> None:
+        self.rows = pack([examples[i] for i in range(len(examples))], max_length)
+        self.examples = len(examples)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        return self.rows[i]
+
+
+def pack(items: list[dict], max_length: int) -> list[dict]:
+    """Rows {input_ids, labels, position_ids} holding every item whole; each row ≤ max_length tokens."""
+    order = sorted(range(len(items)), key=lambda i: (-len(items[i]["input_ids"]), i))
+    rows: list[dict] = []
+    free: list[tuple[int, int]] = []  # (room left, row index), sorted: best fit = the smallest room that fits
+    for i in order:
+        ids, labels = items[i]["input_ids"], items[i]["labels"]
+        at = bisect.bisect_left(free, (len(ids), -1))
+        if at == len(free):
+            rows.append({"input_ids": [], "labels": [], "position_ids": []})
+            room, row = max_length, len(rows) - 1
+        else:
+            room, row = free.pop(at)
+        rows[row]["input_ids"] += ids
+        rows[row]["labels"] += [IGNORE_INDEX] + list(labels[1:])
+        rows[row]["position_ids"] += list(range(len(ids)))
+        if room - len(ids) > 0:
+            bisect.insort(free, (room - len(ids), row))
+    return rows
+
+
 def format_prompt(instruction: str, input_text: str = "") -> str:
     if input_text:
         return ALPACA_PROMPT.format(with_input=", paired with an input that provides further context",
@@ -217,7 +259,10 @@ def format_prompt(instruction: str, input_text: str = "") -> str:
 
 
 def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad input_ids (pad_id), attention_mask (0) and sequence labels (-100) to the longest example."""
+    """Right-pad input_ids (pad_id), attention_mask (0) and sequence labels (-100) to the longest example. Packed
+    rows (with position_ids) get no attention mask: their padding is one more sequence (positions from 0)."""
+    if "position_ids" in batch[0]:
+        return collate_packed(batch, pad_id)
     width = max(len(b["input_ids"]) for b in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -231,6 +276,25 @@ def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         if seq_labels:
             labels[i, :n] = torch.tensor(b["labels"])
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def collate_packed(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(b["input_ids"]) for b in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.arange(width).repeat(len(batch), 1)
+    for i, b in enumerate(batch):
+        n = len(b["input_ids"])
+        ids[i, :n] = torch.tensor(b["input_ids"])
+        labels[i, :n] = torch.tensor(b["labels"])
+        positions[i, :n] = torch.tensor(b["position_ids"])
+        positions[i, n:] = torch.arange(width - n)
+    return {"input_ids": ids, "labels": labels, "position_ids": positions, "use_cache": False}
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The collated batch's tensors on ``device`` (flags such as use_cache as they are)."""
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def global_batches(num_examples: int, global_batch: int, seed: int, start_step: int = 0) -> Iterator[list[int]]:

@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from .data import IGNORE_INDEX
+from .data import IGNORE_INDEX, to_device
 
 
 class TrainingDiverged(RuntimeError):
@@ -32,7 +32,7 @@ def evaluate(forward: Callable, dataset, batch_of: Callable, batch_size: int, de
         for b in range(n_batches):
             ids = idx[b * batch_size:(b + 1) * batch_size]
             weight = 1.0 if ids else 0.0
-            batch = {k: v.to(device) for k, v in batch_of([dataset[i] for i in (ids or [0])]).items()}
+            batch = to_device(batch_of([dataset[i] for i in (ids or [0])]), device)
             out = forward(**batch)
             if task == "seq_cls":
                 n = batch["labels"].numel() * weight

@@ -32,8 +32,8 @@ from . import checkpoint
 from .backends import make_backend
 from .config import ConfigError, TrainConfig, dump
 from .chat import set_chat_template
-from .data import (CausalLMDataset, ClassificationDataset, check_records, collate, eval_subset, global_batches,
-                   load_records, rank_slice)
+from .data import (IGNORE_INDEX, CausalLMDataset, ClassificationDataset, PackedDataset, check_records, collate,
+                   eval_subset, global_batches, load_records, rank_slice, to_device)
 from .evaluation import TrainingDiverged, evaluate, fmt
 from .memory_plan import check_recipe_plan
 from .metrics import MetricsLogger
@@ -133,6 +133,12 @@ class Recipe:
                                        cfg.data.train_on_prompt, cfg.data.overlong, source)
         self.train_set = make(self.records["train"], cfg.data.train)
         self.eval_set = make(self.records["eval"], cfg.data.eval) if "eval" in self.records else None
+        if cfg.data.packing:  # evaluation stays unpacked: the same metric with or without packing
+            self.train_set = PackedDataset(self.train_set, cfg.model.max_length)
+            tokens = sum(len(r["input_ids"]) for r in self.train_set.rows)
+            self.say(f"packing: {self.train_set.examples} examples into {len(self.train_set)} rows of at most "
+                     f"{cfg.model.max_length} tokens ({tokens / (len(self.train_set) * cfg.model.max_length):.0%} "
+                     "full)")
         counts = [f"{n} {what}" for what in ("truncated", "dropped") if (n := getattr(self.train_set, what, 0))]
         if counts:
             self.say(f"train examples longer than model.max_length={cfg.model.max_length}: {', '.join(counts)} "
@@ -160,24 +166,55 @@ class Recipe:
 
     # ---- one step --------------------------------------------------------------------------------------------
     def train_step(self, step: int, indices: list[int]) -> dict:
-        """One optimizer step over this rank's share ``indices`` of the global batch (all micro-batches)."""
+        """One optimizer step over this rank's share ``indices`` of the global batch (all micro-batches).
+
+        The task loss is the mean over the step's examples (classification: every micro-batch and rank holds as
+        many) or over its label tokens across every micro-batch and rank (causal LM: each micro-batch's mean is
+        weighted by its share of the step's tokens, so accumulation, data parallelism and packing change nothing).
+        """
         t, backend = self.cfg.train, self.backend
         tic = time.perf_counter()
+        items = [[self.train_set[i] for i in indices[k * t.micro_batch_size:(k + 1) * t.micro_batch_size]]
+                 for k in range(t.gradient_accumulation_steps)]
+        batches = [to_device(self.batch_of(part), self.device) for part in items]
+        weights = self.loss_weights(batches)
         task_sum = reg_value = 0.0
-        for micro in range(t.gradient_accumulation_steps):
-            ids = indices[micro * t.micro_batch_size:(micro + 1) * t.micro_batch_size]
-            batch = {k: v.to(self.device) for k, v in self.batch_of([self.train_set[i] for i in ids]).items()}
+        for batch, weight in zip(batches, weights):
             with backend.forward_context(step + 1):
                 task_loss = backend.forward(**batch).loss.float()
                 reg = kasa_regularization(self.model).to(task_loss.device).float()
-            backend.backward(task_loss + reg, step + 1)
-            task_sum += task_loss.item()
+            backend.backward((task_loss * weight if weight else 0.0) + reg, step + 1)
+            task_sum += task_loss.item() * weight if weight else 0.0
             reg_value = reg.item()
         grad_norm = backend.step()
         loss = mean_over_ranks(task_sum / t.gradient_accumulation_steps, self.device, self.env.world)
         self.check_finite(step + 1, loss, grad_norm)
-        return {"loss": loss, "kasa_reg": reg_value, "lr": backend.lr(), "grad_norm": grad_norm,
-                "step_time": time.perf_counter() - tic}
+        tokens = torch.tensor([sum(len(x["input_ids"]) for part in items for x in part),
+                               sum(b["input_ids"].numel() for b in batches)], dtype=torch.float64, device=self.device)
+        if self.env.world > 1:
+            torch.distributed.all_reduce(tokens)  # every rank's tokens
+        seconds = time.perf_counter() - tic
+        record = {"loss": loss, "kasa_reg": reg_value, "lr": backend.lr(), "grad_norm": grad_norm,
+                  "step_time": seconds, "tokens_per_s": tokens[0].item() / seconds,
+                  "padding": 1 - (tokens[0] / tokens[1]).item()}
+        if self.device.type == "cuda":
+            record["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / (1 << 30)
+        return record
+
+    def loss_weights(self, batches: list[dict]) -> list[float]:
+        """Per micro-batch, what its mean task loss is multiplied by before backward, relative to a plain mean over
+        micro-batches and ranks (which the backends take: backward divides by the accumulation steps, data
+        parallelism averages over ranks). Classification: 1. Causal LM: n_k · ranks · steps / N, with n_k the
+        micro-batch's label tokens (after the causal shift) and N the step's over every micro-batch and rank."""
+        if self.cfg.model.task != "causal_lm":
+            return [1.0] * len(batches)
+        counts = torch.tensor([float((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches],
+                              dtype=torch.float64, device=self.device)
+        total = counts.sum()
+        if self.env.world > 1:
+            torch.distributed.all_reduce(total)  # tensor-parallel ranks count the same tokens: world/N cancels it
+        scale = self.env.world * len(batches) / total.item() if total.item() > 0 else 0.0
+        return [c * scale for c in counts.tolist()]
 
     def check_finite(self, step: int, loss: float, grad_norm: float) -> None:
         """Count consecutive non-finite steps (the same decision on every rank: the loss is all-reduced); stop
@@ -263,7 +300,9 @@ class Recipe:
                 if self.rank == 0:
                     bar.write(f"step {done}/{t.max_steps} | loss {sum(window) / len(window):.4f} | kasa_reg "
                               f"{record['kasa_reg']:.3e} | lr {record['lr']:.2e} | grad_norm {record['grad_norm']:.3f}"
-                              f" | {record['step_time']:.2f} s/step")
+                              f" | {record['step_time']:.2f} s/step | {record['tokens_per_s']:.0f} tok/s | "
+                              f"pad {record['padding']:.0%}" + (f" | peak {record['peak_memory_gib']:.1f} GiB"
+                                                                if "peak_memory_gib" in record else ""))
                 window = []
             if self.eval_set is not None and done % t.eval_every == 0 and done < t.max_steps:
                 metrics = self.evaluate()
