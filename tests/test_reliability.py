@@ -341,3 +341,20 @@ def test_a_full_disk_during_a_checkpoint_is_one_clear_line(tmp_path, tiny_llama_
         assert not list((out / "checkpoints").glob(".*tmp"))  # no partial checkpoint left
     finally:
         subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_float16_loss_scale_skips_are_not_divergence(tmp_path, tiny_llama_dir, monkeypatch):
+    """float16 autocast whose loss scaler starts far too high (a real GradScaler at 2^100): every step overflows and
+    is skipped by the scaler, which halves its scale; that is loss scaling at work, not a diverging run."""
+    import json
+
+    from kasa_ds.training import backends
+    from kasa_ds.training.recipe import run_recipe
+
+    monkeypatch.setattr(backends, "grad_scaler", lambda device, dtype: torch.amp.GradScaler(device.type,
+                                                                                           init_scale=2.0 ** 100))
+    out = tmp_path / "run"
+    assert run_recipe(recipe_config(tiny_llama_dir, out, "train.autocast=float16", "train.max_steps=5",
+                                    "train.max_nonfinite_steps=2")) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+    assert rows[-1]["loss_scale_skips"] == 5 and all(r["loss"] == r["loss"] for r in rows)  # finite losses

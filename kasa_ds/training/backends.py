@@ -30,6 +30,7 @@ class PlainBackend:
     loss scaling, gradient clipping, the memory guard."""
 
     distributed_truncation = False
+    loss_scale_skipped = False  # the last step was skipped by float16 loss scaling (an overflow, not a divergence)
 
     def __init__(self, cfg: TrainConfig, env: ProcessEnv) -> None:
         self.cfg, self.env = cfg, env
@@ -70,12 +71,15 @@ class PlainBackend:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm).item()
+        self.loss_scale_skipped = False
         if not self.scaler and not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             return grad_norm
         if self.scaler:
-            self.scaler.step(self.optimizer)
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)  # skips the update itself when the scaled gradients overflowed
             self.scaler.update()
+            self.loss_scale_skipped = self.scaler.get_scale() < scale
         else:
             self.optimizer.step()
         self.scheduler.step()
@@ -155,6 +159,10 @@ class DeepSpeedBackend(PlainBackend):
         self.forward.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
 
     def step(self) -> float:
+        """The engine stepped at the accumulation boundary; a float16 overflow it skipped is reported as such."""
+        skipped = getattr(self.forward, "skipped_steps", 0)
+        self.loss_scale_skipped = skipped > getattr(self, "_skipped", 0)
+        self._skipped = skipped
         return float(self.forward.get_global_grad_norm() or 0.0)
 
     def save_state(self, directory) -> None:

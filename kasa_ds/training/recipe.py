@@ -55,6 +55,7 @@ class Recipe:
         self.lock = RunLock(cfg.output_dir)
         self.run_id = uuid.uuid4().hex[:12]  # a resumed run takes its checkpoint's (preflight)
         self.nonfinite = 0  # consecutive steps with a NaN/inf loss or gradient
+        self.loss_scale_skips = 0  # float16 overflows skipped by loss scaling (counted apart)
 
     # ---- before anything loads -------------------------------------------------------------------------------
     def preflight(self) -> None:
@@ -196,7 +197,7 @@ class Recipe:
         seconds = time.perf_counter() - tic
         record = {"loss": loss, "kasa_reg": reg_value, "lr": backend.lr(), "grad_norm": grad_norm,
                   "step_time": seconds, "tokens_per_s": tokens[0].item() / seconds,
-                  "padding": 1 - (tokens[0] / tokens[1]).item()}
+                  "padding": 1 - (tokens[0] / tokens[1]).item(), "loss_scale_skips": self.loss_scale_skips}
         if self.device.type == "cuda":
             record["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / (1 << 30)
         return record
@@ -218,9 +219,11 @@ class Recipe:
 
     def check_finite(self, step: int, loss: float, grad_norm: float) -> None:
         """Count consecutive non-finite steps (the same decision on every rank: the loss is all-reduced); stop
-        after train.max_nonfinite_steps of them."""
-        if math.isfinite(loss) and math.isfinite(grad_norm):
+        after train.max_nonfinite_steps of them. A float16 overflow the loss scaler skipped is counted apart: it
+        applied no update and lowers the scale, as loss scaling is meant to."""
+        if math.isfinite(loss) and (math.isfinite(grad_norm) or self.backend.loss_scale_skipped):
             self.nonfinite = 0
+            self.loss_scale_skips += self.backend.loss_scale_skipped
             return
         self.nonfinite += 1
         limit = self.cfg.train.max_nonfinite_steps
