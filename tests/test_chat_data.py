@@ -162,9 +162,14 @@ def test_recipe_trains_on_messages_with_a_template_file(tmp_path, model_dir, cap
         "train.lr=3e-3", *extra])
     assert run_recipe(config()) == 2  # this tokenizer has no chat template of its own
     assert "data.format=messages needs a chat template" in capsys.readouterr().err
-    assert run_recipe(config(f"data.chat_template={template}")) == 0
+    assert run_recipe(config(f"data.chat_template={template}", "train.sample_prompts=2")) == 0
     out = capsys.readouterr().out
     assert f"data.format=auto: {data} reads as messages" in out and "eval after:" in out
+    assert "sample 1 at step 0: " in out and "sample 2 at step 6: " in out  # answers before and after training
+    samples = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+               if '"sample"' in line]
+    assert [r["step"] for r in samples] == [0, 6] and all(len(r["samples"]) == 2 for r in samples)
+    assert samples[0]["samples"][0]["prompt"].endswith("<s>assistant\n")  # the template's generation prompt
     evals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
              if '"eval"' in line]
     assert evals[-1]["loss"] < evals[0]["loss"]

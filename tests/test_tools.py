@@ -68,3 +68,25 @@ def test_qkasa_modes_smoke(tmp_path, capsys):
     assert set(out["finetune"]) == {"low_rank_correction", "requantize"}
     assert all(len(r["loss"]) == 2 for r in out["finetune"].values())
     assert "(2 seeds): eval loss" in capsys.readouterr().out
+
+
+def test_truncation_cost_runs_and_measures_each_variant(tmp_path):
+    """tools/truncation_cost.py on the recipe's tiny Llama: the untouched loss, then each truncation variant from
+    the same model; truncating changes the loss (ΔW = 0: the truncation is all that differs)."""
+    import truncation_cost
+    from make_tiny_llama import build
+
+    model = build(tmp_path / "tiny", hidden=48, layers=2, vocab=320)
+    tokenizer_template = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}{{ eos_token }}{% endfor %}"
+                          "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": tokenizer_template}))
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                                                     {"role": "assistant", "content": f"It is {2 * i}."}]}) + "\n"
+                            for i in range(6)))
+    result = truncation_cost.main(["--model", str(model), "--data", str(data), "--examples", "6",
+                                   "--variant", "all:4:q_proj,k_proj,v_proj,o_proj", "--variant", "q:4:q_proj"])
+    assert set(result) == {"untouched", "all", "q"}
+    assert result["all"]["loss"] != result["untouched"]["loss"] and result["all"]["max_tail_energy"] > 0
+    assert result["q"]["targets"] == ["q_proj"]

