@@ -84,10 +84,11 @@ def export_lora_files(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike
     kasa = load_file(str(Path(adapter_dir) / WEIGHTS_FILE))
     check_finite(kasa, str(Path(adapter_dir) / WEIGHTS_FILE))
     tensors = list_tensors(base_dir)
+    keys = set(tensors)
     cache = SVDCache(svd_cache, base_dir, config) if svd_cache else None
     state = {k: v for k, v in kasa.items() if ".lora_" not in k}  # modules_to_save
     for name in sorted({k[len(PREFIX):].rsplit(".lora_", 1)[0] for k in kasa if ".lora_" in k}):
-        key = module_key(name, set(tensors))
+        key = module_key(name, keys)
         if key is None:
             raise ValueError(f"adapter module {name} has no weight in {base_dir}; wrong base model?")
         weight = read_tensor(base_dir, tensors[key + ".weight"], key + ".weight")
@@ -110,6 +111,7 @@ def export_lora_adapter(model: nn.Module, out_dir: str | os.PathLike, base: Base
     if rank() != 0:
         return None
     tensors = list_tensors(base) if isinstance(base, (str, os.PathLike)) else None
+    keys = set(tensors) if tensors is not None else set()
     state = {k: v for k, v in kasa.items() if ".lora_" not in k}
     for name, layer in kasa_layers(model):
         if layer.tail_left is not None:
@@ -120,7 +122,7 @@ def export_lora_adapter(model: nn.Module, out_dir: str | os.PathLike, base: Base
         elif tensors is None:
             _, left, right = base_and_tail(base.get_submodule(name).weight.detach(), name, config, quantization)
         else:
-            key = module_key(name, set(tensors))
+            key = module_key(name, keys)
             if key is None:
                 raise ValueError(f"{name} has no weight in {base}; wrong base model?")
             weight = read_tensor(base, tensors[key + ".weight"], key + ".weight")

@@ -114,6 +114,7 @@ class DeepSpeedBackend(PlainBackend):
         if cfg.tensor_parallel > 1 and self.zero3:
             raise ConfigError("tensor_parallel with ZeRO-3 is not supported; use ds_configs/zero2.json (TP + ZeRO-2)")
         self.distributed_truncation = env.world > 1 and cfg.tensor_parallel == 1  # TP bases: their own collective
+        self._skipped = 0  # the engine's count of loss-scale skips, as of the last step
         self.half = next((dt for key, dt in (("bf16", torch.bfloat16), ("fp16", torch.float16))
                           if self.ds.get(key, {}).get("enabled")), None)
 
@@ -161,7 +162,7 @@ class DeepSpeedBackend(PlainBackend):
     def step(self) -> float:
         """The engine stepped at the accumulation boundary; a float16 overflow it skipped is reported as such."""
         skipped = getattr(self.forward, "skipped_steps", 0)
-        self.loss_scale_skipped = skipped > getattr(self, "_skipped", 0)
+        self.loss_scale_skipped = skipped > self._skipped
         self._skipped = skipped
         return float(self.forward.get_global_grad_norm() or 0.0)
 

@@ -157,14 +157,13 @@ def content_hash(path: str | os.PathLike) -> str:
     return digest.hexdigest()[:16]
 
 
-def find_resume_checkpoint(cfg: TrainConfig, fingerprint: dict) -> Optional[Path]:
-    """The checkpoint this run continues from (None: a fresh run), validated against ``fingerprint``."""
+def find_resume_checkpoint(cfg: TrainConfig, fingerprint: dict) -> tuple[Optional[Path], dict]:
+    """The checkpoint this run continues from and its meta.json (None, {}: a fresh run), validated against
+    ``fingerprint``: a mismatched, corrupted or incomplete checkpoint is refused before any work."""
     if cfg.resume == "none":
-        return None
+        return None, {}
     path = latest_checkpoint(cfg.output_dir) if cfg.resume == "auto" else Path(cfg.resume)
-    if path is not None:
-        read_meta(path, fingerprint)  # refuse a mismatched or corrupted checkpoint before any work
-    return path
+    return (path, read_meta(path, fingerprint)) if path is not None else (None, {})
 
 
 class DiskFull(RuntimeError):

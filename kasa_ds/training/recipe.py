@@ -53,6 +53,7 @@ class Recipe:
         self.cfg = cfg
         self.fingerprint = checkpoint.run_fingerprint(cfg)
         self.resume_from: Optional[Path] = None
+        self.resume_meta: dict = {}
         self.lock = RunLock(cfg.output_dir)
         self.run_id = uuid.uuid4().hex[:12]  # a resumed run takes its checkpoint's (preflight)
         self.nonfinite = 0  # consecutive steps with a NaN/inf loss or gradient
@@ -77,9 +78,8 @@ class Recipe:
             moved = checkpoint.move_aside(self.cfg.output_dir) if self.cfg.resume == "none" else None
             if moved is not None:
                 print(f"resume=none: the earlier run in {self.cfg.output_dir} was moved to {moved}", flush=True)
-        self.resume_from = checkpoint.find_resume_checkpoint(self.cfg, self.fingerprint)
-        resumed = checkpoint.read_meta(self.resume_from, self.fingerprint) if self.resume_from else {}
-        self.run_id = resumed.get("run_id") or self.run_id  # rank 0's is the one checkpoints record
+        self.resume_from, self.resume_meta = checkpoint.find_resume_checkpoint(self.cfg, self.fingerprint)
+        self.run_id = self.resume_meta.get("run_id") or self.run_id  # rank 0's is the one checkpoints record
 
     def read_data(self) -> dict:
         """Train and eval records, read and checked record by record (DataError naming file and record)."""
@@ -112,7 +112,7 @@ class Recipe:
         self.backend.build(self.model)
         self.start_step = 0
         if self.resume_from is not None:
-            self.restore(self.resume_from)
+            self.restore()
         self.logger = MetricsLogger(self.output_dir, enabled=self.rank == 0, tensorboard=cfg.tensorboard)
 
     def setup_data(self) -> None:
@@ -283,12 +283,14 @@ class Recipe:
         meta["base_model_name_or_path"] = self.cfg.model.path
         write_adapter(directory, state, self.kasa_config, **meta)
 
-    def restore(self, path: Path) -> None:
+    def restore(self) -> None:
+        """Continue from the checkpoint preflight chose: adapter, trainer state, RNG, step."""
+        path = self.resume_from
         if self.cfg.ds_config is None:  # under DeepSpeed, load_checkpoint restores the (partitioned) trainables
             load_adapter_state(self.model, checkpoint.load_tensors(path / "adapter_model.safetensors"))
         self.backend.restore_state(path)
         checkpoint.restore_rng(path, self.rank)
-        self.start_step = checkpoint.read_meta(path, self.fingerprint)["step"]
+        self.start_step = self.resume_meta["step"]
         self.say(f"resuming from {path} at step {self.start_step}" + (" (the run is complete: evaluating only; "
                  "pass --resume none for a fresh run)" if self.start_step >= self.cfg.train.max_steps else ""))
 
