@@ -270,10 +270,10 @@ def test_resume_refuses_changed_settings_data_and_incomplete_checkpoints(tmp_pat
     (b"", "no records (the file is empty)"),
     (b'{"instruction": "a", "output": "b"}\n{"instruction": "c", "output"\n', "train.jsonl:2: not valid JSON"),
     (b'{"instruction": "caf\xe9", "output": "b"}\n', "train.jsonl:1: not UTF-8 text"),
-    (b'{"instruction": "a", "output": "b"}\n' * 2 + b'{"instruction": "c"}\n', "record 3 lacks ['output']"),
-    (b'{"instruction": "a", "output": "  "}\n', "record 1: empty 'output'"),
-    (b'{"instruction": "a", "output": 7}\n', "record 1: 'output' is a int, not text"),
-    (b'[1, 2]\n', "record 1 is a list, not an object"),
+    (b'{"instruction": "a", "output": "b"}\n' * 2 + b'{"instruction": "c"}\n', "train.jsonl:3 lacks ['output']"),
+    (b'{"instruction": "a", "output": "  "}\n', "train.jsonl:1: empty 'output'"),
+    (b'{"instruction": "a", "output": 7}\n', "train.jsonl:1: 'output' is a int, not text"),
+    (b'[1, 2]\n', "train.jsonl:1: a list, not an object"),
 ])
 def test_bad_data_is_one_line_naming_file_and_record_before_the_model_loads(tmp_path, tiny_llama_dir, capsys,
                                                                               content, message):

@@ -90,3 +90,28 @@ def test_truncation_cost_runs_and_measures_each_variant(tmp_path):
     assert set(result) == {"untouched", "all", "q"}
     assert result["all"]["loss"] != result["untouched"]["loss"] and result["all"]["max_tail_energy"] > 0
     assert result["q"]["targets"] == ["q_proj"]
+
+
+def test_bench_recipe_measures_all_three_runs(tmp_path, capsys):
+    """tools/bench_recipe.py on the tiny Llama with a chat template: the kasa_ds recipe, TRL SFTTrainer + PEFT LoRA
+    and the packed recipe each train and are measured; the JSON holds every run and both ratios."""
+    import bench_recipe
+    from make_tiny_llama import build
+
+    model = build(tmp_path / "tiny", hidden=48, layers=2, vocab=320)
+    template = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}{{ eos_token }}{% endfor %}"
+                "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                                                     {"role": "assistant", "content": "It is " + "a lot " * (i % 7)}]})
+                            + "\n" for i in range(1, 40)))
+    assert bench_recipe.main(["--model", str(model), "--data", str(data), "--steps", "4", "--warmup", "1",
+                              "--batch", "4", "--max-length", "96", "--targets", "q_proj", "v_proj", "up_proj",
+                              "--out", str(tmp_path / "bench.json")]) == 0
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert set(result["runs"]) == {"kasa", "trl_lora", "kasa_packed"}
+    assert all(r["tokens_per_s"] > 0 for r in result["runs"].values())
+    assert set(result["ratios"]) == {"kasa / trl_lora", "kasa_packed / kasa"}
+    assert "kasa_packed / kasa:" in capsys.readouterr().out

@@ -10,7 +10,6 @@ removes only the current run's older checkpoints.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -129,32 +128,16 @@ TRAJECTORY_KEYS = {
 }
 
 
-def run_fingerprint(cfg: TrainConfig) -> dict:
+def run_fingerprint(cfg: TrainConfig, train_contents: str) -> dict:
     """What a checkpoint must share with this run to be resumed: every trajectory setting, the training data's
-    contents, and max_steps where the schedule depends on it (cosine, linear: extending a run changes its decay)."""
+    contents (``train_contents``: kasa_ds.training.sources.DataSource.digest), and max_steps where the schedule
+    depends on it (cosine, linear: extending a run changes its decay)."""
     out = {f"{section}.{key}": getattr(getattr(cfg, section), key)
            for section, keys in TRAJECTORY_KEYS.items() for key in keys}
-    out["data.train_contents"] = content_hash(cfg.data.train)
+    out["data.train_contents"] = train_contents
     if cfg.train.lr_schedule != "constant":
         out["train.max_steps"] = cfg.train.max_steps
     return out
-
-
-def content_hash(path: str | os.PathLike) -> str:
-    """A cheap identity of a data file or directory: per file, its size and the SHA-256 of its first and last MiB."""
-    root = Path(path)
-    digest = hashlib.sha256()
-    for f in sorted(root.rglob("*")) if root.is_dir() else [root]:
-        if not f.is_file():
-            continue
-        size = f.stat().st_size
-        digest.update(f"{f.relative_to(root) if root.is_dir() else f.name}:{size}".encode())
-        with open(f, "rb") as handle:
-            digest.update(handle.read(1 << 20))
-            if size > 2 << 20:
-                handle.seek(-(1 << 20), os.SEEK_END)
-                digest.update(handle.read())
-    return digest.hexdigest()[:16]
 
 
 def find_resume_checkpoint(cfg: TrainConfig, fingerprint: dict) -> tuple[Optional[Path], dict]:

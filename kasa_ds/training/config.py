@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import glob
 import math
 import os
 from dataclasses import dataclass, field
@@ -44,7 +45,8 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    train: str = str(DATA_DIR / "rotten_tomatoes" / "train.jsonl")  # .jsonl / .json / .csv / datasets.save_to_disk dir
+    # a file (.jsonl .json .csv .parquet .arrow), a glob of shards, or a datasets.save_to_disk directory
+    train: str = str(DATA_DIR / "rotten_tomatoes" / "train.jsonl")
     eval: Optional[str] = str(DATA_DIR / "rotten_tomatoes" / "eval.jsonl")
     text_field: str = "text"  # seq_cls
     label_field: str = "label"  # seq_cls
@@ -54,6 +56,7 @@ class DataSection:
     overlong: str = "truncate"  # causal_lm examples longer than model.max_length: truncate | drop (counted)
     packing: bool = False  # causal_lm: bin-pack training examples into model.max_length rows (no cross-attention)
     max_eval_examples: Optional[int] = None
+    cache_dir: Optional[str] = None  # tokenized examples; default: <data dir>/.kasa_ds_cache (else ~/.cache/kasa_ds)
 
 
 @dataclass
@@ -274,8 +277,11 @@ def validate(c: TrainConfig) -> None:
              f"paths only; use {EMBEDDED_MODEL!r} for the bundled default)")
     elif c.model.task != "seq_cls":
         need(False, f"model.path={EMBEDDED_MODEL} is an encoder: use model.task=seq_cls, or give a causal LM directory")
-    need(os.path.exists(c.data.train), f"data.train={c.data.train}: file or directory not found")
-    need(c.data.eval is None or os.path.exists(c.data.eval), f"data.eval={c.data.eval}: file or directory not found")
+    for split in ("train", "eval"):
+        spec = getattr(c.data, split)
+        need(spec is None or (bool(glob.glob(spec)) if glob.has_magic(spec) else os.path.exists(spec)),
+             f"data.{split}={spec}: " + ("no file matches" if spec and glob.has_magic(spec) else
+                                         "file or directory not found"))
     need(c.data.format in FORMATS, f"data.format={c.data.format!r}: choose one of {', '.join(FORMATS)}")
     need(c.data.overlong in ("truncate", "drop"), f"data.overlong={c.data.overlong!r}: choose truncate or drop")
     need(not c.data.packing or c.model.task == "causal_lm", "data.packing is for model.task=causal_lm (a "

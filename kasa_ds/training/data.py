@@ -1,105 +1,71 @@
-"""Datasets for the recipe: sequence classification and Alpaca-style instruction tuning (prompt masked from loss).
+"""Examples for the recipe: record checks, encoding (sequence classification; causal LM with the prompt masked from
+the loss), packing, batching and the global batch order.
 
-Records come from .jsonl, .json (a list of objects), .csv, or a directory written by ``datasets.save_to_disk``.
-Batches are padded to the longest example; labels use -100 where no loss is taken.
+Records come from kasa_ds.training.sources (files, globs, save_to_disk directories); the recipe tokenizes them once
+into a cache (kasa_ds.training.tokenized); the in-memory datasets here serve small data and tools. Batches are
+padded to the longest example; labels use -100 where no loss is taken.
 """
 
 from __future__ import annotations
 
 import bisect
-import csv
-import json
-import os
-from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 
 from .chat import CONVERSATIONAL, IGNORE_INDEX, ChatError, detect_format, encode_conversation, to_messages
+from .sources import DataError, resolve
+
 ALPACA_PROMPT = ("Below is an instruction that describes a task{with_input}. Write a response that appropriately "
                  "completes the request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n")
 
 
-class DataError(ValueError):
-    """A malformed data file or record: one line naming the file, the line/row and the fix."""
-
-
 def load_records(path: str) -> list[dict[str, Any]]:
-    """Every record of a .jsonl/.json/.csv file or a ``save_to_disk`` directory; DataError naming the file and line
-    for invalid JSON, non-UTF-8 bytes, a non-object record or an empty file."""
-    records = _read_records(path)
+    """Every record of a data setting (file, glob, save_to_disk directory) as Python objects: for small data (the
+    recipe streams through kasa_ds.training.tokenized instead). DataError naming the file and line."""
+    records = [record for _, record in resolve(path).records()]
     if not records:
         raise DataError(f"{path}: no records (the file is empty); point data.train / data.eval at your data")
-    bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
-    if bad is not None:
-        raise DataError(f"{path}: record {bad + 1} is a {type(records[bad]).__name__}, not an object with fields")
     return records
 
 
-def _read_records(path: str) -> list:
-    if os.path.isdir(path):
-        try:
-            import datasets
-        except ImportError:
-            raise ImportError(f"{path} is a directory: reading a saved HF dataset needs `pip install datasets`") \
-                from None
-        data = datasets.load_from_disk(path)
-        if isinstance(data, datasets.DatasetDict):
-            raise ValueError(f"{path} holds a DatasetDict with splits {list(data)}: point at one split's directory")
-        return [dict(row) for row in data]
-    if path.endswith(".jsonl"):
-        records = []
-        for number, line in enumerate(_text(path).splitlines(), start=1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno}); fix or remove "
-                                    "that line") from None
-        return records
-    if path.endswith(".json"):
-        try:
-            data = json.loads(_text(path))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(data, list):
-            raise DataError(f"{path}: expected a JSON list of records")
-        return data
-    if path.endswith(".csv"):
-        return list(csv.DictReader(_text(path).splitlines()))
-    raise ValueError(f"{path}: unsupported data format; use .jsonl, .json, .csv or a datasets.save_to_disk directory")
-
-
-def _text(path: str) -> str:
-    data = Path(path).read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); re-encode "
-                        "the file as UTF-8") from None
-
-
 def check_records(records: list[dict], path: str, task: str, text_field: str = "text", label_field: str = "label",
-                  fmt: str = "auto") -> str:
-    """Every record has what its task and format need, with the right types; DataError naming the file and record.
-    Returns the format (``auto`` resolved from the first record, kasa_ds.training.chat)."""
-    if task == "causal_lm":
-        fmt = detect_format(records[0], f"{path}: record 1") if fmt == "auto" else fmt
-        for number, record in enumerate(records, start=1):
-            try:
-                check_causal_record(record, fmt, f"{path}: record {number}")
-            except ChatError as e:
-                raise DataError(str(e)) from None
-        return fmt
-    for number, record in enumerate(records, start=1):
-        missing = [k for k in (text_field, label_field) if k not in record]
-        if missing:
-            raise DataError(f"{path}: record {number} lacks {missing} (its fields: {sorted(record)}); set "
-                            "data.text_field / data.label_field")
-        if isinstance(record[label_field], bool) or not str(record[label_field]).lstrip("-").isdigit():
-            raise DataError(f"{path}: record {number}: label {record[label_field]!r} is not an integer class")
-    return fmt
+                  fmt: str = "auto", num_labels: Optional[int] = None) -> str:
+    """check_stream over in-memory records ("path: record N")."""
+    pairs = ((f"{path}: record {number}", record) for number, record in enumerate(records, start=1))
+    return check_stream(pairs, path, task, text_field, label_field, fmt, num_labels)[0]
+
+
+def check_stream(pairs: Iterable[tuple[str, dict]], path: str, task: str, text_field: str = "text",
+                 label_field: str = "label", fmt: str = "auto", num_labels: Optional[int] = None) -> tuple[str, int]:
+    """Every (where, record) has what its task and format need, with the right types; DataError naming where and the
+    fix, at the first bad record. Returns (format, number of records); ``auto`` is resolved from the first record."""
+    count = 0
+    for count, (where, record) in enumerate(pairs, start=1):
+        try:
+            if task != "causal_lm":
+                check_classification_record(record, text_field, label_field, num_labels, where)
+                continue
+            fmt = detect_format(record, where) if fmt == "auto" else fmt
+            check_causal_record(record, fmt, where)
+        except ChatError as e:
+            raise DataError(str(e)) from None
+    if count == 0:
+        raise DataError(f"{path}: no records (the file is empty); point data.train / data.eval at your data")
+    return fmt, count
+
+
+def check_classification_record(record: dict, text_field: str, label_field: str, num_labels: Optional[int],
+                                where: str) -> None:
+    missing = [k for k in (text_field, label_field) if k not in record]
+    if missing:
+        raise DataError(f"{where} lacks {missing} (its fields: {sorted(record)}); set data.text_field / "
+                        "data.label_field")
+    label = record[label_field]
+    if isinstance(label, bool) or not str(label).lstrip("-").isdigit():
+        raise DataError(f"{where}: label {label!r} is not an integer class")
+    if num_labels is not None and not 0 <= int(label) < num_labels:
+        raise DataError(f"{where}: label {label} is outside [0, {num_labels}); set model.num_labels")
 
 
 CAUSAL_FIELDS = {"alpaca": ("instruction", "output"), "prompt_completion": ("prompt", "completion"),
@@ -123,53 +89,43 @@ def check_causal_record(record: dict, fmt: str, where: str) -> None:
 
 
 class ClassificationDataset(torch.utils.data.Dataset):
-    """(text, integer label) pairs → {input_ids, attention_mask, labels}."""
+    """(text, integer label) pairs → {input_ids, labels}, in memory (the recipe caches through tokenized.py)."""
 
     def __init__(self, records: list[dict], tokenizer, max_length: int, text_field: str, label_field: str,
                  num_labels: int) -> None:
-        for i, rec in enumerate(records[:1] + records[-1:]):
-            missing = [k for k in (text_field, label_field) if k not in rec]
-            if missing:
-                raise ValueError(f"data record lacks field(s) {missing}; set data.text_field / data.label_field "
-                                 f"(record keys: {sorted(rec)})")
-        self.encodings = tokenizer([str(r[text_field]) for r in records], truncation=True, max_length=max_length)
-        self.labels = [int(r[label_field]) for r in records]
-        bad = sorted({lab for lab in self.labels if not 0 <= lab < num_labels})
-        if bad:
-            raise ValueError(f"labels {bad[:5]} are outside [0, {num_labels}); set model.num_labels")
+        check_records(records, "data", "seq_cls", text_field, label_field, num_labels=num_labels)
+        self.examples = [encode_classification(r, tokenizer, max_length, text_field, label_field) for r in records]
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.examples)
 
-    def __getitem__(self, i: int) -> dict[str, list[int]]:
-        return {"input_ids": self.encodings["input_ids"][i], "labels": self.labels[i]}
+    def __getitem__(self, i: int) -> dict:
+        ids, label = self.examples[i]
+        return {"input_ids": ids, "labels": label}
+
+
+def encode_classification(record: dict, tokenizer, max_length: int, text_field: str,
+                          label_field: str) -> tuple[list[int], int]:
+    return tokenizer(str(record[text_field]), truncation=True, max_length=max_length)["input_ids"], \
+        int(record[label_field])
 
 
 class CausalLMDataset(torch.utils.data.Dataset):
-    """Causal-LM examples (input_ids, labels) from records of one format (kasa_ds.training.chat).
-
-    Longer than ``max_length``: truncated (``overlong="truncate"``, counted in ``truncated``) or dropped; an example
-    whose kept part has no label (its prompt fills max_length) is dropped; both counted in ``dropped``.
-    """
+    """Causal-LM examples (input_ids, labels) from records of one format (kasa_ds.training.chat), in memory (the
+    recipe caches through tokenized.py). Overlong and label-less examples: see encode_example; counted in
+    ``truncated`` and ``dropped``."""
 
     def __init__(self, records: list[dict], tokenizer, max_length: int, fmt: str = "alpaca",
                  train_on_prompt: bool = False, overlong: str = "truncate", source: str = "data") -> None:
-        if tokenizer.eos_token_id is None:
-            raise ValueError("the tokenizer has no EOS token; causal-LM training needs one to end responses")
         self.examples: list[tuple[list[int], list[int]]] = []
         self.truncated = self.dropped = 0
         for number, record in enumerate(records, start=1):
-            ids, labels = encode_record(record, fmt, tokenizer, train_on_prompt, f"{source}: record {number}")
-            if len(ids) > max_length:
-                if overlong == "drop":
-                    self.dropped += 1
-                    continue
-                ids, labels = ids[:max_length], labels[:max_length]
-                self.truncated += 1
-            if all(lab == IGNORE_INDEX for lab in labels):
-                self.dropped += 1  # the prompt alone fills max_length: nothing to learn from
-                continue
-            self.examples.append((ids, labels))
+            ids, labels, fate = encode_example(record, fmt, tokenizer, max_length, train_on_prompt, overlong,
+                                               f"{source}: record {number}")
+            self.truncated += fate == "truncated"
+            self.dropped += fate == "dropped"
+            if fate != "dropped":
+                self.examples.append((ids, labels))
         if not self.examples:
             raise ValueError(f"{source}: no example has a response token within model.max_length={max_length}; "
                              "raise model.max_length")
@@ -188,6 +144,24 @@ class InstructionDataset(CausalLMDataset):
 
     def __init__(self, records: list[dict], tokenizer, max_length: int) -> None:
         super().__init__(records, tokenizer, max_length, fmt="alpaca")
+
+
+def encode_example(record: dict, fmt: str, tokenizer, max_length: int, train_on_prompt: bool, overlong: str,
+                   where: str) -> tuple[list[int], list[int], str]:
+    """(input_ids, labels, fate) of one record within ``max_length``: fate "kept"; "truncated" (cut to max_length,
+    ``overlong="truncate"``); "dropped" (longer and ``overlong="drop"``, or no label left: the prompt fills
+    max_length)."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token; causal-LM training needs one to end responses")
+    ids, labels = encode_record(record, fmt, tokenizer, train_on_prompt, where)
+    fate = "kept"
+    if len(ids) > max_length:
+        if overlong == "drop":
+            return ids, labels, "dropped"
+        ids, labels, fate = ids[:max_length], labels[:max_length], "truncated"
+    if all(lab == IGNORE_INDEX for lab in labels):
+        return ids, labels, "dropped"
+    return ids, labels, fate
 
 
 def encode_record(record: dict, fmt: str, tokenizer, train_on_prompt: bool, where: str) -> tuple[list, list]:
@@ -216,39 +190,53 @@ class PackedDataset(torch.utils.data.Dataset):
     A row is the concatenation of whole examples with ``position_ids`` restarting at 0 for each; given position_ids
     and no attention mask, transformers builds a block-causal mask (no attention across examples). Each example's
     first label is ignored: nothing of its own precedes its first token. The token-weighted loss of a packed batch
-    is therefore that of the same examples run unpacked.
+    is therefore that of the same examples run unpacked. Only the bins (example indices) are held; rows are built
+    when read, so a memory-mapped dataset stays on disk.
     """
 
-    def __init__(self, examples: CausalLMDataset, max_length: int) -> None:
-        self.rows = pack([examples[i] for i in range(len(examples))], max_length)
-        self.examples = len(examples)
+    def __init__(self, examples: torch.utils.data.Dataset, max_length: int) -> None:
+        lengths = examples.lengths if hasattr(examples, "lengths") else \
+            [len(examples[i]["input_ids"]) for i in range(len(examples))]
+        self.source, self.bins = examples, pack_bins(lengths, max_length)
+        self.examples, self.tokens = len(examples), sum(lengths)
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.bins)
 
     def __getitem__(self, i: int) -> dict[str, list[int]]:
-        return self.rows[i]
+        return pack_row([self.source[j] for j in self.bins[i]])
 
 
 def pack(items: list[dict], max_length: int) -> list[dict]:
     """Rows {input_ids, labels, position_ids} holding every item whole; each row ≤ max_length tokens."""
-    order = sorted(range(len(items)), key=lambda i: (-len(items[i]["input_ids"]), i))
-    rows: list[dict] = []
-    free: list[tuple[int, int]] = []  # (room left, row index), sorted: best fit = the smallest room that fits
-    for i in order:
-        ids, labels = items[i]["input_ids"], items[i]["labels"]
-        at = bisect.bisect_left(free, (len(ids), -1))
+    return [pack_row([items[j] for j in b]) for b in pack_bins([len(x["input_ids"]) for x in items], max_length)]
+
+
+def pack_bins(lengths: list[int], max_length: int) -> list[list[int]]:
+    """Best-fit decreasing: bins of item indices whose lengths sum to ≤ max_length (longest first, ties by index)."""
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, bin index), sorted: best fit = the smallest room that fits
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        at = bisect.bisect_left(free, (lengths[i], -1))
         if at == len(free):
-            rows.append({"input_ids": [], "labels": [], "position_ids": []})
-            room, row = max_length, len(rows) - 1
+            bins.append([])
+            room, b = max_length, len(bins) - 1
         else:
-            room, row = free.pop(at)
-        rows[row]["input_ids"] += ids
-        rows[row]["labels"] += [IGNORE_INDEX] + list(labels[1:])
-        rows[row]["position_ids"] += list(range(len(ids)))
-        if room - len(ids) > 0:
-            bisect.insort(free, (room - len(ids), row))
-    return rows
+            room, b = free.pop(at)
+        bins[b].append(i)
+        if room - lengths[i] > 0:
+            bisect.insort(free, (room - lengths[i], b))
+    return bins
+
+
+def pack_row(items: list[dict]) -> dict[str, list[int]]:
+    """One packed row: the items concatenated, position_ids restarting per item, each item's first label ignored."""
+    row: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
+    for item in items:
+        row["input_ids"] += list(item["input_ids"])
+        row["labels"] += [IGNORE_INDEX] + list(item["labels"][1:])
+        row["position_ids"] += list(range(len(item["input_ids"])))
+    return row
 
 
 def format_prompt(instruction: str, input_text: str = "") -> str:
@@ -321,5 +309,8 @@ def rank_slice(indices: list[int], rank: int, world: int) -> list[int]:
     return indices[rank * per:(rank + 1) * per]
 
 
-def eval_subset(records: list[dict], limit: Optional[int]) -> list[dict]:
-    return records if limit is None else records[:limit]
+def eval_subset(records, limit: Optional[int]):
+    """The first ``limit`` records or examples (all when None): a list or a dataset with ``head``."""
+    if limit is None:
+        return records
+    return records.head(limit) if hasattr(records, "head") else records[:limit]

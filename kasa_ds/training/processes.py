@@ -88,3 +88,9 @@ def mean_over_ranks(value: float, device: torch.device, world: int) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)  # NCCL reduces GPU tensors only
     dist.all_reduce(t)
     return (t / world).item()
+
+
+def barrier() -> None:
+    """Wait for every rank of the default group (nothing to wait for in one process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

@@ -17,6 +17,7 @@ import sys
 import time
 import uuid
 from functools import partial
+from itertools import islice
 from pathlib import Path
 from typing import Optional
 
@@ -32,16 +33,18 @@ from . import checkpoint
 from .backends import make_backend
 from .config import ConfigError, TrainConfig, dump
 from .chat import set_chat_template
-from .data import (IGNORE_INDEX, CausalLMDataset, ClassificationDataset, PackedDataset, check_records, collate,
-                   eval_subset, global_batches, load_records, rank_slice, to_device)
+from .data import IGNORE_INDEX, PackedDataset, collate, eval_subset, global_batches, rank_slice, to_device
 from .evaluation import TrainingDiverged, evaluate, fmt
 from .memory_plan import check_recipe_plan
 from .metrics import MetricsLogger
 from .models import check_targets, load_model, load_tokenizer, model_dir
 from .preemption import PREEMPTED_EXIT, StopRequest
-from .processes import launcher_rank, launcher_world_size, mean_over_ranks, setup_distributed, shutdown_distributed
+from .processes import (barrier, launcher_rank, launcher_world_size, mean_over_ranks, setup_distributed,
+                        shutdown_distributed)
 from .run_lock import RunLock
 from .samples import answer, prompt_of
+from .sources import resolve
+from .tokenized import Encoding, checked, tokenized
 
 
 EXIT_DIVERGED = 3
@@ -51,7 +54,7 @@ EXIT_DISK_FULL = 4
 class Recipe:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
-        self.fingerprint = checkpoint.run_fingerprint(cfg)
+        self.fingerprint: dict = {}  # of the settings and data contents (preflight: reading data may fail)
         self.resume_from: Optional[Path] = None
         self.resume_meta: dict = {}
         self.lock = RunLock(cfg.output_dir)
@@ -71,7 +74,7 @@ class Recipe:
                               "--ds_config ds_configs/zero0.json (data parallel) or zero2/zero3")
         if self.cfg.train.max_memory_gib is not None and self.cfg.ds_config is None:
             print(check_recipe_plan(self.cfg))
-        self.records = self.read_data()
+        self.read_data()
         check_targets(self.cfg.model, self.cfg.kasa_config())
         if launcher_rank() == 0:  # one training per output directory, held for the whole run
             self.lock.acquire()
@@ -81,19 +84,20 @@ class Recipe:
         self.resume_from, self.resume_meta = checkpoint.find_resume_checkpoint(self.cfg, self.fingerprint)
         self.run_id = self.resume_meta.get("run_id") or self.run_id  # rank 0's is the one checkpoints record
 
-    def read_data(self) -> dict:
-        """Train and eval records, read and checked record by record (DataError naming file and record)."""
+    def read_data(self) -> None:
+        """Find the train and eval data and check every record (DataError naming file, line and fix), streamed;
+        a check of the same contents and settings in an earlier run is reused (kasa_ds.training.tokenized)."""
         d, task = self.cfg.data, self.cfg.model.task
-        records = {"train": load_records(d.train)}
-        if d.eval:
-            records["eval"] = eval_subset(load_records(d.eval), d.max_eval_examples)
-        for split, rows in records.items():
-            fmt = check_records(rows, getattr(d, split), task, d.text_field, d.label_field, d.format)
+        self.sources = {"train": resolve(d.train), **({"eval": resolve(d.eval)} if d.eval else {})}
+        num_labels = self.cfg.model.num_labels if task == "seq_cls" else None
+        for split, source in self.sources.items():
+            fmt, _ = checked(source, source.cache_dir(d.cache_dir), task, d.format, d.text_field, d.label_field,
+                             num_labels)
             if split == "train":
                 self.data_format = fmt
         if task == "causal_lm" and d.format == "auto":
             print(f"data.format=auto: {d.train} reads as {self.data_format}", flush=True)
-        return records
+        self.fingerprint = checkpoint.run_fingerprint(self.cfg, self.sources["train"].digest())
 
     # ---- setup -----------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -116,31 +120,34 @@ class Recipe:
         self.logger = MetricsLogger(self.output_dir, enabled=self.rank == 0, tensorboard=cfg.tensorboard)
 
     def setup_data(self) -> None:
-        cfg = self.cfg
-        if not hasattr(self, "records"):  # run() without preflight()
-            self.records = self.read_data()
+        """Tokenize the train and eval data once (rank 0; cached beside the data) and memory-map the examples."""
+        cfg, d = self.cfg, self.cfg.data
+        if not hasattr(self, "sources"):  # run() without preflight()
+            self.read_data()
         self.tokenizer = load_tokenizer(cfg.model)
-        if cfg.model.task == "seq_cls":
-            def make(rows, source):
-                return ClassificationDataset(rows, self.tokenizer, cfg.model.max_length, cfg.data.text_field,
-                                             cfg.data.label_field, cfg.model.num_labels)
-        else:
-            set_chat_template(self.tokenizer, cfg.data.chat_template)
+        if cfg.model.task == "causal_lm":
+            set_chat_template(self.tokenizer, d.chat_template)
             if self.data_format in ("messages", "sharegpt") and not self.tokenizer.chat_template:
                 raise ConfigError(f"data.format={self.data_format} needs a chat template and the tokenizer of "
                                   f"{cfg.model.path} has none; set data.chat_template to a Jinja file or string")
-
-            def make(rows, source):
-                return CausalLMDataset(rows, self.tokenizer, cfg.model.max_length, self.data_format,
-                                       cfg.data.train_on_prompt, cfg.data.overlong, source)
-        self.train_set = make(self.records["train"], cfg.data.train)
-        self.eval_set = make(self.records["eval"], cfg.data.eval) if "eval" in self.records else None
-        if cfg.data.packing:  # evaluation stays unpacked: the same metric with or without packing
+        encoding = Encoding(cfg.model.task, self.data_format, cfg.model.max_length, d.train_on_prompt, d.overlong,
+                            d.text_field, d.label_field)
+        sets = {}
+        for split, source in self.sources.items():
+            sets[split] = tokenized(source, encoding, self.tokenizer, source.cache_dir(d.cache_dir), self.rank == 0,
+                                    barrier)
+            self.say(f"data.{split}: {len(sets[split])} examples " + (f"read from the cache {sets[split].path}"
+                     if sets[split].cached else f"tokenized, cached as {sets[split].path}"))
+        if len(sets["train"]) == 0:
+            raise ConfigError(f"{d.train}: no example has a response token within model.max_length="
+                              f"{cfg.model.max_length}; raise model.max_length")
+        self.train_set = sets["train"]
+        self.eval_set = eval_subset(sets["eval"], d.max_eval_examples) if "eval" in sets else None
+        if d.packing:  # evaluation stays unpacked: the same metric with or without packing
             self.train_set = PackedDataset(self.train_set, cfg.model.max_length)
-            tokens = sum(len(r["input_ids"]) for r in self.train_set.rows)
             self.say(f"packing: {self.train_set.examples} examples into {len(self.train_set)} rows of at most "
-                     f"{cfg.model.max_length} tokens ({tokens / (len(self.train_set) * cfg.model.max_length):.0%} "
-                     "full)")
+                     f"{cfg.model.max_length} tokens "
+                     f"({self.train_set.tokens / (len(self.train_set) * cfg.model.max_length):.0%} full)")
         counts = [f"{n} {what}" for what in ("truncated", "dropped") if (n := getattr(self.train_set, what, 0))]
         if counts:
             self.say(f"train examples longer than model.max_length={cfg.model.max_length}: {', '.join(counts)} "
@@ -247,7 +254,7 @@ class Recipe:
 
     def log_samples(self, step: int) -> None:
         """Answer the first train.sample_prompts eval prompts (every rank: forwards may be collective)."""
-        rows = self.records["eval"][:self.cfg.train.sample_prompts]
+        rows = [record for _, record in islice(self.sources["eval"].records(), self.cfg.train.sample_prompts)]
         prompts = [p for p in (prompt_of(r, self.data_format, self.tokenizer) for r in rows) if p is not None]
         answers = answer(self.model, self.tokenizer, prompts, self.device, self.cfg.train.sample_max_new_tokens)
         for i, (prompt, text) in enumerate(zip(prompts, answers), start=1):
