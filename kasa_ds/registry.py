@@ -28,11 +28,10 @@ PLACEMENTS: tuple[Placement, ...] = (TP, ZERO3, LOCAL)
 #: (format, placement or run context) → why not, and what to do instead. "deepspeed" is a DeepSpeed engine of any
 #: ZeRO stage (the recipe's context: its optimizer, precision and checkpointing), not a weight placement.
 REFUSED: dict[tuple[str, str], str] = {
-    ("bnb4", "zero3"): "4-bit bases (QKaSA) under ZeRO-3 are not supported yet: train QKaSA in one process (no "
-                       "--ds_config), or use a 16-bit base with ZeRO-3",
     ("bnb4", "tp"): "4-bit bases (QKaSA) are not tensor-parallel: drop tensor_parallel or model.quantize",
-    ("bnb4", "deepspeed"): "4-bit bases (QKaSA) under DeepSpeed are not supported yet: train QKaSA in one process "
-                           "(drop --ds_config)",
+    ("bnb4", "deepspeed"): "4-bit bases (QKaSA) under DeepSpeed need ZeRO-3, which partitions the packed 4-bit "
+                           "weights (--ds_config ds_configs/zero3.json, or ds_configs/qkasa_70b_zero3.json); or "
+                           "train in one process (drop --ds_config)",
     ("bnb8", "zero3"): "8-bit bases under ZeRO-3 are not supported: train in one process, or use a 16-bit base",
     ("bnb8", "tp"): "8-bit bases are not tensor-parallel: use a 16-bit base for tensor parallelism",
 }

@@ -13,6 +13,7 @@ The recipe itself is kasa_ds.training.recipe.Recipe; this file parses the comman
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -47,5 +48,18 @@ def main(argv=None) -> int:
     return run_recipe(cfg)
 
 
+def exit_now(code: int) -> None:
+    """Leave without running C++ static destructors once a multi-rank run is over (its files are written and
+    renamed, its metrics closed, its process group destroyed): with a 4-bit base under ZeRO-3, a rank otherwise
+    sometimes aborts in interpreter teardown ("terminate called without an active exception", seen in 1 of ~6
+    otherwise successful runs), turning a finished run into a failed job."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    rc = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        exit_now(rc)
+    sys.exit(rc)

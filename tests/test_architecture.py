@@ -15,7 +15,7 @@ PACKAGE = REPO / "kasa_ds"
 LAYERS = [("config", "progress", "cli"), ("core",), ("formats", "dist"), ("placements",), ("registry",), ("inject", "merge"),
           ("io",), ("training", "integrations")]
 #: optional third-party packages that kasa_ds may import inside a function (only where a model uses them)
-OPTIONAL = ("deepspeed", "bitsandbytes", "megatron", "transformers", "peft", "torch.utils.tensorboard", "datasets")
+OPTIONAL = ("deepspeed", "bitsandbytes", "megatron", "transformers", "peft", "torch.utils.tensorboard", "datasets", "accelerate")
 MAX_FUNCTION_LINES = 90
 
 

@@ -86,8 +86,11 @@ class QuantizedFormat(Format):
         return config.quant_mode == "low_rank_correction"
 
     def rewrite(self, target: Target, left: torch.Tensor, right: torch.Tensor, subtract: Subtract) -> None:
-        """requantize: Q(D(Q(W)) − left·right) replaces the weight (the whole weight, on this rank)."""
-        self.requantize(target.module, self.dequantize(target.module) - left.float() @ right.float())
+        """requantize: Q(D(Q(W)) − left·right) replaces the weight, computed where the placement holds it whole
+        (a ZeRO-3 weight: gathered for this layer, rewritten on one rank, each shard rewritten once)."""
+        with target.placement.whole(target) as writer:
+            if writer:
+                self.requantize(target.module, self.dequantize(target.module) - left.float() @ right.float())
 
     @torch.no_grad()
     def merged_linear(self, layer: KaSALinear) -> nn.Module:

@@ -31,6 +31,15 @@ class Bnb4Format(QuantizedFormat):
     def dequantize(self, module: nn.Module) -> torch.Tensor:
         return dequantize(module)
 
+    def read(self, module: nn.Module, stored: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The float32 weight; ``stored``: the packed bytes a ZeRO-3 placement gathered (the quantization state is
+        held by every rank, on the parameter)."""
+        if stored is None:
+            return dequantize(module)
+        import bitsandbytes.functional as bnbF
+
+        return bnbF.dequantize_4bit(stored, module.weight.quant_state).float()
+
     def requantize(self, module: nn.Module, weight: torch.Tensor) -> None:
         requantize_(module, weight)
 
@@ -75,18 +84,44 @@ def dequantize(module: nn.Module) -> torch.Tensor:
 
 
 def requantize_(module: nn.Module, weight: torch.Tensor) -> None:
-    """Replace a 4-bit layer's weight by ``weight`` (m×n) quantized with the layer's own settings."""
+    """Rewrite a 4-bit layer's weight as ``weight`` (m×n) quantized with the layer's own settings, in place: the
+    same parameter object keeps its packed shape and storage dtype (a ZeRO-3 placement re-partitions it)."""
     from bitsandbytes.nn import Params4bit
 
     old = module.weight
     state = old.quant_state
     new = Params4bit(weight.to(torch.float32).contiguous().cpu(), requires_grad=False, quant_type=state.quant_type,
                      blocksize=state.blocksize, compress_statistics=state.nested,
-                     quant_storage=old.quant_storage)
-    module.weight = new.to(old.device)
+                     quant_storage=old.quant_storage).to(old.device)
+    old.data.copy_(new.data.view_as(old.data))
+    old.quant_state = new.quant_state
 
 
 HEADS = ("lm_head", "score", "classifier")
+
+
+def quantized(name: str, module: nn.Module, keep: Callable[[str], bool]) -> bool:
+    """Whether ``quantize_linears_`` turns this module 4-bit: every nn.Linear but heads and ``keep(name)``."""
+    return type(module) is nn.Linear and name.rsplit(".", 1)[-1] not in HEADS and not keep(name)
+
+
+def linear_4bit(linear: nn.Module, weight: torch.Tensor, quant_type: str, double_quant: bool,
+                compute_dtype: torch.dtype, quant_storage: torch.dtype = torch.uint8) -> nn.Module:
+    """A Linear4bit holding ``weight`` (m×n) of ``linear`` (an nn.Linear, possibly on the meta device) quantized,
+    on the weight's device; the packed bytes are stored as ``quant_storage`` elements (uint8; or the compute dtype,
+    which ZeRO-3 partitions like any weight: the same bytes reinterpreted). Bias: taken from ``linear`` (set it
+    after when it is on the meta device)."""
+    from bitsandbytes.nn import Linear4bit, Params4bit
+
+    q = Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None, compute_dtype=compute_dtype,
+                   compress_statistics=double_quant, quant_type=quant_type, quant_storage=quant_storage,
+                   device="meta")
+    q.weight = Params4bit(weight.detach().float().cpu(), requires_grad=False, quant_type=quant_type,
+                          compress_statistics=double_quant, quant_storage=quant_storage).to(weight.device)
+    if linear.bias is not None and linear.bias.device.type != "meta":
+        q.bias = nn.Parameter(linear.bias.detach().clone().to(weight.device), requires_grad=False)
+    training_layout_(q)
+    return q
 
 
 def quantize_linears_(model: nn.Module, quant_type: str = "nf4", double_quant: bool = True,
@@ -98,23 +133,11 @@ def quantize_linears_(model: nn.Module, quant_type: str = "nf4", double_quant: b
     What ``from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True))`` does on a GPU, done on
     the loaded model so it also runs on a CPU-only machine. Returns the number of layers quantized.
     """
-    from bitsandbytes.nn import Linear4bit, Params4bit
-
     count = 0
     for name, module in list(model.named_modules()):
-        if type(module) is not nn.Linear or name.rsplit(".", 1)[-1] in HEADS or keep(name):
-            continue
-        q = Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
-                       compute_dtype=compute_dtype, compress_statistics=double_quant, quant_type=quant_type,
-                       device="meta")
-        q.weight = Params4bit(module.weight.detach().float().cpu(), requires_grad=False, quant_type=quant_type,
-                              compress_statistics=double_quant)
-        if module.bias is not None:
-            q.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
-        q = q.to(module.weight.device)
-        training_layout_(q)
-        model.set_submodule(name, q)
-        count += 1
+        if quantized(name, module, keep):
+            model.set_submodule(name, linear_4bit(module, module.weight, quant_type, double_quant, compute_dtype))
+            count += 1
     return count
 
 

@@ -9,7 +9,8 @@ gathers the adapter's full-shape tensors for saving.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Optional
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
@@ -40,6 +41,12 @@ class Placement(ABC):
     @abstractmethod
     def wrap(self, target: Target, config: KaSAConfig) -> KaSALinear:
         """The KaSA layer that holds ``target.module`` as its base."""
+
+    @contextmanager
+    def whole(self, target: Target) -> Iterator[bool]:
+        """The target's weight held whole inside the block; yields whether this rank writes it (a weight held
+        whole everywhere: every rank rewrites its own copy)."""
+        yield True
 
     def gather_adapter(self, model: nn.Module, items: list[tuple[str, nn.Parameter]]) -> dict[str, torch.Tensor]:
         """{key: full-shape CPU tensor} for adapter ``items`` (key, parameter) on rank 0 at least; collective for

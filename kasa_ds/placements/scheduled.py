@@ -27,7 +27,10 @@ from ..progress import progress
 
 
 def work_items(targets: list[Target]) -> list[WorkItem]:
-    return [WorkItem(t.name, t.shape, t.module.weight.element_size() * t.shape[0] * t.shape[1]) for t in targets]
+    """One item per target; its bytes: what the owner gathers (the stored weight: packed, for a 4-bit base)."""
+    return [WorkItem(t.name, t.shape, t.module.weight.element_size() * getattr(t.module.weight, "ds_numel",
+                                                                              t.module.weight.numel()))
+            for t in targets]
 
 
 def truncate_scheduled(targets: list[Target], config: KaSAConfig, *, group=None,

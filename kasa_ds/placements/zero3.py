@@ -15,7 +15,8 @@ the model's output, as any training loss does (task loss + regularizer).
 
 from __future__ import annotations
 
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -38,8 +39,9 @@ class Zero3Placement(Placement):
     regularize_in_forward = True
 
     def describe(self, module: nn.Module, name: str):
+        """A partitioned nn.Linear (a bitsandbytes Linear4bit is one: its packed weight is partitioned like any)."""
         if isinstance(module, nn.Linear) and is_partitioned(module.weight):
-            return tuple(module.weight.ds_shape), None
+            return (module.out_features, module.in_features), None
         return None
 
     def truncate(self, targets: list[Target], config: KaSAConfig, *, show_progress: bool = True,
@@ -59,6 +61,15 @@ class Zero3Placement(Placement):
     @torch.no_grad()
     def subtract(self, target: Target, left: torch.Tensor, right: torch.Tensor) -> None:
         rewrite_shard(target.module.weight, left, right, rank())
+
+    @contextmanager
+    def whole(self, target: Target) -> Iterator[bool]:
+        """The weight gathered on every rank for the block (one layer); rank 0 writes, and on leaving DeepSpeed
+        re-partitions rank 0's version: each rank's shard is rewritten once. Collective."""
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([target.module.weight], modifier_rank=0):
+            yield rank() == 0
 
     def wrap(self, target: Target, config: KaSAConfig) -> KaSALinear:
         layer = kasa_linear(target, config)

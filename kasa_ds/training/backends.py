@@ -21,6 +21,7 @@ from torch import nn
 
 from ..placements.tp.autotp import autotp_shard
 from .config import ConfigError, TrainConfig
+from .models import load_model
 from .precision import MemoryGuard, autocast, build_optimizer, grad_scaler, lr_factor
 from .processes import ProcessEnv
 
@@ -38,6 +39,10 @@ class PlainBackend:
 
     def before_loading(self) -> None:
         pass
+
+    def load(self, section, pad_token_id: int, keep) -> nn.Module:
+        """The base model as this backend needs it loaded (kasa_ds.training.models.load_model)."""
+        return load_model(section, pad_token_id, keep_full_precision=keep)
 
     def place(self, model: nn.Module) -> nn.Module:
         return model.to(self.env.device)
@@ -119,11 +124,18 @@ class DeepSpeedBackend(PlainBackend):
                           if self.ds.get(key, {}).get("enabled")), None)
 
     def before_loading(self) -> None:
-        """ZeRO-3: HfDeepSpeedConfig alive while from_pretrained runs builds the model partitioned (zero.Init)."""
-        if self.zero3:
+        """ZeRO-3: HfDeepSpeedConfig alive while from_pretrained runs builds the model partitioned (zero.Init); a 4-bit
+        base partitions itself as it streams in (``load``), from a skeleton zero.Init must not touch."""
+        if self.zero3 and not self.cfg.model.quantize:
             from transformers.integrations import HfDeepSpeedConfig
 
             self.hf_ds_config = HfDeepSpeedConfig(self.ds)  # must stay referenced while the model lives
+
+    def load(self, section, pad_token_id: int, keep) -> nn.Module:
+        """ZeRO-3 with a 4-bit base: streamed in module by module, partitioned as it comes (packed bytes stored in
+        the engine's parameter dtype, which its casts then leave as they are)."""
+        return load_model(section, pad_token_id, keep_full_precision=keep, zero3=self.ds if self.zero3 else None,
+                          half=self.half)
 
     def place(self, model: nn.Module) -> nn.Module:
         if not self.zero3:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import glob
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -252,6 +253,17 @@ def resolve_path(path: Optional[str]) -> Optional[str]:
     return str(in_repo) if in_repo.exists() else path
 
 
+def zero_stage(ds_config: Optional[str]) -> Optional[int]:
+    """The ZeRO stage a DeepSpeed JSON sets (0 when it sets none; None: no config or unreadable, checked later)."""
+    if ds_config is None or not os.path.isfile(ds_config):
+        return None
+    try:
+        with open(ds_config) as f:
+            return int(json.load(f).get("zero_optimization", {}).get("stage", 0))
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
 def validate(c: TrainConfig) -> None:
     def need(ok: bool, msg: str) -> None:
         if not ok:
@@ -267,8 +279,9 @@ def validate(c: TrainConfig) -> None:
     need(c.model.dtype in ("float32", "bfloat16", "float16"),
          f"model.dtype={c.model.dtype!r}: choose float32, bfloat16 or float16")
     need(c.model.quantize in (None, "nf4", "fp4"), f"model.quantize={c.model.quantize!r}: choose nf4, fp4 or null")
-    need(c.model.quantize is None or c.ds_config is None,
-         f"model.quantize with --ds_config: {refusal('bnb4', 'deepspeed')}")
+    need(c.model.quantize is None or c.ds_config is None or zero_stage(c.ds_config) == 3,
+         f"model.quantize with --ds_config {c.ds_config} (ZeRO stage {zero_stage(c.ds_config)}): "
+         f"{refusal('bnb4', 'deepspeed')}")
     need(c.model.max_length >= 8, f"model.max_length={c.model.max_length}: must be >= 8")
     need(c.model.num_labels >= 2, f"model.num_labels={c.model.num_labels}: must be >= 2")
     if c.model.path != EMBEDDED_MODEL:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -10,6 +12,12 @@ from ..formats.bnb4 import quantize_linears_
 from ..inject import find_targets
 from .assets import embedded_model_dir
 from .config import EMBEDDED_MODEL, ModelSection
+from .partitioned_4bit import load_partitioned_4bit
+
+
+def device() -> torch.device:
+    """This process's device: its local CUDA device, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def model_dir(section: ModelSection) -> str:
@@ -40,21 +48,33 @@ def check_targets(section: ModelSection, kasa_config: KaSAConfig) -> None:
     find_targets(model, kasa_config)
 
 
-def load_model(section: ModelSection, pad_token_id: int, keep_full_precision=lambda name: False) -> nn.Module:
+def load_model(section: ModelSection, pad_token_id: int, keep_full_precision=lambda name: False,
+               zero3: Optional[dict] = None, half: Optional[torch.dtype] = None) -> nn.Module:
     """The HF model for ``section.task``; with ``section.quantize`` every linear but the heads and the modules
-    ``keep_full_precision(name)`` names becomes 4-bit."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    ``keep_full_precision(name)`` names becomes 4-bit. ``zero3``: the DeepSpeed config a 4-bit base is partitioned
+    under as it streams in (kasa_ds.training.partitioned_4bit; ``half``: the engine's parameter dtype, which stores
+    the packed bytes); a 16-bit base is built partitioned by ``from_pretrained`` itself (HfDeepSpeedConfig)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     kwargs = dict(dtype=getattr(torch, section.dtype), local_files_only=True)
-    if section.task == "seq_cls":
+    compute = torch.bfloat16 if torch.cuda.is_available() and section.dtype == "bfloat16" else torch.float32
+    if section.quantize and zero3 is not None:
+        config = AutoConfig.from_pretrained(model_dir(section), local_files_only=True)
+        if section.task == "seq_cls":
+            config.num_labels = section.num_labels
+        auto = AutoModelForSequenceClassification if section.task == "seq_cls" else AutoModelForCausalLM
+        storage = half or torch.float32
+        model = load_partitioned_4bit(model_dir(section), lambda: auto.from_config(config, dtype=kwargs["dtype"]),
+                                      zero3, section.quantize, section.double_quant, half or compute, storage,
+                                      kwargs["dtype"], device(), keep=keep_full_precision)
+    elif section.task == "seq_cls":
         model = AutoModelForSequenceClassification.from_pretrained(model_dir(section), num_labels=section.num_labels,
                                                                    **kwargs)
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir(section), **kwargs)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id
-    if section.quantize:
-        compute = torch.bfloat16 if torch.cuda.is_available() and section.dtype == "bfloat16" else torch.float32
+    if section.quantize and zero3 is None:
         quantize_linears_(model, section.quantize, section.double_quant, compute, keep=keep_full_precision)
     if section.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -37,7 +37,7 @@ from .data import IGNORE_INDEX, PackedDataset, collate, eval_subset, global_batc
 from .evaluation import TrainingDiverged, evaluate, fmt
 from .memory_plan import check_recipe_plan
 from .metrics import MetricsLogger
-from .models import check_targets, load_model, load_tokenizer, model_dir
+from .models import check_targets, load_tokenizer, model_dir
 from .preemption import PREEMPTED_EXIT, StopRequest
 from .processes import (barrier, launcher_rank, launcher_world_size, mean_over_ranks, setup_distributed,
                         shutdown_distributed)
@@ -161,7 +161,7 @@ class Recipe:
         self.kasa_config = cfg.kasa_config()
         backend.before_loading()
         keep = self.kasa_config.in_module_to_save  # modules trained in full stay unquantized
-        model = load_model(cfg.model, self.tokenizer.pad_token_id, keep_full_precision=keep)
+        model = backend.load(cfg.model, self.tokenizer.pad_token_id, keep)
         self.model = backend.place(model)
         if backend.dp_world != self.env.world:
             self.say(f"tensor parallel: {cfg.tensor_parallel}-way AutoTP × {backend.dp_world} data-parallel replicas")
