@@ -111,3 +111,35 @@ def test_published_qlora_65b_fits_one_48gb_gpu():
     bits = (out["per_gpu_bytes"]["base_weights"] - (shape.total - shape.linear) * 2) * 8 / shape.linear
     assert bits == pytest.approx(4 + 8 / 64 + 32 / (64 * 256))
     assert shape.linear * 0.5 < out["total_bytes"] < 48e9
+
+
+def test_qkasa_under_zero3_partitions_the_packed_base_and_replicates_the_scales(shape):
+    """A 4-bit base under ZeRO-3 (kasa_ds.training.partitioned_4bit): the packed linears and the 16-bit rest split over
+    the GPUs; the block scales (double quantization: 1 B per 64 weights + 4 B per 64·256) and the rank-r correction
+    factors stay whole on each; one gathered packed linear plus its dequantized bf16 copy is added. QKaSA under a
+    ZeRO ≤ 2 engine is refused."""
+    run = RunShape(method="qkasa", gpus=2, zero=3, r=8, seq_len=2048)
+    out = plan(shape, run)["per_gpu_bytes"]
+    scales = shape.linear * (1 / 64 + 4 / (64 * 256))
+    correction = sum(8 * (m + n) * 2 for _, m, n in shape.targets)
+    other = shape.total - shape.linear
+    assert out["base_weights"] == pytest.approx((shape.linear * 0.5 + other * 2) / 2 + scales + correction)
+    assert out["gathered_4bit_layer"] == pytest.approx(28672 * 8192 * 2.5)
+    assert plan(shape, RunShape(method="qkasa", gpus=4, zero=3))["total_bytes"] < plan(shape, run)["total_bytes"]
+    offloaded = plan(shape, RunShape(method="qkasa", gpus=2, zero=3, r=8, seq_len=2048, offload="all"))
+    assert offloaded["per_gpu_bytes"]["base_weights"] == pytest.approx(scales + correction)
+    with pytest.raises(ValueError, match="need ZeRO-3"):
+        plan(shape, RunShape(method="qkasa", gpus=2, zero=2))
+
+
+def test_the_70b_two_gpu_recipe_dry_runs(capsys):
+    """configs/qkasa_70b_2gpu.yaml: fits 2 × 40 GB as shipped; on 2 × 24 GB only with the offload config."""
+    sys.path.insert(0, str(REPO / "tools"))
+    from dry_run import dry_run
+
+    config = str(REPO / "configs/qkasa_70b_2gpu.yaml")
+    assert dry_run(config, 2, [], gpu_gib=40)["memory_plan"]["fits"]
+    assert not dry_run(config, 2, ["train.micro_batch_size=1"], gpu_gib=24)["memory_plan"]["fits"]
+    offload = dry_run(config, 2, ["ds_config=ds_configs/zero3_offload_bf16.json", "train.micro_batch_size=1"],
+                      gpu_gib=24)
+    assert offload["memory_plan"]["fits"] and "NF4 4-bit base, offload all" in capsys.readouterr().out

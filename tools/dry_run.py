@@ -12,6 +12,7 @@ checkpointing and is left to the memory planner.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -77,13 +78,15 @@ def dry_run(config_path: str, world: int, overrides: list[str] = (), gpu_gib: fl
         print(f"per GPU under ZeRO-3 ({cfg.model.dtype} base): " + ", ".join(
             f"{k} {v / GiB:.2f} GiB" for k, v in out["per_gpu_bytes"].items()) + " (+ activations)")
     else:  # the memory planner models decoder LMs
-        from kasa_ds.training.memory_plan import format_plan, plan, recipe_run, shape_of
+        from kasa_ds.training.memory_plan import format_plan, offload_of, plan, recipe_run, shape_of
 
         names = {t.name.rsplit(".", 1)[-1] for t in targets}
-        run = recipe_run(cfg, names, deepspeed=True, zero=3, gpus=world)
+        ds = json.loads(Path(cfg.ds_config).read_text()) if cfg.ds_config else None
+        run = recipe_run(cfg, names, deepspeed=True, zero=3, gpus=world, offload=offload_of(ds))
         out["memory_plan"] = plan(shape_of(model, hf_config, names), run, gpu_gib)
-        print(f"memory plan per GPU (tools/plan_memory.py; ZeRO-3 bf16, seq {run.seq_len} × micro batch "
-              f"{run.micro_batch}, checkpointing {'on' if run.checkpointing else 'off'}):")
+        base = f"{cfg.model.quantize.upper()} 4-bit base" if cfg.model.quantize else "bf16 base"
+        print(f"memory plan per GPU (tools/plan_memory.py; ZeRO-3, {base}, offload {run.offload}, seq {run.seq_len} "
+              f"× micro batch {run.micro_batch}, checkpointing {'on' if run.checkpointing else 'off'}):")
         print(format_plan(out["memory_plan"]))
     print(f"dry run took {out['seconds']:.1f}s")
     return out

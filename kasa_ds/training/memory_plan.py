@@ -4,7 +4,9 @@ Parameter counts are exact (the model is built on the meta device). Bytes per pa
 
 - base weights: 2 B (bf16/fp16) or, for QKaSA, 4-bit NF4/FP4 linears (0.5 B + block constants: 4 B per 64 weights,
   or with double quantization 1 B per 64 + 4 B per 64·256) and 16-bit embeddings/norms/head; low_rank_correction adds
-  the frozen rank-r tail factors (16-bit). TP splits the decoder linears; ZeRO-3 splits everything over DP.
+  the frozen rank-r tail factors (16-bit). TP splits the decoder linears; ZeRO-3 splits everything over DP except,
+  for QKaSA, the block constants and correction factors, which every GPU keeps (kasa_ds.training.partitioned_4bit),
+  and adds one gathered packed linear with its dequantized 16-bit copy (the largest target) while it computes.
 - adapters without DeepSpeed: float32 parameters, gradients and AdamW states (4 + 4 + 8 B; 8-bit AdamW: 2 B states).
   Under DeepSpeed bf16: 2 B parameters + 2 B gradients + float32 master 4 B + AdamW 8 B; ZeRO-1 splits master +
   states over DP, ZeRO-2 also gradients, ZeRO-3 also parameters; optimizer offload moves master + states to CPU.
@@ -107,25 +109,32 @@ def plan(shape: ModelShape, run: RunShape, gpu_gib: Optional[float] = None) -> d
     """Bytes per GPU by category, their total and (given ``gpu_gib``) whether it fits."""
     if run.gpus % run.tp:
         raise ValueError(f"tp={run.tp} does not divide gpus={run.gpus}")
-    if run.method == "qkasa" and (run.tp > 1 or (run.deepspeed and run.zero == 3)):
-        raise ValueError(refusal("bnb4", "tp" if run.tp > 1 else "zero3"))
+    if run.method == "qkasa" and (run.tp > 1 or (run.deepspeed and run.zero != 3)):
+        raise ValueError(refusal("bnb4", "tp" if run.tp > 1 else "deepspeed"))
     dp = run.gpus // run.tp
     h, i, L, V, tp = shape.hidden, shape.ffn, shape.layers, shape.vocab, run.tp  # (GQA's k, v count as h: repeated)
     cb = run.compute_bytes
     other = shape.total - shape.linear
 
     # base weights
+    zero3 = run.deepspeed and run.zero == 3
+    replicated = working = 0.0
     if run.method == "qkasa":
-        per_weight = 0.5 + (1 / 64 + 4 / (64 * 256) if run.double_quant else 4 / 64)
-        base = shape.linear * per_weight + other * cb
+        partitionable = shape.linear * 0.5 + other * cb  # packed 4-bit linears; 16-bit embeddings, norms, head
+        # the per-block scales stay on every GPU (bitsandbytes dequantizes with them), as do the correction factors
+        replicated = shape.linear * (1 / 64 + 4 / (64 * 256) if run.double_quant else 4 / 64)
         if run.quant_mode == "low_rank_correction":
-            base += sum(run.r * (m + n) * 2 for _, m, n in shape.targets)
+            replicated += sum(run.r * (m + n) * 2 for _, m, n in shape.targets)
+        if zero3:  # one gathered packed linear and its dequantized 16-bit copy while it computes
+            largest = max((m * n for _, m, n in shape.targets), default=0)
+            working = largest * (0.5 + cb)
     else:
-        base = shape.linear * cb / tp + other * cb
-    if run.deepspeed and run.zero == 3:
-        base /= dp
+        partitionable = shape.linear * cb / tp + other * cb
+    if zero3:
+        partitionable /= dp
     if run.offload == "all":
-        base = 0.0
+        partitionable = 0.0
+    base = partitionable + replicated
 
     # adapters (parameters on this GPU: sharded factor / tp)
     adapter = 0.0
@@ -155,6 +164,8 @@ def plan(shape: ModelShape, run: RunShape, gpu_gib: Optional[float] = None) -> d
 
     out = {"base_weights": base, "adapter_params": params, "adapter_grads": grads, "optimizer_states": optimizer,
            "activations": activations, "cuda_context_and_slack": 1.0 * GiB}
+    if working:
+        out["gathered_4bit_layer"] = working
     total = sum(out.values())
     result = {"per_gpu_bytes": out, "total_bytes": total, "data_parallel": dp, "adapter_params_per_gpu": adapter}
     if gpu_gib is not None:
@@ -180,6 +191,14 @@ def recipe_estimate(cfg: TrainConfig) -> Optional[dict]:
     names = tuple(cfg.kasa.target_modules)
     run = recipe_run(cfg, names, deepspeed=False, zero=0, gpus=1)
     return plan(model_shape(model_dir(cfg.model), names), run, cfg.train.max_memory_gib)
+
+
+def offload_of(ds_config: Optional[dict]) -> str:
+    """The planner's offload setting for a DeepSpeed config: all (parameters offloaded), optimizer, or none."""
+    zero = (ds_config or {}).get("zero_optimization", {})
+    if zero.get("offload_param", {}).get("device", "none") != "none":
+        return "all"
+    return "optimizer" if zero.get("offload_optimizer", {}).get("device", "none") != "none" else "none"
 
 
 def recipe_run(cfg: TrainConfig, target_names, **placement) -> RunShape:
