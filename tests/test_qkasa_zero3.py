@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,15 +19,20 @@ import torch
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is a [dev] dependency")
 pytest.importorskip("bitsandbytes", reason="bitsandbytes is a [dev] dependency")
+peft = pytest.importorskip("peft", minversion="0.21", reason="PEFT >= 0.21 is a [dev] dependency")
 from safetensors.torch import load_file  # noqa: E402
 
 from conftest import free_port, tiny_llama  # noqa: E402
-from kasa_ds import KaSAConfig, apply_kasa, kasa_layers, load_adapter  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from kasa_ds import KaSAConfig, apply_kasa, export_lora_adapter, kasa_layers, load_adapter  # noqa: E402
 from kasa_ds.formats.bnb4 import effective_weight, quantize_linears_  # noqa: E402
 from test_deepspeed import COMMON, fully_partitioned_zero3, launch, losses  # noqa: E402
 from zero3_common import CONFIG_KW, TOKENS_SEED  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+from merge import merge  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +84,18 @@ def test_partitioned_4bit_truncation_equals_one_process(base_dir, tmp_path, quan
     meta = json.loads((tmp_path / "adapter" / "kasa_ds_config.json").read_text())
     assert meta["base_quantization"]["quant_type"] == quant_type and meta["quant_mode"] == mode
 
+    # the streamed merge into the 16-bit checkpoint: plain transformers gives the sharded model's logits (1e-4, as in
+    # tests/test_qkasa.py); with the correction kept, the rank-2r LoRA export serves the unchanged 4-bit base in PEFT
+    merge(base_dir, tmp_path / "adapter", tmp_path / "merged", dtype=torch.float32)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=tokens).logits, sharded, atol=1e-4, rtol=1e-4)
+    if mode == "low_rank_correction":
+        export_lora_adapter(loaded, tmp_path / "lora")
+        lora = peft.PeftModel.from_pretrained(quantized_base(base_dir, quant_type), tmp_path / "lora").eval()
+        with torch.no_grad():
+            assert torch.linalg.norm(lora(input_ids=tokens).logits - sharded) <= 1e-4 * torch.linalg.norm(sharded)
+
     # no rank held more than its 1/N of the 4-bit model, the replicated scales, and one module whole
     for rank in range(2):
         held = json.loads((tmp_path / f"held_rank{rank}.json").read_text())
@@ -88,9 +106,6 @@ def test_partitioned_4bit_truncation_equals_one_process(base_dir, tmp_path, quan
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    import sys
-
-    sys.path.insert(0, str(REPO / "tools"))
     from make_tiny_llama import build
 
     return build(tmp_path_factory.mktemp("tiny-llama-q"), hidden=64, layers=2, vocab=320)

@@ -7,6 +7,7 @@ of the original weight.
     python tools/bench_init.py                       # hidden 1024, ff 2816, 4 layers, 7 targets, r = 16
     python tools/bench_init.py --smoke               # tiny shapes, one repeat (what the tests run)
     python tools/bench_init.py --zero3               # + DeepSpeed ZeRO-3 at 1 and 2 ranks, and a 70B projection
+    python tools/bench_init.py --zero3 --quant nf4   # the same with a 4-bit base partitioned by ZeRO-3 (QKaSA)
 
 --zero3 launches real DeepSpeed jobs (CPU accelerator on a machine without GPUs): the model is built partitioned
 (HfDeepSpeedConfig + zero.Init), then initialized by PEFT's KaSA (``get_peft_model``: it gathers each weight and runs
@@ -72,34 +73,56 @@ LLAMA_70B = dict(hidden=8192, ff=28672, layers=80, heads=64, kv_heads=8)
 
 
 def zero3_worker(method: str, a, out: str) -> None:
-    """One DeepSpeed rank: build the model partitioned, time the KaSA initialization, rank 0 writes the seconds."""
+    """One DeepSpeed rank: build the model partitioned (16-bit, or with --quant the 4-bit base streamed in from
+    --base), time the KaSA initialization, rank 0 writes the seconds."""
     import deepspeed
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
+    from kasa_ds import KaSAConfig, apply_kasa
+    from kasa_ds.placements.scheduled import truncate_scheduled
+    from kasa_ds.training.partitioned_4bit import load_partitioned_4bit
+
     deepspeed.init_distributed(dist_backend="gloo")
     world = torch.distributed.get_world_size()
     ds = {"train_micro_batch_size_per_gpu": 1, "train_batch_size": world, "zero_optimization": {"stage": 3}}
-    keep = HfDeepSpeedConfig(ds)  # noqa: F841
-    torch.manual_seed(0)
     config = LlamaConfig(vocab_size=256, hidden_size=a.hidden, intermediate_size=a.ff, num_hidden_layers=a.layers,
                          num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, tie_word_embeddings=False)
-    with deepspeed.zero.Init(config_dict_or_path=ds):
-        model = LlamaForCausalLM(config)
+    if a.quant:
+        f32 = torch.float32
+        model = load_partitioned_4bit(a.base, lambda: LlamaForCausalLM(config), ds, a.quant, True, f32, f32, f32,
+                                      torch.device("cpu"))
+    else:
+        keep = HfDeepSpeedConfig(ds)  # noqa: F841
+        torch.manual_seed(0)
+        with deepspeed.zero.Init(config_dict_or_path=ds):
+            model = LlamaForCausalLM(config)
     torch.distributed.barrier()
     tic = time.perf_counter()
-    if method == "peft":
+    if method == "peft" and a.quant:
+        serial_dequantized_svds(model)
+    elif method == "peft":
         init_peft(model, a.r, a.solver)
     else:
-        from kasa_ds import KaSAConfig, apply_kasa
-        from kasa_ds.placements.scheduled import truncate_scheduled
-
         apply_kasa(model, KaSAConfig(r=a.r, alpha=2 * a.r, target_modules=TARGETS, svd_solver=a.solver),
                    truncate=lambda ts, c: truncate_scheduled(ts, c, show_progress=False), show_progress=False)
     torch.distributed.barrier()
     seconds = time.perf_counter() - tic
     if torch.distributed.get_rank() == 0:
         Path(out).write_text(json.dumps({"seconds": seconds, "world": world, "threads": torch.get_num_threads()}))
+
+
+def serial_dequantized_svds(model) -> None:
+    """The PEFT-style baseline for a partitioned 4-bit base: every rank gathers every target, dequantizes it and runs
+    a full float32 SVD, one weight after another (what a per-layer init without an owner schedule does)."""
+    import bitsandbytes.functional as bnbF
+    import deepspeed
+
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in TARGETS:
+            with deepspeed.zero.GatheredParameters([module.weight], modifier_rank=None):
+                weight = bnbF.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+            torch.linalg.svd(weight, full_matrices=False)
 
 
 def run_zero3(a) -> dict:
@@ -112,6 +135,10 @@ def run_zero3(a) -> dict:
     results = {}
     shape = ["--hidden", str(a.hidden), "--ff", str(a.ff), "--layers", str(a.layers), "--heads", str(a.heads),
              "--kv-heads", str(a.kv_heads), "--r", str(a.r), "--solver", a.solver]
+    if a.quant:  # the ranks stream the 4-bit base in from a checkpoint of the same random model
+        base = tempfile.mkdtemp(prefix="bench-init-base-")
+        build_model(a.hidden, a.ff, a.layers, a.heads, a.kv_heads).save_pretrained(base)
+        shape += ["--quant", a.quant, "--base", base]
     for world in (1, 2):
         for method in ("peft", "kasa_ds"):
             with tempfile.TemporaryDirectory() as tmp:
@@ -175,6 +202,9 @@ def main(argv=None) -> dict:
     p.add_argument("--smoke", action="store_true", help="tiny shapes, one repeat")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--zero3", action="store_true", help="also time ZeRO-3 at 1 and 2 ranks and project to 70B")
+    p.add_argument("--quant", choices=["nf4", "fp4"], help="with --zero3: a 4-bit base partitioned by ZeRO-3 (QKaSA); "
+                   "the baseline gathers, dequantizes and SVDs every weight on every rank")
+    p.add_argument("--base", help=argparse.SUPPRESS)
     p.add_argument("--zero3-worker", choices=["peft", "kasa_ds"], help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
@@ -217,8 +247,10 @@ def main(argv=None) -> dict:
     if a.zero3:
         z = run_zero3(a)
         result["zero3_seconds"] = z
-        print("\nDeepSpeed ZeRO-3 (model built partitioned), seconds:")
-        print(f"{'ranks':>5s} {'PEFT KaSA':>10s} {'kasa_ds':>9s} {'PEFT/kasa_ds':>13s}")
+        what = f"{a.quant.upper()} 4-bit base streamed in partitioned; baseline: serial dequantize + SVD on every " \
+            "rank" if a.quant else "model built partitioned"
+        print(f"\nDeepSpeed ZeRO-3 ({what}), seconds:")
+        print(f"{'ranks':>5s} {'PEFT-style' if a.quant else 'PEFT KaSA':>10s} {'kasa_ds':>9s} {'PEFT/kasa_ds':>13s}")
         for world in (1, 2):
             print(f"{world:5d} {z[f'peft@{world}']:10.2f} {z[f'kasa_ds@{world}']:9.2f} "
                   f"{z[f'peft@{world}'] / z[f'kasa_ds@{world}']:12.2f}x")
