@@ -37,9 +37,9 @@ def launch(args, world: int, tmp: Path):
     return proc
 
 
-def losses(out: Path):
+def losses(out: Path, key: str = "loss"):
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if r["split"] == "train"]
+    return [r[key] for r in rows if r["split"] == "train"]
 
 
 @pytest.fixture(scope="module")

@@ -70,21 +70,28 @@ def test_qkasa_modes_smoke(tmp_path, capsys):
     assert "(2 seeds): eval loss" in capsys.readouterr().out
 
 
+def tiny_chat_model(tmp_path, answers: list[str]):
+    """The recipe's tiny Llama with a chat template, and a JSONL of one conversation per answer."""
+    from make_tiny_llama import build
+
+    model = build(tmp_path / "tiny", hidden=48, layers=2, vocab=320)
+    template = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}{{ eos_token }}{% endfor %}"
+                "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                                                     {"role": "assistant", "content": answer}]}) + "\n"
+                            for i, answer in enumerate(answers)))
+    return model, data
+
+
 def test_truncation_cost_runs_and_measures_each_variant(tmp_path):
     """tools/truncation_cost.py on the recipe's tiny Llama: the untouched loss, then each truncation variant from
     the same model; truncating changes the loss (ΔW = 0: the truncation is all that differs)."""
     import truncation_cost
-    from make_tiny_llama import build
 
-    model = build(tmp_path / "tiny", hidden=48, layers=2, vocab=320)
-    tokenizer_template = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}{{ eos_token }}{% endfor %}"
-                          "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
-    config = json.loads((model / "tokenizer_config.json").read_text())
-    (model / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": tokenizer_template}))
-    data = tmp_path / "chat.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
-                                                     {"role": "assistant", "content": f"It is {2 * i}."}]}) + "\n"
-                            for i in range(6)))
+    model, data = tiny_chat_model(tmp_path, [f"It is {2 * i}." for i in range(6)])
     result = truncation_cost.main(["--model", str(model), "--data", str(data), "--examples", "6",
                                    "--variant", "all:4:q_proj,k_proj,v_proj,o_proj", "--variant", "q:4:q_proj"])
     assert set(result) == {"untouched", "all", "q"}
@@ -96,17 +103,8 @@ def test_bench_recipe_measures_all_three_runs(tmp_path, capsys):
     """tools/bench_recipe.py on the tiny Llama with a chat template: the kasa_ds recipe, TRL SFTTrainer + PEFT LoRA
     and the packed recipe each train and are measured; the JSON holds every run and both ratios."""
     import bench_recipe
-    from make_tiny_llama import build
 
-    model = build(tmp_path / "tiny", hidden=48, layers=2, vocab=320)
-    template = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}{{ eos_token }}{% endfor %}"
-                "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
-    config = json.loads((model / "tokenizer_config.json").read_text())
-    (model / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
-    data = tmp_path / "chat.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
-                                                     {"role": "assistant", "content": "It is " + "a lot " * (i % 7)}]})
-                            + "\n" for i in range(1, 40)))
+    model, data = tiny_chat_model(tmp_path, ["It is " + "a lot " * (i % 7) for i in range(1, 40)])
     assert bench_recipe.main(["--model", str(model), "--data", str(data), "--steps", "4", "--warmup", "1",
                               "--batch", "4", "--max-length", "96", "--targets", "q_proj", "v_proj", "up_proj",
                               "--out", str(tmp_path / "bench.json")]) == 0
