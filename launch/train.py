@@ -55,6 +55,9 @@ def exit_now(code: int) -> None:
     otherwise successful runs), turning a finished run into a failed job."""
     sys.stdout.flush()
     sys.stderr.flush()
+    mpi = sys.modules.get("mpi4py.MPI")  # under mpirun: finalize MPI, as its atexit hook would, or mpirun fails the job
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
     os._exit(code)
 
 
