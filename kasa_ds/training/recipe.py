@@ -97,7 +97,7 @@ class Recipe:
                 self.data_format = fmt
         if task == "causal_lm" and d.format == "auto":
             print(f"data.format=auto: {d.train} reads as {self.data_format}", flush=True)
-        self.fingerprint = checkpoint.run_fingerprint(self.cfg, self.sources["train"].digest())
+        self.fingerprint = checkpoint.run_fingerprint(self.cfg, self.sources["train"].digest)
 
     # ---- setup -----------------------------------------------------------------------------------------------
     def setup(self) -> None:

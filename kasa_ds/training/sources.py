@@ -15,6 +15,7 @@ import io
 import json
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Iterator
 
@@ -47,8 +48,10 @@ class DataSource:
                                     "must be one JSON object")
                 yield where, record
 
+    @cached_property
     def digest(self) -> str:
-        """A cheap identity of the contents: per file, its name, size and the SHA-256 of its first and last MiB."""
+        """A cheap identity of the contents: per file, its name, size and the SHA-256 of its first and last MiB
+        (read once per DataSource: the check marker, the token cache and the resume fingerprint all use it)."""
         digest = hashlib.sha256()
         for path in self.files:
             root = Path(path)

@@ -76,7 +76,7 @@ def tokenized(source: DataSource, encoding: Encoding, tokenizer, cache_dir: Path
               barrier: Callable[[], None]) -> TokenizedDataset:
     """The source's examples, from the cache or encoded now. Collective: every rank calls it (``builder`` on rank
     0), ``barrier`` synchronizes them."""
-    key = _key(source.digest() + source.modified(), tokenizer_fingerprint(tokenizer), asdict(encoding))
+    key = _key(source.digest + source.modified(), tokenizer_fingerprint(tokenizer), asdict(encoding))
     arrow, meta = cache_dir / f"tokens-{key}.arrow", cache_dir / f"tokens-{key}.json"
     built = False
     if builder and not meta.exists():
@@ -97,7 +97,7 @@ def checked(source: DataSource, cache_dir: Path, task: str, fmt: str, text_field
     (DataError at the first bad record) or earlier for the same contents and settings (a marker in the cache)."""
     settings = {"task": task, "fmt": fmt, "text_field": text_field, "label_field": label_field,
                 "num_labels": num_labels if task == "seq_cls" else None}
-    marker = cache_dir / f"checked-{_key(source.digest() + source.modified(), '', settings)}.json"
+    marker = cache_dir / f"checked-{_key(source.digest + source.modified(), '', settings)}.json"
     if marker.exists():
         found = json.loads(marker.read_text())
         return found["format"], found["records"]
