@@ -126,10 +126,10 @@ def load_items(data: str | None) -> tuple[list[dict], list[dict]]:
 
 
 def split(train: list[dict]) -> tuple[list[dict], list[dict]]:
-    """(train, validation): a fixed random 224 of the training items (``SPLIT_SEED``; 10 % of fewer than 2,240) are
-    the validation split."""
+    """(train, validation): a fixed random 224 of the training items (``SPLIT_SEED``; 10 % of fewer than 448) are the
+    validation split."""
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
-    n_val = min(VALIDATION_ITEMS, max(1, len(train) // 10)) if len(train) < 10 * VALIDATION_ITEMS else VALIDATION_ITEMS
+    n_val = VALIDATION_ITEMS if len(train) >= 2 * VALIDATION_ITEMS else max(1, len(train) // 10)
     return [train[i] for i in sorted(order[n_val:])], [train[i] for i in sorted(order[:n_val])]
 
 
