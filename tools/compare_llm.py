@@ -13,8 +13,9 @@ reads ``train.jsonl`` and ``test.jsonl`` of ``{"question", "options", "label"}``
 cross-entropy of that token over the whole vocabulary; the prediction is the letter of highest log-likelihood.
 
 To fit a CPU, only the top ``--adapt-top`` decoder layers are adapted: the frozen layers below are run once for every
-item and their output cached (``~/.cache/kasa_ds/compare_llm``), and each run trains on those hidden states. The tool
-checks before any training that the cached prefix + top layers reproduce the whole model's answer logits.
+item and their output cached (``--cache-dir``, default ~/.cache/kasa_ds/compare_llm), and each run trains on those
+hidden states. The tool checks before any training that the cached prefix + top layers reproduce the whole model's
+answer logits.
 
 Phases (``--resume`` keeps every run already in <out>/results.json made with the same settings):
   1. the zero-shot base model on the test set;
@@ -78,6 +79,8 @@ def parse_args(argv):
     p.add_argument("--max-test", type=int, default=None, help="cap on test items (smoke runs only)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="docs/results/llm_siqa")
+    p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "kasa_ds" / "compare_llm"),
+                   help="where the frozen layers' outputs are cached")
     p.add_argument("--resume", action="store_true")
     return p.parse_args(argv)
 
@@ -220,7 +223,7 @@ def cache_key(a, below: int, items: list[dict]) -> str:
 
 def cached_prefix(a, below: int, items: list[dict], tokenizer, device) -> list[torch.Tensor]:
     """Frozen-layer outputs for ``items`` from the cache, else computed (and checked) and cached."""
-    path = Path.home() / ".cache" / "kasa_ds" / "compare_llm" / f"{cache_key(a, below, items)}.pt"
+    path = Path(a.cache_dir) / f"{cache_key(a, below, items)}.pt"
     if path.exists():
         return torch.load(path)
     ids = [torch.tensor(tokenizer(prompt(i)).input_ids) for i in items]

@@ -1,0 +1,129 @@
+"""tools/compare_llm.py (the pre-registered LLM comparison, docs/PROTOCOL_LLM_SIQA.md) on a tiny Gemma-3 with a real
+SentencePiece tokenizer and a few made-up multiple-choice items: no network, no archives."""
+
+import json
+import random
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+pytest.importorskip("peft", minversion="0.21", reason="compare_llm compares against PEFT's LoRA ([dev] dependency)")
+pytest.importorskip("scipy", reason="compare_llm's statistics use scipy ([dev] dependency)")
+
+import compare_llm  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma(tmp_path_factory):
+    """A 3-layer Gemma3ForCausalLM (sliding + full attention layers) with the tiny Llama's SentencePiece tokenizer,
+    and 40 train / 12 test items whose answer is the option that repeats a word of the question."""
+    from make_tiny_llama import build
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    root = tmp_path_factory.mktemp("tiny_gemma")
+    tokenizer_dir = build(root / "llama", layers=1)
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=8,
+                              max_position_embeddings=256, layer_types=["sliding_attention", "sliding_attention",
+                                                                        "full_attention"])
+    Gemma3ForCausalLM(config).save_pretrained(root / "model")
+    for f in Path(tokenizer_dir).iterdir():
+        if f.name.startswith("tokenizer") or f.name.endswith(".model") or f.name == "special_tokens_map.json":
+            shutil.copy(f, root / "model" / f.name)
+    rng = random.Random(0)
+    for name, n in (("train", 40), ("test", 12)):
+        with open(root / f"{name}.jsonl", "w") as f:
+            for i in range(n):
+                options = ["say hello", "leave the room", "sing a song"][:2 if i == 5 else 3]
+                label = rng.randrange(len(options))
+                question = f"Alex wanted to {options[label].split()[0]} at party {i}. What will Alex do?"
+                f.write(json.dumps({"question": question, "options": options, "label": label}) + "\n")
+    return root
+
+
+def run(root: Path, out: Path, *extra: str) -> dict:
+    return compare_llm.main(["--model", str(root / "model"), "--data", str(root), "--out", str(out), "--cache-dir",
+                             str(root / "cache"), "--adapt-top", "2", "--batch", "8", "--eval-every", "2",
+                             "--lrs", "1e-3", "1e-2", "--seeds-others", "0", *extra])
+
+
+def test_split_model_reproduces_the_whole_model(tiny_gemma):
+    """Cached layer-0 output + the top 2 layers (sliced layer_types) = the whole model, for full and letter logits."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gemma / "model")
+    items = [json.loads(line) for line in (tiny_gemma / "test.jsonl").read_text().splitlines()]
+    ids = [torch.tensor(tokenizer(compare_llm.prompt(i)).input_ids) for i in items]
+    whole = compare_llm.load_causal_lm(str(tiny_gemma / "model"), "cpu")
+    states = compare_llm.frozen_states(whole, ids, 1, 5, "cpu")
+    tokens, mask, last = compare_llm.padded(ids, "cpu")
+    with torch.no_grad():
+        want = whole(input_ids=tokens, attention_mask=mask).logits[torch.arange(len(ids)), last]
+        top = compare_llm.cut_to_top(compare_llm.load_causal_lm(str(tiny_gemma / "model"), "cpu"), 1)
+        assert len(top.model.layers) == 2 and top.config.layer_types == ["sliding_attention", "full_attention"]
+        got = compare_llm.answer_logits(top, *compare_llm.padded(states, "cpu"))
+        letters = compare_llm.answer_tokens(tokenizer)
+        got_letters = compare_llm.answer_logits(top, *compare_llm.padded(states, "cpu"), torch.tensor(letters))
+    # float32, the same kernels on differently padded batches: agreement to float32 rounding
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_letters, want[:, letters], rtol=1e-5, atol=1e-5)
+
+
+def test_compare_llm_runs_every_method_and_resumes(tiny_gemma, tmp_path, capsys):
+    out = tmp_path / "out"
+    result = run(tiny_gemma, out, "--seeds", "0")
+    log = capsys.readouterr().out
+    assert "check: cached layers 0-0 + top layers reproduce the whole model's answer logits" in log
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["protocol"]["items"] == {"train": 36, "validation": 4, "test": 12}
+    assert set(saved["selected_lr"]) == set(compare_llm.METHODS)
+    assert {(r["method"], r["lr"]) for r in saved["runs"]} == {(m, lr) for m in compare_llm.METHODS for lr in (1e-3, 1e-2)}
+    params = {r["method"]: r["trainable_params"] for r in saved["runs"]}
+    # r = 8 on q/k/v/up/down of 2 layers: KaSA has LoRA's factors + its 8 singular values per module
+    assert params["kasa"] == params["lora"] + 2 * 5 * 8 == params["pissa"] + 80 == params["milora"] + 80
+    assert params["dora"] > params["lora"]
+    for r in saved["runs"]:
+        assert len(r["predictions"]) == 12 and len(r["train_loss"]) == r["steps"] == 5
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["curve"][0]["step"] == 0 and r["curve"][-1]["step"] == 5
+    assert len(saved["zero_shot"]["predictions"]) == 12 and len(saved["test_labels"]) == 12
+    assert set(saved["paired"]) == {"lora", "pissa", "dora", "milora"}
+    assert (out / "curves.png").stat().st_size > 0 and "| KaSA (kasa_ds) |" in (out / "report.md").read_text()
+    assert result["selected_lr"] == saved["selected_lr"]
+
+    # --resume with two more KaSA/LoRA seeds: the 10 runs made are kept as they are, only the 4 new ones run
+    resumed = run(tiny_gemma, out, "--seeds", "0", "1", "2", "--resume")
+    assert resumed["runs"][:10] == saved["runs"]
+    assert sorted((r["method"], r["seed"]) for r in resumed["runs"][10:]) == [
+        ("kasa", 1), ("kasa", 2), ("lora", 1), ("lora", 2)]
+    paired = resumed["paired"]["lora"]
+    assert paired["seeds"] == [0, 1, 2] and len(paired["ci95"]) == 2 and 0.0 <= paired["t_test_p"] <= 1.0
+    assert "check:" not in capsys.readouterr().out  # the frozen layers' outputs came from the cache
+
+
+def test_statistics_and_selection():
+    labels = "ABCA"
+    runs = {"kasa": [{"method": "kasa", "seed": s, "accuracy": a, "predictions": p}
+                     for s, a, p in ((0, 1.0, "ABCA"), (1, 0.75, "ABCB"))],
+            "lora": [{"method": "lora", "seed": s, "accuracy": a, "predictions": p}
+                     for s, a, p in ((0, 0.5, "ABAB"), (1, 0.5, "CBCB"))]}
+    row = compare_llm.paired(runs, labels)["lora"]
+    assert row["differences"] == [0.5, 0.25] and row["mean"] == 0.375
+    # KaSA alone right: seed 0 on items 3 and 4, seed 1 on item 1; LoRA alone right: never
+    assert (row["mcnemar_base_only"], row["mcnemar_other_only"]) == (3, 0)
+    assert row["mcnemar_p"] == pytest.approx(2 * 0.5 ** 3)  # exact two-sided binomial
+    assert row["ci95"][0] < row["mean"] < row["ci95"][1]
+    chosen = compare_llm.select_rates([{"method": "kasa", "seed": 0, "lr": lr, "val_accuracy": v}
+                                       for lr, v in ((1e-3, 0.6), (3e-4, 0.6), (3e-3, 0.5))], 0)
+    assert chosen == {"kasa": 3e-4}  # a tie goes to the smaller rate
+
+
+def test_reads_the_evals_socialiqa_format():
+    line = json.dumps({"input": [{"role": "user", "content": "Jan paid; then left. Why? A: to be kind; B: a; b; "
+                                                             "C: to go home."}], "ideal": "B"})
+    assert compare_llm.parse_evals_item(line) == {"question": "Jan paid; then left. Why?",
+                                                  "options": ["to be kind", "a; b", "to go home"], "label": 1}
