@@ -14,8 +14,10 @@ Checks (each prints one line, PASS / FAIL / NOT AVAILABLE, and lands in the JSON
                    (tail_factors, "auto") against PEFT's serial float32 full SVD, seconds each and the error of the
                    truncated weight against a float64 SVD
     step           tools/bench_step.py on the GPU: per-step time and max_memory_allocated of kasa_ds vs PEFT LoRA
-    llm_compare    the full-model KaSA vs LoRA comparison (issue #16): not available yet (tools/compare_llm.py is
-                   not written); reported as NOT AVAILABLE, never as a pass
+    llm_compare    the full-model version of the pre-registered comparison (docs/PROTOCOL_LLM_SIQA.md): every decoder
+                   layer of gemma-3-270m adapted (tools/compare_llm.py --adapt-top all, results in
+                   <out dir>/llm_siqa_full); NOT AVAILABLE (never a pass) under --smoke or before
+                   `python3 tools/prepare_model.py gemma-3-270m` (tests/test_compare_llm.py covers the tool on the CPU)
 Exit code 0 when every available check passed, 1 otherwise, 2 without a CUDA GPU (unless --smoke).
 """
 
@@ -124,6 +126,21 @@ def check_step(a, device) -> dict:
     return {"pass": True, "bench_step": result}
 
 
+def check_llm_compare(a, device) -> dict:
+    """The whole-model comparison; ``pass`` None (not available) without the model or under --smoke."""
+    import compare_llm
+
+    model = Path(compare_llm.parse_args([]).model)
+    if a.smoke or not (model / "config.json").exists():
+        why = "--smoke" if a.smoke else f"no {model}: python3 tools/prepare_model.py gemma-3-270m"
+        return {"pass": None, "reason": why}
+    result = compare_llm.main(["--adapt-top", "all", "--device", device.type, "--resume",
+                               "--out", str(Path(a.work) / "llm_siqa_full")])
+    finals = compare_llm.final_runs(result)
+    return {"pass": True, "accuracy": {m: [r["accuracy"] for r in runs] for m, runs in finals.items()},
+            "paired": result["paired"], "zero_shot": result["zero_shot"]["accuracy"]}
+
+
 def _sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -146,14 +163,14 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name() if cuda else "CPU (--smoke)"
     results = {"device": name, "torch": torch.__version__, "smoke": a.smoke, "checks": {}}
     for check, run in (("qkasa_4bit", check_qkasa_4bit), ("bf16_autocast", check_bf16_autocast),
-                       ("init_70b", check_init_70b), ("step", check_step)):
+                       ("init_70b", check_init_70b), ("step", check_step), ("llm_compare", check_llm_compare)):
         try:
             results["checks"][check] = run(a, device)
         except Exception as e:  # one failing check must not hide the others' results
             results["checks"][check] = {"pass": False, "error": f"{type(e).__name__}: {e}"}
-        print(f"{check:<14} {'PASS' if results['checks'][check]['pass'] else 'FAIL'}", flush=True)
-    results["checks"]["llm_compare"] = {"pass": None, "reason": "tools/compare_llm.py (issue #16) is not written"}
-    print(f"{'llm_compare':<14} NOT AVAILABLE (tools/compare_llm.py, issue #16, is not written)")
+        r = results["checks"][check]
+        verdict = "NOT AVAILABLE (" + r["reason"] + ")" if r["pass"] is None else "PASS" if r["pass"] else "FAIL"
+        print(f"{check:<14} {verdict}", flush=True)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(results, indent=2, default=str) + "\n")
