@@ -127,3 +127,14 @@ def test_reads_the_evals_socialiqa_format():
                                                              "C: to go home."}], "ideal": "B"})
     assert compare_llm.parse_evals_item(line) == {"question": "Jan paid; then left. Why?",
                                                   "options": ["to be kind", "a; b", "to go home"], "label": 1}
+
+
+def test_fixed_rates_skip_the_selection(tiny_gemma, tmp_path, capsys):
+    """The protocol's secondary run: each method at a given rate, no selection runs; a bad --fixed-lr is one error."""
+    result = run(tiny_gemma, tmp_path / "fixed", "--methods", "kasa", "lora", "--seeds", "0",
+                 "--fixed-lr", "kasa=1e-3", "lora=1e-2")
+    assert sorted((r["method"], r["lr"]) for r in result["runs"]) == [("kasa", 1e-3), ("lora", 1e-2)]
+    assert "Rates fixed, no selection" in (tmp_path / "fixed" / "report.md").read_text()
+    for bad, message in ((["kasa=1e-3"], "give one rate per method"), (["kasa:1e-3", "lora=1"], "write METHOD=LR")):
+        with pytest.raises(SystemExit, match=message):
+            run(tiny_gemma, tmp_path / "bad", "--methods", "kasa", "lora", "--fixed-lr", *bad)

@@ -70,6 +70,8 @@ def parse_args(argv):
     p.add_argument("--seeds-others", nargs="+", type=int, default=[0, 1, 2], help="seeds of PiSSA, DoRA, MiLoRA")
     p.add_argument("--selection-seed", type=int, default=0)
     p.add_argument("--lrs", nargs="+", type=float, default=[3e-4, 1e-3, 3e-3])
+    p.add_argument("--fixed-lr", nargs="+", default=[], metavar="METHOD=LR",
+                   help="no selection: each method trains at this rate (every --methods entry needs one)")
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--adapt-top", default="2", help="how many top decoder layers are adapted, or 'all'")
     p.add_argument("--epochs", type=float, default=1.0)
@@ -394,18 +396,7 @@ def report(result: dict) -> str:
              "milora": "MiLoRA-style (PEFT LoRA, minor-triplet init)"}
     z = result["zero_shot"]
     lines = [f"Zero-shot base model: test accuracy **{z['accuracy']:.4f}**, validation {z['val_accuracy']:.4f} "
-             f"(chance ≈ 0.333).", "", "Learning-rate selection (validation accuracy, seed "
-             f"{result['protocol']['selection_seed']}; **bold** = selected):", "",
-             "| method | " + " | ".join(f"lr {lr:g}" for lr in result["protocol"]["lrs"]) + " |",
-             "|---|" + "---|" * len(result["protocol"]["lrs"])]
-    for method in result["protocol"]["methods"]:
-        cells = []
-        for lr in result["protocol"]["lrs"]:
-            run = next((r for r in result["runs"] if (r["method"], r["seed"], r["lr"]) ==
-                        (method, result["protocol"]["selection_seed"], lr)), None)
-            text = f"{run['val_accuracy']:.4f}" if run else "–"
-            cells.append(f"**{text}**" if lr == result["selected_lr"].get(method) else text)
-        lines.append(f"| {names[method]} | " + " | ".join(cells) + " |")
+             f"(chance ≈ 0.333).", ""] + selection_lines(result, names)
     lines += ["", f"Test accuracy ({result['protocol']['items']['test']:,} items) at the selected rate:", "",
               "| method | trainable params | lr | seeds | accuracy (mean ± std) | per seed | train s/run |",
               "|---|---|---|---|---|---|---|"]
@@ -424,6 +415,26 @@ def report(result: dict) -> str:
                      f"{row.get('t_test_p', float('nan')):.3f} | {row['mcnemar_base_only']} / "
                      f"{row['mcnemar_other_only']} | {row['mcnemar_p']:.3f} |")
     return "\n".join(lines) + "\n"
+
+
+def selection_lines(result: dict, names: dict) -> list[str]:
+    """The validation accuracy of every selection run (markdown table), or the fixed rates."""
+    protocol = result["protocol"]
+    if protocol.get("fixed_lr"):
+        fixed = ", ".join(f"{names[m]} {lr:g}" for m, lr in protocol["fixed_lr"].items())
+        return [f"Rates fixed, no selection: {fixed}."]
+    lines = [f"Learning-rate selection (validation accuracy, seed {protocol['selection_seed']}; **bold** = selected):",
+             "", "| method | " + " | ".join(f"lr {lr:g}" for lr in protocol["lrs"]) + " |",
+             "|---|" + "---|" * len(protocol["lrs"])]
+    for method in protocol["methods"]:
+        cells = []
+        for lr in protocol["lrs"]:
+            run = next((r for r in result["runs"] if (r["method"], r["seed"], r["lr"]) ==
+                        (method, protocol["selection_seed"], lr)), None)
+            text = f"{run['val_accuracy']:.4f}" if run else "–"
+            cells.append(f"**{text}**" if lr == result["selected_lr"].get(method) else text)
+        lines.append(f"| {names[method]} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot(result: dict, path: Path) -> None:
@@ -479,6 +490,7 @@ def main(argv=None) -> dict:
     if not 1 <= top <= n_layers:
         raise SystemExit(f"error: --adapt-top {a.adapt_top}: the model has {n_layers} decoder layers")
     below, device = n_layers - top, torch.device(a.device)
+    fixed = fixed_rates(a)
     tokenizer = AutoTokenizer.from_pretrained(a.model)
     letters = answer_tokens(tokenizer)
     train_items, test_items = load_items(a.data)
@@ -500,7 +512,8 @@ def main(argv=None) -> dict:
         old = None
     seeds_of = {m: a.seeds if m in ("kasa", "lora") else a.seeds_others for m in a.methods}
     result = {"protocol": {"document": "docs/PROTOCOL_LLM_SIQA.md", "settings": settings, "methods": a.methods,
-                           "lrs": a.lrs, "selection_seed": a.selection_seed, "seeds_of": seeds_of,
+                           "lrs": [] if fixed else a.lrs, "fixed_lr": fixed, "selection_seed": a.selection_seed,
+                           "seeds_of": seeds_of,
                            "items": {k: len(v) for k, v in items.items()}},
               "seeds_of": seeds_of, "test_labels": "".join(LETTERS[i["label"]] for i in test_items),
               "runs": old["runs"] if old else [], "selected_lr": {}, "date": time.strftime("%Y-%m-%d")}
@@ -511,9 +524,13 @@ def main(argv=None) -> dict:
         result["zero_shot"] = {**splits["test"].evaluate(base, a.batch, device),
                                "val_accuracy": splits["validation"].evaluate(base, a.batch, device)["accuracy"]}
         print(f"zero-shot: test accuracy {result['zero_shot']['accuracy']:.4f}", flush=True)
-    run_jobs(result, [(m, a.selection_seed, lr) for m in a.methods for lr in a.lrs], a, splits, below, device, out)
-    result["selected_lr"] = select_rates(result["runs"], a.selection_seed)
-    print("selected rates: " + ", ".join(f"{m} {lr:g}" for m, lr in result["selected_lr"].items()), flush=True)
+    if fixed:
+        result["selected_lr"] = fixed
+    else:
+        run_jobs(result, [(m, a.selection_seed, lr) for m in a.methods for lr in a.lrs], a, splits, below, device, out)
+        result["selected_lr"] = select_rates(result["runs"], a.selection_seed)
+    rates = ", ".join(f"{m} {lr:g}" for m, lr in result["selected_lr"].items())
+    print(f"{'fixed' if fixed else 'selected'} rates: {rates}", flush=True)
     seeds = list(dict.fromkeys(s for m in a.methods for s in seeds_of[m]))
     run_jobs(result, [(m, s, result["selected_lr"][m]) for s in seeds for m in a.methods if s in seeds_of[m]],
              a, splits, below, device, out)
@@ -524,6 +541,18 @@ def main(argv=None) -> dict:
     print(report(result))
     print(f"wrote {out / 'results.json'}, {out / 'report.md'} and {out / 'curves.png'}")
     return result
+
+
+def fixed_rates(a) -> dict[str, float]:
+    """``--fixed-lr kasa=1e-3 lora=3e-4`` → {method: rate}, covering every --methods entry (else one error line)."""
+    try:
+        fixed = {m: float(lr) for m, lr in (item.split("=", 1) for item in a.fixed_lr)}
+    except ValueError:
+        raise SystemExit(f"error: --fixed-lr {' '.join(a.fixed_lr)}: write METHOD=LR, e.g. kasa=1e-3") from None
+    if fixed and set(fixed) != set(a.methods):
+        raise SystemExit(f"error: --fixed-lr names {sorted(fixed)} but --methods is {a.methods}: give one rate per "
+                         "method")
+    return fixed
 
 
 def run_jobs(result: dict, jobs: list[tuple], a, splits: dict, below: int, device, out: Path) -> None:
