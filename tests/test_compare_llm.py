@@ -133,6 +133,11 @@ def test_statistics_and_selection():
     assert (row["mcnemar_base_only"], row["mcnemar_other_only"]) == (3, 0)
     assert row["mcnemar_p"] == pytest.approx(2 * 0.5 ** 3)  # exact two-sided binomial
     assert row["ci95"][0] < row["mean"] < row["ci95"][1]
+    # the pre-registered rule: both the interval and McNemar must agree before a winner is named
+    assert compare_llm.decision(row).startswith("no difference resolved")  # 2 seeds: the interval spans 0
+    assert compare_llm.decision({**row, "ci95": [0.1, 0.6]}).startswith("no difference")  # McNemar p = 0.25
+    assert compare_llm.decision({**row, "ci95": [0.1, 0.6], "mcnemar_p": 0.01}) == "KaSA better"
+    assert compare_llm.decision({**row, "ci95": [-0.6, -0.1], "mcnemar_p": 0.01}) == "KaSA worse"
     chosen = compare_llm.select_rates([{"method": "kasa", "seed": 0, "lr": lr, "val_accuracy": v}
                                        for lr, v in ((1e-3, 0.6), (3e-4, 0.6), (3e-3, 0.5))], 0)
     assert chosen == {"kasa": 3e-4}  # a tie goes to the smaller rate

@@ -367,9 +367,9 @@ class Split:
     def __len__(self) -> int:
         return len(self.seqs)
 
-    def inputs(self, seqs: list[int], device):
-        states, mask, last = padded([self.states[j] for j in seqs], device)
-        return states, mask, last
+    def inputs(self, seqs: list[int], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sequences ``seqs`` as a right-padded batch: (states [B, T, hidden], mask [B, T], last index [B])."""
+        return padded([self.states[j] for j in seqs], device)
 
     def loss(self, model, head: Head, rows, device) -> torch.Tensor:
         """Training loss of items ``rows``: the answer letter's cross-entropy over the vocabulary (letter), or the
@@ -388,19 +388,15 @@ class Split:
         summed log-likelihood (cloze)."""
         out = torch.full((len(rows), len(LETTERS)), -math.inf)
         if self.fmt == "letter":
-            logits = answer_logits(model, head, *self.inputs([self.seqs[i][0] for i in rows], device),
+            out[:] = answer_logits(model, head, *self.inputs([self.seqs[i][0] for i in rows], device),
                                    self.letters.to(device)).cpu()
-            out[:] = logits
         else:
             seqs = [j for i in rows for j in self.seqs[i]]
             logp, owner = token_logprobs(model, head, *self.inputs(seqs, device)[:2], [self.starts[j] for j in seqs],
                                          [self.targets[j] for j in seqs])
             summed = torch.zeros(len(seqs)).index_add_(0, owner.cpu(), logp.cpu())
-            at = 0
-            for k, i in enumerate(rows):
-                n = len(self.seqs[i])
-                out[k, :n] = summed[at:at + n]
-                at += n
+            for k, option_sums in enumerate(summed.split([len(self.seqs[i]) for i in rows])):
+                out[k, :len(option_sums)] = option_sums
         out[torch.arange(len(LETTERS))[None] >= self.options[rows][:, None]] = -math.inf
         return out
 
@@ -513,9 +509,15 @@ def report(result: dict) -> str:
     """Markdown for docs/RESULTS.md: zero-shot, rate selection, test accuracy per method, paired differences."""
     names = {"kasa": "KaSA (kasa_ds)", "lora": "LoRA (PEFT)", "pissa": "PiSSA (PEFT)", "dora": "DoRA (PEFT)",
              "milora": "MiLoRA-style (PEFT LoRA, minor-triplet init)"}
-    z = result["zero_shot"]
-    lines = [f"Zero-shot base model: test accuracy **{z['accuracy']:.4f}**, validation {z['val_accuracy']:.4f} "
-             f"(chance ≈ 0.333).", ""] + selection_lines(result, names)
+    z, settings = result["zero_shot"], result["protocol"]["settings"]
+    layers = settings["adapted_layers"]
+    lines = [f"Format: {settings.get('format', 'letter')}; test set: {settings.get('test_set', 'bigbench')}; adapted "
+             f"decoder layers {layers[0]}-{layers[-1]}; {settings['epochs']:g} epochs of batch {settings['batch']}; "
+             f"LM head in {settings.get('head_dtype', 'float32')}.", "",
+             f"Zero-shot base model: test accuracy **{z['accuracy']:.4f}**, validation {z['val_accuracy']:.4f} "
+             f"(chance ≈ 0.333)" + (f"; with a float32 head {z['float32_head_accuracy']:.4f}, "
+                                    f"{100 * z['float32_head_agreement']:.1f} % of the test predictions the same."
+                                    if "float32_head_agreement" in z else "."), ""] + selection_lines(result, names)
     lines += ["", f"Test accuracy ({result['protocol']['items']['test']:,} items) at the selected rate:", "",
               "| method | trainable params | lr | seeds | accuracy (mean ± std) | per seed | train s/run |",
               "|---|---|---|---|---|---|---|"]
@@ -533,7 +535,19 @@ def report(result: dict) -> str:
         lines.append(f"| {names[other]} | {len(row['seeds'])} | {100 * row['mean']:+.2f} | {ci} | "
                      f"{row.get('t_test_p', float('nan')):.3f} | {row['mcnemar_base_only']} / "
                      f"{row['mcnemar_other_only']} | {row['mcnemar_p']:.3f} |")
+    if "lora" in result["paired"]:
+        lines += ["", f"Pre-registered decision, KaSA vs LoRA: **{decision(result['paired']['lora'])}**."]
     return "\n".join(lines) + "\n"
+
+
+def decision(row: dict) -> str:
+    """The protocol's rule: better (worse) when the 95 % interval of KaSA − LoRA lies above (below) 0 and McNemar's
+    p < 0.05; otherwise no difference resolved, with the differences the interval leaves possible."""
+    low, high = row.get("ci95", (-math.inf, math.inf))
+    if row["mcnemar_p"] < 0.05 and (low > 0 or high < 0):
+        return "KaSA better" if low > 0 else "KaSA worse"
+    return (f"no difference resolved at this size (KaSA − LoRA between {100 * low:+.2f} and {100 * high:+.2f} "
+            "points)")
 
 
 def selection_lines(result: dict, names: dict) -> list[str]:
