@@ -544,10 +544,13 @@ def decision(row: dict) -> str:
     """The protocol's rule: better (worse) when the 95 % interval of KaSA − LoRA lies above (below) 0 and McNemar's
     p < 0.05; otherwise no difference resolved, with the differences the interval leaves possible."""
     low, high = row.get("ci95", (-math.inf, math.inf))
-    if row["mcnemar_p"] < 0.05 and (low > 0 or high < 0):
-        return "KaSA better" if low > 0 else "KaSA worse"
-    return (f"no difference resolved at this size (KaSA − LoRA between {100 * low:+.2f} and {100 * high:+.2f} "
-            "points)")
+    interval = f"KaSA − LoRA between {100 * low:+.2f} and {100 * high:+.2f} points"
+    if low > 0 or high < 0:
+        if row["mcnemar_p"] < 0.05:
+            return "KaSA better" if low > 0 else "KaSA worse"
+        return (f"no difference resolved by the rule: the 95 % interval lies {'above' if low > 0 else 'below'} 0 "
+                f"({interval}) but McNemar's p = {row['mcnemar_p']:.3f} ≥ 0.05")
+    return f"no difference resolved at this size ({interval})"
 
 
 def selection_lines(result: dict, names: dict) -> list[str]:
