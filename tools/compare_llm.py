@@ -518,7 +518,8 @@ def report(result: dict) -> str:
              f"(chance ≈ 0.333)" + (f"; with a float32 head {z['float32_head_accuracy']:.4f}, "
                                     f"{100 * z['float32_head_agreement']:.1f} % of the test predictions the same."
                                     if "float32_head_agreement" in z else "."), ""] + selection_lines(result, names)
-    lines += ["", f"Test accuracy ({result['protocol']['items']['test']:,} items) at the selected rate:", "",
+    rate = "the fixed rate" if result["protocol"].get("fixed_lr") else "the selected rate"
+    lines += ["", f"Test accuracy ({result['protocol']['items']['test']:,} items) at {rate}:", "",
               "| method | trainable params | lr | seeds | accuracy (mean ± std) | per seed | train s/run |",
               "|---|---|---|---|---|---|---|"]
     for method, runs in final_runs(result).items():
