@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import math
 import statistics
@@ -286,9 +287,8 @@ def token_logprobs(model, head: Head, states, mask, starts: list[int], targets: 
     hidden = top_hidden(model, states, mask)
     rows = torch.cat([torch.full((len(t),), b) for b, t in enumerate(targets)]).to(hidden.device)
     cols = torch.cat([torch.arange(s - 1, s - 1 + len(t)) for s, t in zip(starts, targets)]).to(hidden.device)
-    logits = head(hidden[rows, cols])
     tokens = torch.cat(targets).to(hidden.device)
-    return logits.log_softmax(-1).gather(1, tokens[:, None])[:, 0], rows
+    return -torch.nn.functional.cross_entropy(head(hidden[rows, cols]), tokens, reduction="none"), rows
 
 
 def cache_key(a, below: int, ids: list[list[int]]) -> str:
@@ -349,19 +349,20 @@ def adapt(method: str, model, r: int, seed: int):
 
 
 class Split:
-    """One split's items as cached layer inputs. Item i owns the sequences ``seqs[i]`` (one in the letter format, one
-    per option in the cloze format); sequence j is ``states[j]`` [T_j, hidden] with token ids ``ids[j]``, scored from
-    position ``starts[j]`` on."""
+    """One split's items as cached layer inputs. ``sequences[i]`` are item i's (token ids, scoring start) pairs (one in
+    the letter format, one per option in the cloze format) and ``states`` their frozen-layer outputs [T_j, hidden],
+    flattened in that order; item i owns the flat sequence indices ``seqs[i]``, sequence j is scored from position
+    ``starts[j]`` on, its scored tokens being ``targets[j]``."""
 
-    def __init__(self, items: list[dict], fmt: str, states: list[torch.Tensor], ids: list[list[int]],
-                 starts: list[int], letters: list[int] | None):
-        self.fmt, self.states, self.starts = fmt, states, starts
-        self.targets = [torch.tensor(i[s:]) for i, s in zip(ids, starts)]
+    def __init__(self, items: list[dict], fmt: str, states: list[torch.Tensor],
+                 sequences: list[list[tuple[list[int], int]]], letters: list[int] | None):
+        flat = [seq for per_item in sequences for seq in per_item]
+        self.fmt, self.states, self.starts = fmt, states, [start for _, start in flat]
+        self.targets = [torch.tensor(ids[start:]) for ids, start in flat]
+        bounds = [0, *itertools.accumulate(len(per_item) for per_item in sequences)]
+        self.seqs = [list(range(bounds[i], bounds[i + 1])) for i in range(len(items))]
         self.labels = torch.tensor([i["label"] for i in items])
         self.options = torch.tensor([len(i["options"]) for i in items])
-        first = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(self.options if fmt == "cloze" else
-                                                                          torch.ones_like(self.options), 0)])
-        self.seqs = [list(range(first[i], first[i + 1])) for i in range(len(items))]
         self.letters = None if letters is None else torch.tensor(letters)
 
     def __len__(self) -> int:
@@ -628,9 +629,7 @@ def build_splits(a, below: int, device) -> dict[str, Split]:
     splits, at = {}, 0
     for name, its in items.items():
         n = sum(len(per_item) for per_item in seqs[name])
-        part = flat[at:at + n]
-        splits[name] = Split(its, a.format, states[at:at + n], [i for i, _ in part], [s for _, s in part], letters)
-        at += n
+        splits[name], at = Split(its, a.format, states[at:at + n], seqs[name], letters), at + n
     return splits
 
 
