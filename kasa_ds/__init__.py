@@ -4,8 +4,9 @@ Public API::
 
     from kasa_ds import KaSAConfig, apply_kasa, kasa_regularization, save_adapter, load_adapter, merge_kasa
 
-Layers (each imports only from those before it): config, progress → core → formats, dist → placements → registry
-→ inject, merge → io → training; launch/ and tools/ import kasa_ds only. See README, "Architecture".
+Layers (each imports only from those before it): config, progress, cli → core → formats, comm → placements →
+registry → inject, merge → io → training, integrations → commands; launch/ and tools/ import kasa_ds only. See
+README, "Architecture".
 """
 
 from . import compat
@@ -19,7 +20,7 @@ from .io.adapter import gathered_adapter_state, load_adapter, save_adapter
 from .io.lora import export_lora_adapter
 from .merge import merge_kasa
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 compat.install()
 

@@ -10,6 +10,8 @@ from typing import Any, Optional, Sequence, Union
 SVD_SOLVERS = ("auto", "gram", "gram_fp64", "svd", "svd_fp64")  # see kasa_ds.core.truncation
 QUANT_MODES = ("low_rank_correction", "requantize")  # 4-bit bases, see kasa_ds.formats.bnb4
 ADAPTER_DTYPES = ("float32", "bfloat16", "float16", "float64")
+#: KaSAConfig fields PEFT's adapter_config.json has no key for: kasa_ds writes them to kasa_ds_config.json
+EXTRA_FIELDS = ("svd_solver", "adapter_dtype", "quant_mode")
 
 
 @dataclass

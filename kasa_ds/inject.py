@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable, Optional
 
@@ -20,8 +21,9 @@ from .config import KaSAConfig
 from .core.layer import kasa_layers
 from .core.truncation import check_rank
 from .core.types import KaSAReport, LayerReport, Target
-from .dist.schedule import DEFAULT_MAX_GATHER_BYTES
-from .registry import PLACEMENTS, classify
+from .comm.schedule import DEFAULT_MAX_GATHER_BYTES
+from . import registry
+from .registry import classify, full_shape
 
 CONFIG_ATTR = "kasa_config"  # where apply_kasa leaves the config on the model
 
@@ -44,7 +46,7 @@ def apply_kasa(model: nn.Module, config: KaSAConfig, *, truncate: Optional[Trunc
         layer_reports = truncate(targets, config)
     else:
         layer_reports = []
-        for placement in PLACEMENTS:  # the same order on every rank
+        for placement in registry.PLACEMENTS:  # the registry's order, the same on every rank
             group = [t for t in targets if t.placement is placement]
             if group:
                 layer_reports += placement.truncate(group, config, show_progress=show_progress,
@@ -52,7 +54,7 @@ def apply_kasa(model: nn.Module, config: KaSAConfig, *, truncate: Optional[Trunc
     wrap_targets(model, targets, config)
     saved = set_trainable(model, config)
     setattr(model, CONFIG_ATTR, config)
-    numel = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731  (ZeRO-3 partitions report their full size)
+    numel = lambda p: math.prod(full_shape(p))  # noqa: E731  (ZeRO-3 partitions: the size they were cut from)
     trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
     total = sum(numel(p) for p in model.parameters())
     return KaSAReport(layer_reports, saved, trainable, total, time.perf_counter() - start, config.svd_solver)
@@ -97,6 +99,7 @@ def wrap_targets(model: nn.Module, targets: list[Target], config: KaSAConfig) ->
     """Step 3: replace each target by its placement's KaSA layer; adapter init is seeded per layer if asked."""
     for index, t in enumerate(targets):
         layer = t.placement.wrap(t, config)
+        layer.placement = t.placement  # the one decision, remembered: io/ asks the layer's placement
         if config.init_seed is not None:
             layer.reset_adapter(torch.Generator().manual_seed(config.init_seed * 1_000_003 + index))
         if t.correction is not None:

@@ -2,17 +2,19 @@
 
 Formats and placements are tried in order, first match wins (PEFT's dispatchers): a bitsandbytes Linear4bit is also
 an nn.Linear, so 4-bit is asked first; a tensor-parallel layer is recognized before a ZeRO-3 partition, which is
-recognized before a weight held whole. Adding a base kind is one module under formats/ or placements/ plus one line
-here (README, "Adding a base kind").
+recognized before a weight held whole. This is the only code that decides a placement: each adapted layer records
+the one it got (kasa_ds.inject), and io/ asks :func:`placement_of` for an adapter tensor's. Adding a base kind is
+one module under formats/ or placements/ plus one line here (README, "Adding a base kind").
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import nn
 
-from .core.types import Target
+from .core.types import AdapterTensor, Target
 from .formats.base import Format
 from .formats.bnb4 import BNB4
 from .formats.bnb8 import BNB8
@@ -69,6 +71,29 @@ def classify(module: nn.Module, name: str) -> Optional[Target]:
             raise ValueError(f"{name}: {why}")
         return Target(name, module, fmt, placement, tuple(shape), spec)
     return None
+
+
+def placement_of(item: AdapterTensor) -> Placement:
+    """The placement that gathers and loads one adapter tensor: the one its KaSA layer recorded at injection, unless
+    a placement earlier in the order now holds the tensor by its storage (a model adapted whole and then handed to
+    ZeRO-3); a modules_to_save parameter (no layer) gets the first placement that holds it."""
+    recorded = getattr(item.layer, "placement", None)
+    return next(p for p in PLACEMENTS if (recorded is not None and p.name == recorded.name)
+                or p.holds_tensor(item.param))
+
+
+def full_shape(param: torch.Tensor) -> tuple[int, ...]:
+    """The whole shape of any parameter, asked of the placement that holds it (a ZeRO-3 partition is empty here)."""
+    return placement_of(AdapterTensor("", param)).full_shape(param)
+
+
+def by_placement(items: list[AdapterTensor]) -> list[tuple[Placement, list[AdapterTensor]]]:
+    """``items`` grouped by :func:`placement_of`, in the registry's order (the same on every rank: collectives
+    stay aligned)."""
+    groups: dict[str, list[AdapterTensor]] = {}
+    for item in items:
+        groups.setdefault(placement_of(item).name, []).append(item)
+    return [(p, groups[p.name]) for p in PLACEMENTS if p.name in groups]
 
 
 def format_of(module: nn.Module) -> Format:

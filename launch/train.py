@@ -7,62 +7,23 @@
 
 Steps, in order: validate config → set up processes → tokenizer, data → model → KaSA (truncate + inject) →
 resume → eval → train (task loss + KaSA regularizer) with checkpoints → eval → adapter in <output_dir>/adapter.
-The recipe itself is kasa_ds.training.recipe.Recipe; this file parses the command line.
+The recipe is kasa_ds.training.recipe.Recipe and the command line kasa_ds.commands.train (``kasa-train``, installed
+with the package); this file adds what a checkout has: configs/default.yaml when no --config is given, and relative
+paths (configs/, data/, ds_configs/) found from any working directory.
 """
 
-from __future__ import annotations
-
-import argparse
-import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from kasa_ds.commands import train
 
-from kasa_ds.training.config import ConfigError, load_train_config  # noqa: E402
-from kasa_ds.training.recipe import run_recipe  # noqa: E402
-
-
-def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML recipe config (defaults: the embedded MiniLM / Rotten Tomatoes run)")
-    p.add_argument("--ds_config", "--deepspeed_config", dest="ds_config", help="DeepSpeed JSON config")
-    p.add_argument("--output_dir", help="where metrics, checkpoints and the adapter go (overrides output_dir)")
-    p.add_argument("--resume", help="auto | none | <checkpoint dir> (overrides resume)")
-    p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
-    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. train.lr=3e-4")
-    return p.parse_intermixed_args(argv)
+CHECKOUT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = str(CHECKOUT / "configs" / "default.yaml")
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    overrides = list(args.overrides)
-    for key in ("ds_config", "output_dir", "resume"):
-        if getattr(args, key) is not None:
-            overrides.append(f"{key}={getattr(args, key)}")
-    try:
-        cfg = load_train_config(args.config, overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return run_recipe(cfg)
-
-
-def exit_now(code: int) -> None:
-    """Leave without running C++ static destructors once a multi-rank run is over (its files are written and
-    renamed, its metrics closed, its process group destroyed): with a 4-bit base under ZeRO-3, a rank otherwise
-    sometimes aborts in interpreter teardown ("terminate called without an active exception", seen in 1 of ~6
-    otherwise successful runs), turning a finished run into a failed job."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    mpi = sys.modules.get("mpi4py.MPI")  # under mpirun: finalize MPI, as its atexit hook would, or mpirun fails the job
-    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
-        mpi.Finalize()
-    os._exit(code)
+    """The recipe's exit code (kasa_ds.commands.train.main with this checkout's default config and paths)."""
+    return train.main(argv, default_config=DEFAULT_CONFIG, base_dirs=[str(CHECKOUT)])
 
 
 if __name__ == "__main__":
-    rc = main()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        exit_now(rc)
-    sys.exit(rc)
+    train.run(default_config=DEFAULT_CONFIG, base_dirs=[str(CHECKOUT)])

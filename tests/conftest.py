@@ -1,7 +1,12 @@
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+#: tests of a tool import the tool's module (tools/ is not a package; each tool is a thin command over kasa_ds)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -2,7 +2,6 @@
 kasa_ds_config.json included, so a QKaSA requantize / svd_fp64 run reads back as what it was and merges as such.
 Also: load_adapter keeps the model's train/eval mode."""
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,6 @@ from kasa_ds.training.config import load_train_config
 from kasa_ds.training.recipe import run_recipe
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
 
 
 @pytest.mark.slow

@@ -12,11 +12,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "kasa_ds"
 #: each layer may import only from itself and the layers before it (kasa_ds/__init__ and compat stand above all)
-LAYERS = [("config", "progress", "cli"), ("core",), ("formats", "dist"), ("placements",), ("registry",), ("inject", "merge"),
-          ("io",), ("training", "integrations")]
+LAYERS = [("config", "progress", "cli"), ("core",), ("formats", "comm"), ("placements",), ("registry",), ("inject", "merge"),
+          ("io",), ("training", "integrations"), ("commands", "experiments")]
 #: optional third-party packages that kasa_ds may import inside a function (only where a model uses them)
-OPTIONAL = ("deepspeed", "bitsandbytes", "megatron", "transformers", "peft", "torch.utils.tensorboard", "datasets", "accelerate")
-MAX_FUNCTION_LINES = 90
+OPTIONAL = ("deepspeed", "bitsandbytes", "megatron", "transformers", "peft", "torch.utils.tensorboard", "datasets", "accelerate", "gguf", "mpi4py", "matplotlib", "scipy")
+MAX_FUNCTION_LINES = 60
+#: the layers that know no concrete placement: they ask a layer's placement (recorded at injection) or the registry
+PLACEMENT_FREE = ("core", "formats", "comm", "inject", "merge", "io")
+#: what a second placement dispatch looks like: a concrete placement imported, or a placement's storage tested
+DISPATCH_MARKS = ("ds_tensor", "ds_id", "ds_shape", "ds_numel", "is_partitioned", "tp_layers", "KaSAParallelLinear", "ShardSpec")
 
 
 def module_name(path: Path) -> str:
@@ -121,27 +125,111 @@ def test_every_module_says_what_it_holds():
     assert not missing, f"modules without a docstring: {missing}"
 
 
-def test_functions_are_short_and_the_entry_point_thin():
+def long_functions(paths) -> list[str]:
     long = []
-    for path in list(PACKAGE.rglob("*.py")) + list((REPO / "launch").rglob("*.py")):
+    for path in paths:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 lines = node.end_lineno - node.lineno + 1
                 if lines > MAX_FUNCTION_LINES:
                     long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({lines} lines)")
+    return long
+
+
+def code_files():
+    """The package, the launchers and the tools: every file the 60-line rule holds."""
+    return list(PACKAGE.rglob("*.py")) + list((REPO / "launch").rglob("*.py")) + list((REPO / "tools").glob("*.py"))
+
+
+def test_functions_are_short_and_the_entry_point_thin():
+    long = long_functions(code_files())
     assert not long, long
     assert len((REPO / "launch/train.py").read_text().splitlines()) <= 150
 
 
-def test_tools_import_kasa_ds_never_launch():
+def test_the_function_length_rule_can_fail():
+    planted = REPO / "tools" / "_planted_long_for_test.py"
+    planted.write_text("def f():\n" + "    x = 1\n" * MAX_FUNCTION_LINES)
+    try:
+        assert any("_planted_long_for_test.py:1 f (61 lines)" in p for p in long_functions(code_files()))
+    finally:
+        planted.unlink()
+
+
+def tool_problems() -> list[str]:
+    """A tool imports kasa_ds and nothing of launch/ or of another tool (each tool is a thin command)."""
+    tools = {p.stem for p in (REPO / "tools").glob("*.py")}
+    problems = []
     for path in (REPO / "tools").glob("*.py"):
         text = path.read_text()
-        targets = [t for t, _, _ in imports(path)]
-        assert not [t for t in targets if t.split(".")[0] == "launch"], path
-        assert "launch/train.py" not in text or "spec_from_file_location" not in text, path
+        for target, line, _ in imports(path):
+            if target.split(".")[0] == "launch" or target.split(".")[0] in tools - {path.stem}:
+                problems.append(f"tools/{path.name}:{line} imports {target}")
+        if "sys.path" in text or ("launch/train.py" in text and "spec_from_file_location" in text):
+            problems.append(f"tools/{path.name}: reaches other files through sys.path or by file location")
+    return problems
 
 
-OLD_PATHS = ["adapter_io", "assets", "checkpoint", "data", "hf_checkpoint", "layer", "memory_plan", "metrics",
+def test_tools_import_kasa_ds_never_launch_or_another_tool():
+    assert not tool_problems(), tool_problems()
+
+
+def test_the_tool_rule_can_fail():
+    planted = REPO / "tools" / "_planted_tool_for_test.py"
+    planted.write_text("from bench_step import main\n")
+    try:
+        assert any("_planted_tool_for_test.py:1 imports bench_step" in p for p in tool_problems())
+    finally:
+        planted.unlink()
+
+
+def identifiers(path: Path) -> set[str]:
+    """Names, attributes and string constants in the code (docstrings and comments are not code)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Name):
+            found.add(node.id)
+        elif isinstance(node, ast.Attribute):
+            found.add(node.attr)
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", "") in ("hasattr", "getattr"):
+            found.update(a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str))
+    return found
+
+
+def dispatch_problems() -> list[str]:
+    """Code outside the registry and the placements that picks a placement itself (a second dispatch)."""
+    problems = []
+    for path in PACKAGE.rglob("*.py"):
+        me = module_name(path)
+        if me.split(".")[1:2] and me.split(".")[1] not in PLACEMENT_FREE:
+            continue
+        for target, line, _ in imports(path):
+            if target.startswith("kasa_ds.placements.") and not target.startswith("kasa_ds.placements.base"):
+                problems.append(f"{path.relative_to(REPO)}:{line} imports the concrete placement {target}")
+        used = identifiers(path)
+        problems += [f"{path.relative_to(REPO)} tests a placement's storage ({mark})" for mark in DISPATCH_MARKS
+                     if mark in used]
+    return problems
+
+
+def test_one_placement_dispatch():
+    assert not dispatch_problems(), dispatch_problems()
+
+
+def test_a_second_placement_dispatch_in_io_is_caught():
+    planted = PACKAGE / "io" / "_planted_dispatch_for_test.py"
+    planted.write_text('"""planted"""\nfrom ..placements.zero3 import ZERO3\n\n\ndef f(p):\n'
+                       '    return ZERO3 if hasattr(p, "ds_tensor") else None\n')
+    try:
+        problems = dispatch_problems()
+    finally:
+        planted.unlink()
+    assert any("_planted_dispatch_for_test.py:2 imports the concrete placement kasa_ds.placements.zero3" in p
+               for p in problems)
+    assert any("_planted_dispatch_for_test.py tests a placement's storage (ds_tensor)" in p for p in problems)
+
+
+OLD_PATHS = ["adapter_io", "assets", "dist", "dist.comm", "dist.schedule", "dist.mappings", "checkpoint", "data", "hf_checkpoint", "layer", "memory_plan", "metrics",
              "models", "preemption", "quant", "regularization", "single_device", "svd_cache", "tp_integrations",
              "tp_layer", "tp_shard", "train_config", "truncation", "utils", "zero"]
 
@@ -160,6 +248,6 @@ def test_old_import_paths_still_serve_their_names(old):
         assert getattr(module, name) is compat.resolve(old, name)
     # e.g. the old `from kasa_ds.zero import plan` is the new owner schedule
     if old == "zero":
-        from kasa_ds.dist.schedule import assign_owners
+        from kasa_ds.comm.schedule import assign_owners
 
         assert module.plan is assign_owners

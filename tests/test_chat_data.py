@@ -5,7 +5,6 @@ character offsets of the rendered conversation, a token is labelled exactly when
 assistant answer or the end-of-turn token that follows it."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,6 @@ from kasa_ds.training.chat import IGNORE_INDEX, ChatError, encode_conversation, 
 from kasa_ds.training.data import CausalLMDataset, check_records
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
 TEMPLATES = {  # a header ending in a space (merges with the answer under SentencePiece), and special-token turns
     "spaced": "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}\n{% endfor %}"
               "{% if add_generation_prompt %}assistant: {% endif %}",

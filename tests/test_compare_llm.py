@@ -4,17 +4,15 @@ SentencePiece tokenizer and a few made-up multiple-choice items: no network, no 
 import json
 import random
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 pytest.importorskip("peft", minversion="0.21", reason="compare_llm compares against PEFT's LoRA ([dev] dependency)")
 pytest.importorskip("scipy", reason="compare_llm's statistics use scipy ([dev] dependency)")
 
-import compare_llm  # noqa: E402
+from kasa_ds.experiments import compare_llm, methods, report, socialiqa, split_model, stats  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -59,21 +57,21 @@ def test_split_model_reproduces_the_whole_model(tiny_gemma):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_gemma / "model")
     items = [json.loads(line) for line in (tiny_gemma / "test.jsonl").read_text().splitlines()]
-    ids = [torch.tensor(tokenizer(compare_llm.prompt(i)).input_ids) for i in items]
-    whole = compare_llm.load_causal_lm(str(tiny_gemma / "model"), "cpu")
-    states = compare_llm.frozen_states(whole, ids, 1, 5, "cpu")
-    tokens, mask, last = compare_llm.padded(ids, "cpu")
-    cloze = [seq for i in items[:4] for seq in compare_llm.sequences(i, "cloze", tokenizer)]
-    cloze_states = compare_llm.frozen_states(whole, [torch.tensor(i) for i, _ in cloze], 1, 5, "cpu")
+    ids = [torch.tensor(tokenizer(socialiqa.prompt(i)).input_ids) for i in items]
+    whole = split_model.load_causal_lm(str(tiny_gemma / "model"), "cpu")
+    states = split_model.frozen_states(whole, ids, 1, 5, "cpu")
+    tokens, mask, last = split_model.padded(ids, "cpu")
+    cloze = [seq for i in items[:4] for seq in socialiqa.sequences(i, "cloze", tokenizer)]
+    cloze_states = split_model.frozen_states(whole, [torch.tensor(i) for i, _ in cloze], 1, 5, "cpu")
     with torch.no_grad():
         want = whole(input_ids=tokens, attention_mask=mask).logits[torch.arange(len(ids)), last]
-        top = compare_llm.cut_to_top(compare_llm.load_causal_lm(str(tiny_gemma / "model"), "cpu"), 1)
+        top = split_model.cut_to_top(split_model.load_causal_lm(str(tiny_gemma / "model"), "cpu"), 1)
         assert len(top.model.layers) == 2 and top.config.layer_types == ["sliding_attention", "full_attention"]
-        head = compare_llm.Head(top, torch.float32)
-        got = compare_llm.answer_logits(top, head, *compare_llm.padded(states, "cpu"))
-        letters = compare_llm.answer_tokens(tokenizer)
-        got_letters = compare_llm.answer_logits(top, head, *compare_llm.padded(states, "cpu"), torch.tensor(letters))
-        logp, owner = compare_llm.token_logprobs(top, head, *compare_llm.padded(cloze_states, "cpu")[:2],
+        head = split_model.Head(top, torch.float32)
+        got = split_model.answer_logits(top, head, *split_model.padded(states, "cpu"))
+        letters = socialiqa.answer_tokens(tokenizer)
+        got_letters = split_model.answer_logits(top, head, *split_model.padded(states, "cpu"), torch.tensor(letters))
+        logp, owner = split_model.token_logprobs(top, head, *split_model.padded(cloze_states, "cpu")[:2],
                                                  [s for _, s in cloze], [torch.tensor(i[s:]) for i, s in cloze])
         want_logp = torch.cat([whole(input_ids=torch.tensor([i])).logits[0, s - 1:-1].log_softmax(-1)
                                .gather(1, torch.tensor(i[s:])[:, None])[:, 0] for i, s in cloze])
@@ -95,8 +93,8 @@ def test_compare_llm_runs_every_method_and_resumes(tiny_gemma, tmp_path, capsys)
     assert "% of the predictions the same" in log  # the bfloat16 head is compared with a float32 head
     saved = json.loads((out / "results.json").read_text())
     assert saved["protocol"]["items"] == {"train": 36, "validation": 4, "test": 12}
-    assert set(saved["selected_lr"]) == set(compare_llm.METHODS)
-    assert {(r["method"], r["lr"]) for r in saved["runs"]} == {(m, lr) for m in compare_llm.METHODS for lr in (1e-3, 1e-2)}
+    assert set(saved["selected_lr"]) == set(methods.METHODS)
+    assert {(r["method"], r["lr"]) for r in saved["runs"]} == {(m, lr) for m in methods.METHODS for lr in (1e-3, 1e-2)}
     params = {r["method"]: r["trainable_params"] for r in saved["runs"]}
     # r = 8 on q/k/v/up/down of 2 layers: KaSA has LoRA's factors + its 8 singular values per module
     assert params["kasa"] == params["lora"] + 2 * 5 * 8 == params["pissa"] + 80 == params["milora"] + 80
@@ -127,18 +125,18 @@ def test_statistics_and_selection():
                      for s, a, p in ((0, 1.0, "ABCA"), (1, 0.75, "ABCB"))],
             "lora": [{"method": "lora", "seed": s, "accuracy": a, "predictions": p}
                      for s, a, p in ((0, 0.5, "ABAB"), (1, 0.5, "CBCB"))]}
-    row = compare_llm.paired(runs, labels)["lora"]
+    row = stats.paired(runs, labels)["lora"]
     assert row["differences"] == [0.5, 0.25] and row["mean"] == 0.375
     # KaSA alone right: seed 0 on items 3 and 4, seed 1 on item 1; LoRA alone right: never
     assert (row["mcnemar_base_only"], row["mcnemar_other_only"]) == (3, 0)
     assert row["mcnemar_p"] == pytest.approx(2 * 0.5 ** 3)  # exact two-sided binomial
     assert row["ci95"][0] < row["mean"] < row["ci95"][1]
     # the pre-registered rule: both the interval and McNemar must agree before a winner is named
-    assert compare_llm.decision(row).startswith("no difference resolved")  # 2 seeds: the interval spans 0
-    assert compare_llm.decision({**row, "ci95": [0.1, 0.6]}).startswith("no difference")  # McNemar p = 0.25
-    assert compare_llm.decision({**row, "ci95": [0.1, 0.6], "mcnemar_p": 0.01}) == "KaSA better"
-    assert compare_llm.decision({**row, "ci95": [-0.6, -0.1], "mcnemar_p": 0.01}) == "KaSA worse"
-    chosen = compare_llm.select_rates([{"method": "kasa", "seed": 0, "lr": lr, "val_accuracy": v}
+    assert report.decision(row).startswith("no difference resolved")  # 2 seeds: the interval spans 0
+    assert report.decision({**row, "ci95": [0.1, 0.6]}).startswith("no difference")  # McNemar p = 0.25
+    assert report.decision({**row, "ci95": [0.1, 0.6], "mcnemar_p": 0.01}) == "KaSA better"
+    assert report.decision({**row, "ci95": [-0.6, -0.1], "mcnemar_p": 0.01}) == "KaSA worse"
+    chosen = stats.select_rates([{"method": "kasa", "seed": 0, "lr": lr, "val_accuracy": v}
                                        for lr, v in ((1e-3, 0.6), (3e-4, 0.6), (3e-3, 0.5))], 0)
     assert chosen == {"kasa": 3e-4}  # a tie goes to the smaller rate
 
@@ -146,7 +144,7 @@ def test_statistics_and_selection():
 def test_reads_the_evals_socialiqa_format():
     line = json.dumps({"input": [{"role": "user", "content": "Jan paid; then left. Why? A: to be kind; B: a; b; "
                                                              "C: to go home."}], "ideal": "B"})
-    assert compare_llm.parse_evals_item(line) == {"question": "Jan paid; then left. Why?",
+    assert socialiqa.parse_evals_item(line) == {"question": "Jan paid; then left. Why?",
                                                   "options": ["to be kind", "a; b", "to go home"], "label": 1}
 
 
@@ -167,7 +165,7 @@ def test_test_split_is_carved_from_the_evals_items(tiny_gemma, tmp_path):
     """Amendment 1: 224 validation items (the same as registered), 1,000 test, 1,000 train, disjoint; a --data
     directory without test.jsonl is split the same way."""
     pool = [{"question": f"q{i}", "options": ["a", "b", "c"], "label": i % 3} for i in range(2224)]
-    carved, registered = compare_llm.split(pool, carve_test=True), compare_llm.split(pool, carve_test=False)
+    carved, registered = socialiqa.split(pool, carve_test=True), socialiqa.split(pool, carve_test=False)
     assert {k: len(v) for k, v in carved.items()} == {"train": 1000, "validation": 224, "test": 1000}
     assert carved["validation"] == registered["validation"] and len(registered["train"]) == 2000
     names = [{i["question"] for i in v} for v in carved.values()]
@@ -176,4 +174,4 @@ def test_test_split_is_carved_from_the_evals_items(tiny_gemma, tmp_path):
     data.mkdir()
     shutil.copy(tiny_gemma / "train.jsonl", data / "train.jsonl")
     args = compare_llm.parse_args(["--data", str(data)])
-    assert {k: len(v) for k, v in compare_llm.load_items(args).items()} == {"train": 18, "validation": 4, "test": 18}
+    assert {k: len(v) for k, v in socialiqa.load_items(args).items()} == {"train": 18, "validation": 4, "test": 18}

@@ -5,7 +5,6 @@ keyed by everything that decides them; bad sources are one line naming the fix."
 import json
 import os
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,6 @@ from kasa_ds.training.sources import resolve
 from kasa_ds.training.tokenized import Encoding, checked, tokenized
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
 RECORDS = [{"prompt": f"Q{i}: what is {i} plus {i}?", "completion": f" {2 * i}, of course" + " really" * (i % 5)}
            for i in range(24)]
 TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}\n{% endfor %}"

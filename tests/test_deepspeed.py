@@ -44,7 +44,6 @@ def losses(out: Path, key: str = "loss"):
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    sys.path.insert(0, str(REPO / "tools"))
     from make_tiny_llama import build
 
     return build(tmp_path_factory.mktemp("tiny-llama"), hidden=48, layers=2, vocab=320)

@@ -1,12 +1,10 @@
 """tools/dry_run.py on the shipped 70B-class configs: meta-device build from config.json alone, in seconds."""
 
-import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
 
 # Published sizes (model cards): Llama-3-70B 70.6 B, Qwen2-72B 72.7 B parameters.
 PUBLISHED = {"llama3_70b_kasa": 70.6e9, "qwen2_72b_kasa": 72.7e9}

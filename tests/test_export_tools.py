@@ -16,7 +16,6 @@ from kasa_ds import KaSAConfig, apply_kasa, kasa_layers, load_adapter, save_adap
 from kasa_ds.io.svd_cache import SVDCache
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
 TARGETS = ",".join(ALL_LLAMA_TARGETS)
 
 

@@ -6,7 +6,6 @@ the rounding of W − L·R (≈ 1e-7 relative per weight), amplified through 2 l
 
 import copy
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -53,7 +52,6 @@ def test_dense_lora_export_reproduces_the_kasa_model(tmp_path, tokens):
     export_lora_adapter(model, tmp_path / "from_dir", base=tmp_path / "base")
     # the tool, from the saved KaSA adapter and the base checkpoint
     save_adapter(model, tmp_path / "kasa")
-    sys.path.insert(0, str(REPO / "tools"))
     from export_adapter import export_lora
 
     export_lora(tmp_path / "kasa", tmp_path / "from_tool", tmp_path / "base")

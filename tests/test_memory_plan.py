@@ -1,7 +1,6 @@
 """kasa_ds.training.memory_plan / tools/plan_memory.py: the exact parts against hand counts, the rest against the direction
 each knob must move it (more GPUs, checkpointing, 4-bit, offload), and bad input refused."""
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -55,7 +54,6 @@ def test_bad_runs_refused(shape):
 
 
 def test_cli_min_gpus(capsys):
-    sys.path.insert(0, str(REPO / "tools"))
     from plan_memory import main
 
     out = main(["--model", LLAMA70, "--min-gpus", "--gpu-gib", "24", "--seq-len", "4096"])
@@ -90,7 +88,6 @@ def test_planner_matches_measured_cpu_peak(case, quantized):
     training step on the CPU (tools/validate_memory_plan.py): within the 15% the issue sets (measured ≤ 2.6%)."""
     if quantized:
         pytest.importorskip("bitsandbytes", reason="bitsandbytes is a [dev] dependency (QKaSA)")
-    sys.path.insert(0, str(REPO / "tools"))
     from validate_memory_plan import measure
 
     measured, planned = measure(case, r=16, dropout=0.05, quantized=quantized)
@@ -134,7 +131,6 @@ def test_qkasa_under_zero3_partitions_the_packed_base_and_replicates_the_scales(
 
 def test_the_70b_two_gpu_recipe_dry_runs(capsys):
     """configs/qkasa_70b_2gpu.yaml: fits 2 × 40 GB as shipped; on 2 × 24 GB only with the offload config."""
-    sys.path.insert(0, str(REPO / "tools"))
     from dry_run import dry_run
 
     config = str(REPO / "configs/qkasa_70b_2gpu.yaml")

@@ -5,7 +5,6 @@ label tokens as the same examples run unpacked and padded (each example's first 
 and each token attends to its own example only, so the two losses agree to float32 reduction order (1e-5)."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -50,7 +49,6 @@ def _segments(positions):
 
 
 def test_recipe_trains_packed_and_reports_throughput(tmp_path, capsys):
-    sys.path.insert(0, str(REPO / "tools"))
     from make_tiny_llama import build
 
     from kasa_ds.training.config import load_train_config
@@ -85,7 +83,6 @@ def run(tmp_path, model_dir, data, name, *extra):
 def test_accumulation_is_token_weighted(tmp_path, packing):
     """Micro-batches with an order of magnitude more label tokens than others: 2 micro-batches of 2 must give the
     step of one batch of 4 (the token mean over the step), not the mean of the two micro-batches' means."""
-    sys.path.insert(0, str(REPO / "tools"))
     from make_tiny_llama import build
 
     model_dir = build(tmp_path / "tiny", hidden=48, layers=2, vocab=320)

@@ -2,14 +2,12 @@
 installs it): a local HF checkpoint with the model's chat template, reproducing the GGUF model, that answers; and
 the SmolLM2 chat recipe (configs/smollm2_chat.yaml) end to end on chatterbot-corpus conversations, a few steps."""
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
 
 
 @pytest.fixture(scope="module")

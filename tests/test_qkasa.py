@@ -95,11 +95,9 @@ def test_recipe_fine_tunes_a_4bit_base(tmp_path):
     and a 4-bit base under DeepSpeed is refused up front."""
     import importlib.util
     import json
-    import sys
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(repo / "tools"))
     from make_tiny_llama import build
 
     spec = importlib.util.spec_from_file_location("recipe_q", repo / "launch/train.py")
@@ -133,10 +131,8 @@ def test_single_gpu_features_on_a_4bit_base(tmp_path, capsys):
     """QKaSA with what a one-GPU user turns on: paged 8-bit AdamW (bitsandbytes, its states really 8-bit), bf16
     autocast, gradient checkpointing, a memory limit checked by the planner first; it trains (eval loss falls)."""
     import json
-    import sys
 
     repo, recipe = _recipe()
-    sys.path.insert(0, str(repo / "tools"))
     from make_tiny_llama import build
 
     model = build(tmp_path / "tiny", hidden=128, layers=2, vocab=320)  # r·hidden = 4096: 8-bit states
@@ -159,9 +155,7 @@ def test_single_gpu_features_on_a_4bit_base(tmp_path, capsys):
 
 def test_memory_limit_refused_by_the_planner_before_loading(tmp_path, capsys):
     repo, recipe = _recipe()
-    import sys
 
-    sys.path.insert(0, str(repo / "tools"))
     from make_tiny_llama import build
 
     model = build(tmp_path / "tiny", hidden=48, layers=2, vocab=320)
@@ -186,12 +180,9 @@ def test_streamed_merge_of_a_qkasa_adapter_into_the_16bit_checkpoint(tmp_path, t
     """tools/merge.py rebuilds the 4-bit base from the 16-bit checkpoint (recorded in kasa_ds_config.json), applies
     the mode and ΔW, and writes a plain checkpoint: transformers alone reproduces the 4-bit model's logits (1e-4:
     the same float32 numbers, summed in another order)."""
-    import sys
-    from pathlib import Path
 
     from transformers import AutoModelForCausalLM
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
     from merge import merge
 
     base = tiny_llama(seed=4)
@@ -238,8 +229,6 @@ def test_8bit_base_added_as_one_format_module(tmp_path, tokens):
     float64 tail of the dequantized weight with the int8 base untouched, only adapters train, requantize stays within
     int8's rounding (half a step of each row's scale, from the float16 copy bitsandbytes quantizes), merge_kasa and
     the streamed tools/merge.py reproduce the 8-bit model (1e-4: the int8 CPU matmul against a float32 one)."""
-    import sys
-    from pathlib import Path
 
     from safetensors.torch import save_file
 
@@ -276,7 +265,6 @@ def test_8bit_base_added_as_one_format_module(tmp_path, tokens):
     original = tiny_llama()
     original.save_pretrained(base)
     save_file({k: v.contiguous() for k, v in original.state_dict().items()}, str(base / "model.safetensors"))
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
     from merge import merge
 
     merged = type(original).from_pretrained(merge(base, tmp_path / "adapter", tmp_path / "merged", torch.float32))

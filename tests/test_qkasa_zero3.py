@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -31,7 +30,6 @@ from test_deepspeed import COMMON, fully_partitioned_zero3, launch, losses  # no
 from zero3_common import CONFIG_KW, TOKENS_SEED  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
 from merge import merge  # noqa: E402
 
 

@@ -1,7 +1,6 @@
 """Failure modes (#17): writers never destroy user data, bad numbers are refused up front, a failed load leaves the
 model as it was, two trainings cannot share an output directory, non-finite training stops loudly."""
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,6 @@ from kasa_ds import KaSAConfig, apply_kasa, save_adapter
 from kasa_ds.training import checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
 
 
 def snapshot(root: Path) -> dict:
@@ -77,7 +75,7 @@ def test_every_numeric_key_is_range_checked(override, why):
     from kasa_ds.training.config import ConfigError, load_train_config
 
     with pytest.raises(ConfigError, match=why):
-        load_train_config(None, [override])
+        load_train_config(str(REPO / "configs/default.yaml"), [override], base_dirs=[REPO])
 
 
 @pytest.mark.parametrize("argument", [["--gpus", "-8"], ["--gpus", "0"], ["--micro-batch", "-4"],

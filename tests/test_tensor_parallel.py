@@ -82,7 +82,6 @@ def test_autotp_zero2_matches_one_process_and_exports_to_peft(tmp_path):
         logits = model(input_ids=ref["tokens"]).logits
     assert ((logits - ref["logits"]).norm() / ref["logits"].norm()).item() < 2e-4
     # and its exact LoRA export (tools/export_adapter.py --as-lora): a plain rank-2r LoRA on the original base
-    sys.path.insert(0, str(REPO / "tools"))
     from export_adapter import export_lora
 
     lora = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base),

@@ -12,7 +12,6 @@ from conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 pytest.importorskip("peft", minversion="0.21", reason="bench_init compares against PEFT's KaSA ([dev] dependency)")
 
 

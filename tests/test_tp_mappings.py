@@ -1,4 +1,4 @@
-"""kasa_ds.dist.mappings on gloo (2 CPU ranks): megatron's four named collectives, and the tensor-parallel adapter
+"""kasa_ds.comm.mappings on gloo (2 CPU ranks): megatron's four named collectives, and the tensor-parallel adapter
 paths that use the gather/split pair (column-parallel with gather_output, row-parallel fed the whole input) —
 forward and every gradient equal to one process.
 

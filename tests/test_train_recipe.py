@@ -18,7 +18,6 @@ spec.loader.exec_module(recipe)
 
 @pytest.fixture(scope="module")
 def tiny_llama_dir(tmp_path_factory):
-    sys.path.insert(0, str(REPO / "tools"))
     from make_tiny_llama import build
 
     return build(tmp_path_factory.mktemp("tiny-llama"), hidden=48, layers=2, vocab=320)

@@ -7,7 +7,6 @@ the same SGD update up to float32 summation order (1e-5)."""
 
 import copy
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -101,7 +100,6 @@ def test_checkpoints_hold_the_adapter_and_resume_reproduces_the_losses(tmp_path,
 def test_trl_sft_trainer_with_kasa_on_conversations(tmp_path):
     trl = pytest.importorskip("trl", reason="TRL is a [dev] dependency (pip install -e .[dev])")
     datasets = pytest.importorskip("datasets")
-    sys.path.insert(0, str(REPO / "tools"))
     from make_tiny_llama import build
 
     model_dir = build(tmp_path / "tiny", hidden=48, layers=2, vocab=320)
@@ -201,7 +199,6 @@ def test_zero3_trainer_equals_one_process(tmp_path):
     assert set(states["module"]) <= trainable | {k for k in states["module"] if "tail_" in k}
     # the checkpoint's exact LoRA export on the original base reproduces the adapted model (1e-4, as in
     # tests/test_lora_export.py)
-    sys.path.insert(0, str(REPO / "tools"))
     from export_adapter import export_lora
 
     kasa_model = transformers.AutoModelForCausalLM.from_pretrained(base).eval()
@@ -219,7 +216,6 @@ def test_zero3_trainer_equals_one_process(tmp_path):
 
 
 def test_svd_cache_skips_the_svds_with_the_same_truncation(tmp_path):
-    sys.path.insert(0, str(REPO / "tools"))
     from precompute_svd import main as precompute
 
     tiny_llama(seed=2).save_pretrained(tmp_path / "base")

@@ -96,7 +96,7 @@ def test_zero3_matches_single_process(base_dir, reference, tmp_path, world):
 
 def test_plan_balances_owners_and_bounds_rounds():
     from kasa_ds.inject import find_targets
-    from kasa_ds.dist.schedule import assign_owners, svd_cost
+    from kasa_ds.comm.schedule import assign_owners, svd_cost
     from kasa_ds.placements.scheduled import work_items
 
     model = tiny_llama()

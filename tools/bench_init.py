@@ -21,13 +21,11 @@ import argparse
 import copy
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -159,12 +157,12 @@ def project_70b(a) -> dict:
 
     The float32 Gram solver is timed on this machine for the 70B matrix shapes divided by 8 in each dimension
     (1024×1024, 128×1024 (k/v), 3584×1024, 1024×3584); its cost model m·n·k + 4k³ (Gram + eigh) then scales each to
-    full size (×512). kasa_ds on P ranks takes the largest per-rank load of kasa_ds.dist.schedule.assign_owners over the 560 matrices;
+    full size (×512). kasa_ds on P ranks takes the largest per-rank load of kasa_ds.comm.schedule.assign_owners over the 560 matrices;
     PEFT-style takes the sum (every rank does every matrix). Gathers are left out (a few seconds at NVLink speed for
     140 GB), and so is the GPU's speed-up over this CPU, which divides both columns alike.
     """
     from kasa_ds.core.truncation import tail_factors
-    from kasa_ds.dist.schedule import WorkItem, assign_owners, svd_cost
+    from kasa_ds.comm.schedule import WorkItem, assign_owners, svd_cost
 
     h, ff, kv = LLAMA_70B["hidden"], LLAMA_70B["ff"], LLAMA_70B["hidden"] * LLAMA_70B["kv_heads"] // LLAMA_70B["heads"]
     shapes = {"q_proj": (h, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, h), "gate_proj": (ff, h),
@@ -189,7 +187,7 @@ def project_70b(a) -> dict:
     return out
 
 
-def main(argv=None) -> dict:
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--ff", type=int, default=2816)
@@ -208,7 +206,11 @@ def main(argv=None) -> dict:
     p.add_argument("--zero3-worker", choices=["peft", "kasa_ds"], help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
     if a.zero3_worker:
         return zero3_worker(a.zero3_worker, a, a.out)
     if a.smoke:
@@ -245,26 +247,33 @@ def main(argv=None) -> dict:
         print(f"{label:10s} {med[label]:9.3f} {errors[label]:20.2e}")
     print(f"speedup kasa_ds / PEFT: {result['speedup_kasa_ds_over_peft']:.2f}x")
     if a.zero3:
-        z = run_zero3(a)
-        result["zero3_seconds"] = z
-        what = f"{a.quant.upper()} 4-bit base streamed in partitioned; baseline: serial dequantize + SVD on every " \
-            "rank" if a.quant else "model built partitioned"
-        print(f"\nDeepSpeed ZeRO-3 ({what}), seconds:")
-        print(f"{'ranks':>5s} {'PEFT-style' if a.quant else 'PEFT KaSA':>10s} {'kasa_ds':>9s} {'PEFT/kasa_ds':>13s}")
-        for world in (1, 2):
-            print(f"{world:5d} {z[f'peft@{world}']:10.2f} {z[f'kasa_ds@{world}']:9.2f} "
-                  f"{z[f'peft@{world}'] / z[f'kasa_ds@{world}']:12.2f}x")
-        print(f"kasa_ds 2 ranks vs 1 rank: {z['kasa_ds@1'] / z['kasa_ds@2']:.2f}x")
-        proj = project_70b(a)
-        result["projection_70b"] = proj
-        print("\nProjection, Llama-70B (80 layers, hidden 8192, ff 28672, 8 kv heads; 560 matrices, r="
-              f"{a.r}), seconds of this machine's compute:")
-        print(f"  PEFT-style (every rank does every SVD): {proj['peft_style_seconds']:.0f}")
-        for pp in (8, 64, 512):
-            s_ = proj[f"kasa_ds_seconds@{pp}"]
-            print(f"  kasa_ds on {pp:3d} ranks: {s_:8.1f}  ({proj['peft_style_seconds'] / s_:.0f}x)")
+        result.update(report_zero3(a))
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def report_zero3(a) -> dict:
+    """ZeRO-3 at 1 and 2 ranks against the PEFT-style baseline, and the 70B projection, printed and returned."""
+    result = {}
+    z = run_zero3(a)
+    result["zero3_seconds"] = z
+    what = f"{a.quant.upper()} 4-bit base streamed in partitioned; baseline: serial dequantize + SVD on every " \
+        "rank" if a.quant else "model built partitioned"
+    print(f"\nDeepSpeed ZeRO-3 ({what}), seconds:")
+    print(f"{'ranks':>5s} {'PEFT-style' if a.quant else 'PEFT KaSA':>10s} {'kasa_ds':>9s} {'PEFT/kasa_ds':>13s}")
+    for world in (1, 2):
+        print(f"{world:5d} {z[f'peft@{world}']:10.2f} {z[f'kasa_ds@{world}']:9.2f} "
+              f"{z[f'peft@{world}'] / z[f'kasa_ds@{world}']:12.2f}x")
+    print(f"kasa_ds 2 ranks vs 1 rank: {z['kasa_ds@1'] / z['kasa_ds@2']:.2f}x")
+    proj = project_70b(a)
+    result["projection_70b"] = proj
+    print("\nProjection, Llama-70B (80 layers, hidden 8192, ff 28672, 8 kv heads; 560 matrices, r="
+          f"{a.r}), seconds of this machine's compute:")
+    print(f"  PEFT-style (every rank does every SVD): {proj['peft_style_seconds']:.0f}")
+    for pp in (8, 64, 512):
+        s_ = proj[f"kasa_ds_seconds@{pp}"]
+        print(f"  kasa_ds on {pp:3d} ranks: {s_:8.1f}  ({proj['peft_style_seconds'] / s_:.0f}x)")
     return result
 
 

@@ -30,11 +30,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kasa_ds.training.assets import models_cache  # noqa: E402
-from kasa_ds.training.config import load_train_config  # noqa: E402
-from kasa_ds.training.recipe import Recipe  # noqa: E402
+from kasa_ds.training.assets import models_cache
+from kasa_ds.training.config import load_train_config
+from kasa_ds.training.recipe import Recipe
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = ["q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

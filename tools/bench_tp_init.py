@@ -25,16 +25,14 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kasa_ds import KaSAConfig  # noqa: E402
-from kasa_ds.placements.tp.spec import ShardSpec  # noqa: E402
-from kasa_ds.placements.tp.truncate import truncate_tensor_parallel, use_gram  # noqa: E402
+from kasa_ds import KaSAConfig
+from kasa_ds.placements.tp.spec import ShardSpec
+from kasa_ds.placements.tp.truncate import truncate_tensor_parallel, use_gram
 
 
 @dataclass

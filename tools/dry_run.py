@@ -3,7 +3,7 @@ config.json (no weights), the KaSA plan applied to it, and what a run would do i
 
     python tools/dry_run.py --config configs/llama3_70b_kasa.yaml --world-size 64
 
-adapted layers, parameter counts, the distributed-truncation schedule (kasa_ds.dist.schedule.assign_owners: owner per matrix,
+adapted layers, parameter counts, the distributed-truncation schedule (kasa_ds.comm.schedule.assign_owners: owner per matrix,
 rounds, per-rank SVD cost), and the per-GPU bytes that follow exactly from ZeRO-3 partitioning: frozen base weights,
 adapter parameters, gradients and fp32 AdamW states. Activation memory depends on sequence length, batch and
 checkpointing and is left to the memory planner.
@@ -13,83 +13,90 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from kasa_ds.comm.schedule import assign_owners, svd_cost
+from kasa_ds.inject import find_targets
+from kasa_ds.placements.scheduled import work_items
+from kasa_ds.training.config import load_train_config
+from kasa_ds.training.memory_plan import format_plan, offload_of, plan, recipe_run, shape_of
+from kasa_ds.training.models import model_dir
 
 GiB = 1 << 30
+CHECKOUT = Path(__file__).resolve().parents[1]  # relative paths in the shipped configs are taken from here too
 
 
-def dry_run(config_path: str, world: int, overrides: list[str] = (), gpu_gib: float = 80.0) -> dict:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    from kasa_ds.inject import find_targets
-    from kasa_ds.training.models import model_dir
-    from kasa_ds.training.config import load_train_config
-    from kasa_ds.dist.schedule import assign_owners, svd_cost
-    from kasa_ds.placements.scheduled import work_items
-
-    tic = time.perf_counter()
-    cfg = load_train_config(config_path, list(overrides))
+def meta_model(cfg):
+    """The recipe's model built on the meta device from its config.json alone (no weights read)."""
     hf_config = AutoConfig.from_pretrained(model_dir(cfg.model))
     dtype = getattr(torch, cfg.model.dtype)
     with torch.device("meta"):
         if cfg.model.task == "seq_cls":
             hf_config.num_labels = cfg.model.num_labels
-            model = AutoModelForSequenceClassification.from_config(hf_config, dtype=dtype)
-        else:
-            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+            return AutoModelForSequenceClassification.from_config(hf_config, dtype=dtype), hf_config
+        return AutoModelForCausalLM.from_config(hf_config, dtype=dtype), hf_config
+
+
+def truncation_schedule(targets, world: int, max_gather_mb: int) -> dict:
+    """The owner schedule of the distributed truncation: rounds, matrices per rank, the largest per-rank load."""
+    items = work_items(targets)
+    assignments = assign_owners(items, world, max_gather_mb << 20)
+    cost, count = [0.0] * world, [0] * world
+    for a in assignments:
+        cost[a.owner] += svd_cost(items[a.index].shape)
+        count[a.owner] += 1
+    return {"svd_rounds": 1 + max(a.round for a in assignments), "svd_matrices_per_rank": (min(count), max(count)),
+            "svd_load_imbalance": max(cost) / (sum(cost) / world)}
+
+
+def dry_run(config_path: str, world: int, overrides: list[str] = (), gpu_gib: float = 80.0) -> dict:
+    tic = time.perf_counter()
+    cfg = load_train_config(config_path, list(overrides), base_dirs=[str(CHECKOUT)])
+    model, hf_config = meta_model(cfg)
     kasa = cfg.kasa_config()
     targets = find_targets(model, kasa)
     total = sum(p.numel() for p in model.parameters())
     adapter = sum(kasa.r * (t.shape[0] + t.shape[1]) + kasa.r for t in targets)
     saved = sum(p.numel() for n, p in model.named_parameters() if kasa.in_module_to_save(n, include_self=False))
-    items = work_items(targets)
-    assignments = assign_owners(items, world, cfg.kasa.max_gather_mb << 20)
-    cost = [0.0] * world
-    count = [0] * world
-    for a in assignments:
-        cost[a.owner] += svd_cost(items[a.index].shape)
-        count[a.owner] += 1
     trainable = adapter + saved
-    out = {
-        "model": type(model).__name__, "total_params": total, "adapted_layers": len(targets),
-        "adapter_params": adapter, "modules_to_save_params": saved, "world_size": world,
-        "svd_rounds": 1 + max(a.round for a in assignments), "svd_matrices_per_rank": (min(count), max(count)),
-        "svd_load_imbalance": max(cost) / (sum(cost) / world),
-        "per_gpu_bytes": {
-            "base_weights": total * torch.finfo(dtype).bits // 8 / world,
-            "adapters_fp32": trainable * 4 / world,
-            "gradients_fp32": trainable * 4 / world,
-            "adamw_states_fp32": trainable * 8 / world,
-        },
-        "seconds": time.perf_counter() - tic,
-    }
+    out = {"model": type(model).__name__, "total_params": total, "adapted_layers": len(targets),
+           "adapter_params": adapter, "modules_to_save_params": saved, "world_size": world,
+           **truncation_schedule(targets, world, cfg.kasa.max_gather_mb),
+           "per_gpu_bytes": {"base_weights": total * torch.finfo(getattr(torch, cfg.model.dtype)).bits // 8 / world,
+                             "adapters_fp32": trainable * 4 / world, "gradients_fp32": trainable * 4 / world,
+                             "adamw_states_fp32": trainable * 8 / world}}
     print(f"{out['model']} from {model_dir(cfg.model)}/config.json: {total:,} parameters ({total / 1e9:.2f} B)")
     print(f"KaSA r={kasa.r}: {len(targets)} adapted layers, {adapter:,} adapter parameters "
           f"({100 * adapter / total:.3f}%), {saved:,} in modules_to_save")
     print(f"distributed truncation on {world} ranks: {out['svd_rounds']} round(s) of at most "
-          f"{cfg.kasa.max_gather_mb} MB gathered per rank; {min(count)}–{max(count)} matrices per rank; largest "
-          f"per-rank SVD cost {out['svd_load_imbalance']:.3f}× the mean")
+          f"{cfg.kasa.max_gather_mb} MB gathered per rank; {out['svd_matrices_per_rank'][0]}–"
+          f"{out['svd_matrices_per_rank'][1]} matrices per rank; largest per-rank SVD cost "
+          f"{out['svd_load_imbalance']:.3f}× the mean")
     if cfg.model.task != "causal_lm":
         print(f"per GPU under ZeRO-3 ({cfg.model.dtype} base): " + ", ".join(
             f"{k} {v / GiB:.2f} GiB" for k, v in out["per_gpu_bytes"].items()) + " (+ activations)")
     else:  # the memory planner models decoder LMs
-        from kasa_ds.training.memory_plan import format_plan, offload_of, plan, recipe_run, shape_of
-
-        names = {t.name.rsplit(".", 1)[-1] for t in targets}
-        ds = json.loads(Path(cfg.ds_config).read_text()) if cfg.ds_config else None
-        run = recipe_run(cfg, names, deepspeed=True, zero=3, gpus=world, offload=offload_of(ds))
-        out["memory_plan"] = plan(shape_of(model, hf_config, names), run, gpu_gib)
-        base = f"{cfg.model.quantize.upper()} 4-bit base" if cfg.model.quantize else "bf16 base"
-        print(f"memory plan per GPU (tools/plan_memory.py; ZeRO-3, {base}, offload {run.offload}, seq {run.seq_len} "
-              f"× micro batch {run.micro_batch}, checkpointing {'on' if run.checkpointing else 'off'}):")
-        print(format_plan(out["memory_plan"]))
+        out["memory_plan"] = print_memory_plan(cfg, model, hf_config, targets, world, gpu_gib)
+    out["seconds"] = time.perf_counter() - tic
     print(f"dry run took {out['seconds']:.1f}s")
     return out
+
+
+def print_memory_plan(cfg, model, hf_config, targets, world: int, gpu_gib: float) -> dict:
+    names = {t.name.rsplit(".", 1)[-1] for t in targets}
+    ds = json.loads(Path(cfg.ds_config).read_text()) if cfg.ds_config else None
+    run = recipe_run(cfg, names, deepspeed=True, zero=3, gpus=world, offload=offload_of(ds))
+    result = plan(shape_of(model, hf_config, names), run, gpu_gib)
+    base = f"{cfg.model.quantize.upper()} 4-bit base" if cfg.model.quantize else "bf16 base"
+    print(f"memory plan per GPU (tools/plan_memory.py; ZeRO-3, {base}, offload {run.offload}, seq {run.seq_len} "
+          f"× micro batch {run.micro_batch}, checkpointing {'on' if run.checkpointing else 'off'}):")
+    print(format_plan(result))
+    return result
 
 
 if __name__ == "__main__":

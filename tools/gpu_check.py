@@ -25,16 +25,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from kasa_ds import KaSAConfig, apply_kasa, kasa_layers, kasa_regularization  # noqa: E402
-from kasa_ds.core.truncation import reference_world, tail_factors  # noqa: E402
+from kasa_ds import KaSAConfig, apply_kasa, kasa_layers, kasa_regularization
+from kasa_ds.core.truncation import reference_world, tail_factors
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SHAPES_70B = [(8192, 8192), (28672, 8192), (1024, 8192)]
@@ -119,16 +119,17 @@ def check_init_70b(a, device) -> dict:
 
 
 def check_step(a, device) -> dict:
-    import bench_step
-
+    """tools/bench_step.py run as its own process (a tool never imports another), its JSON read back."""
+    out = Path(a.work) / "bench_step.json"
     args = ["--smoke"] if a.smoke else ["--steps", "20"]
-    result = bench_step.main(args + ["--json", str(Path(a.work) / "bench_step.json")])
-    return {"pass": True, "bench_step": result}
+    subprocess.run([sys.executable, str(Path(__file__).resolve().parent / "bench_step.py"), *args, "--json", str(out)],
+                   check=True)
+    return {"pass": True, "bench_step": json.loads(out.read_text())}
 
 
 def check_llm_compare(a, device) -> dict:
     """The whole-model comparison; ``pass`` None (not available) without the model or under --smoke."""
-    import compare_llm
+    from kasa_ds.experiments import compare_llm, stats
 
     model = Path(compare_llm.parse_args([]).model)
     if a.smoke or not (model / "config.json").exists():
@@ -136,7 +137,7 @@ def check_llm_compare(a, device) -> dict:
         return {"pass": None, "reason": why}
     result = compare_llm.main(["--adapt-top", "all", "--device", device.type, "--resume",
                                "--out", str(Path(a.work) / "llm_siqa_full")])
-    finals = compare_llm.final_runs(result)
+    finals = stats.final_runs(result)
     return {"pass": True, "accuracy": {m: [r["accuracy"] for r in runs] for m, runs in finals.items()},
             "paired": result["paired"], "zero_shot": result["zero_shot"]["accuracy"]}
 
@@ -159,7 +160,6 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if cuda else "cpu")
     a.hidden, a.steps, a.shrink = (64, 4, 16) if a.smoke else (1024, 20, 1)
     a.work = str(Path(a.out).parent if a.out else Path.cwd())
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     name = torch.cuda.get_device_name() if cuda else "CPU (--smoke)"
     results = {"device": name, "torch": torch.__version__, "smoke": a.smoke, "checks": {}}
     for check, run in (("qkasa_4bit", check_qkasa_4bit), ("bf16_autocast", check_bf16_autocast),

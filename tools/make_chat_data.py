@@ -14,16 +14,14 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import yaml  # noqa: E402
+import yaml
 
-from kasa_ds.cli import bad_input_fails, fail  # noqa: E402
-from kasa_ds.io.files import atomic_directory, check_output_dir  # noqa: E402
-from kasa_ds.training.assets import models_cache  # noqa: E402
+from kasa_ds.cli import bad_input_fails, fail
+from kasa_ds.io.files import atomic_directory, check_output_dir
+from kasa_ds.training.assets import models_cache
 
 PACKAGE, PIP = "chatterbot_corpus", "chatterbot-corpus==1.3.3"
 

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kasa_ds.training.assets import DATA_DIR  # noqa: E402
+from kasa_ds.training.assets import DATA_DIR
 
 
 def build(out: Path, hidden: int = 64, layers: int = 2, vocab: int = 512, seed: int = 0) -> Path:

@@ -16,12 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
 
 def quantize(w: torch.Tensor, quant_type: str) -> torch.Tensor:
@@ -62,15 +60,19 @@ def weight_errors(r: int, quant_type: str, targets: tuple[str, ...]) -> dict:
     return {name: statistics.mean(v) for name, v in errors.items()} | {"matrices": len(next(iter(errors.values())))}
 
 
+CHECKOUT = Path(__file__).resolve().parents[1]  # the embedded default: this checkout's configs/default.yaml
+
+
 def finetune(mode: str, steps: int, out: Path, seed: int = 0, max_eval=None) -> dict:
     from kasa_ds.training.config import load_train_config
     from kasa_ds.training.recipe import run_recipe
 
     run_dir = out / f"{mode}-seed{seed}"
-    rc = run_recipe(load_train_config(None, [
+    rc = run_recipe(load_train_config(str(CHECKOUT / "configs" / "default.yaml"), [
         f"output_dir={run_dir}", "resume=none", "model.quantize=nf4", f"kasa.quant_mode={mode}",
         f"train.max_steps={steps}", "train.eval_every=100000", "train.save_every=100000", f"train.seed={seed}",
-        f"kasa.init_seed={seed}", *([f"data.max_eval_examples={max_eval}"] if max_eval else [])]))
+        f"kasa.init_seed={seed}", *([f"data.max_eval_examples={max_eval}"] if max_eval else [])],
+        base_dirs=[str(CHECKOUT)]))
     assert rc == 0
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if r["split"] == "eval"][-1]

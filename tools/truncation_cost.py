@@ -17,17 +17,15 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from kasa_ds import KaSAConfig, apply_kasa  # noqa: E402
-from kasa_ds.cli import bad_input_fails, positive_int  # noqa: E402
-from kasa_ds.training.chat import IGNORE_INDEX, encode_conversation  # noqa: E402
-from kasa_ds.training.data import load_records  # noqa: E402
+from kasa_ds import KaSAConfig, apply_kasa
+from kasa_ds.cli import bad_input_fails, positive_int
+from kasa_ds.training.chat import IGNORE_INDEX, encode_conversation
+from kasa_ds.training.data import load_records
 
 
 def held_out_loss(model, examples) -> float:

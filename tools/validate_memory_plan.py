@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 CASES = [  # hidden, ffn, layers, heads, kv heads, vocab, seq, micro batch, checkpointing
     (256, 688, 4, 8, 4, 2048, 256, 4, False),

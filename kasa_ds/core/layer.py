@@ -41,6 +41,9 @@ class KaSALinear(nn.Module):
 
     #: whether kasa_regularization may stack this layer's factors with others of its rank (no collective needed)
     stackable_terms = True
+    #: where the base lives (a kasa_ds.placements Placement), recorded by the injection that wrapped it; io/ asks it
+    #: to gather and load this layer's adapter tensors. The layer itself never consults it.
+    placement = None
 
     def __init__(self, base_layer: nn.Module, in_features: int, out_features: int, r: int, alpha: float,
                  dropout: float = 0.0, beta: float = 1e-4, gamma: float = 1e-3,

@@ -28,6 +28,18 @@ class Target:
 
 
 @dataclass
+class AdapterTensor:
+    """One trainable tensor of an adapter as io/ sees it: ``key`` (module path + parameter name, without PEFT's
+    prefix), the parameter, and the KaSA layer holding it with the placement recorded there at injection (None for
+    a modules_to_save parameter). The registry picks the placement that gathers and loads it."""
+
+    key: str
+    param: torch.nn.Parameter
+    layer: Optional[nn.Module] = None
+    name: str = ""  # the parameter's name inside ``layer`` (lora_A.weight, lora_B.weight, lora_diag)
+
+
+@dataclass
 class LayerReport:
     name: str
     shape: tuple[int, int]

@@ -35,7 +35,7 @@ from transformers.trainer import SCHEDULER_NAME, TRAINING_ARGS_NAME
 
 from ..config import KaSAConfig
 from ..core.regularization import kasa_regularization
-from ..dist.comm import is_rank_zero
+from ..comm.collectives import is_rank_zero
 from ..inject import CONFIG_ATTR, apply_kasa, get_config
 from ..io.adapter import (WEIGHTS_FILE, adapter_metadata, gathered_adapter_state, load_adapter_state,
                           read_adapter_config, write_adapter)

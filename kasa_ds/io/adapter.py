@@ -24,32 +24,35 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..config import KaSAConfig
+from ..comm.collectives import rank
+from ..config import EXTRA_FIELDS, KaSAConfig
 from ..core.layer import kasa_layers
-from ..core.types import KaSAReport
+from ..core.types import AdapterTensor, KaSAReport
 from ..inject import CONFIG_ATTR, apply_kasa, find_targets, get_config, modules_to_save
-from ..placements.local import LOCAL
-from ..placements.tp import TP, tp_layers
-from ..placements.tp.spec import sharded_factor, split_factor
-from ..placements.zero3 import ZERO3, is_partitioned
-from ..registry import format_of
+from ..registry import by_placement, format_of, full_shape, placement_of
 from .files import atomic_directory, check_output_dir
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 EXTRA_FILE = "kasa_ds_config.json"
-EXTRA_KEYS = ("svd_solver", "adapter_dtype", "quant_mode")
+EXTRA_KEYS = EXTRA_FIELDS
 ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE, EXTRA_FILE)
+
+
+def adapter_tensors(model: nn.Module) -> list[AdapterTensor]:
+    """Every adapter and modules_to_save parameter with its layer, keyed without PEFT's prefix, in a fixed order."""
+    config = get_config(model)
+    items = [AdapterTensor(f"{name}.{pname}", p, layer, pname)
+             for name, layer in kasa_layers(model) for pname, p in layer.adapter_parameters()]
+    for name in modules_to_save(model, config):
+        items += [AdapterTensor(f"{name}.{pname}", p) for pname, p in model.get_submodule(name).named_parameters()]
+    return items
 
 
 def adapter_param_items(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """(name without PEFT's prefix, parameter) for every adapter and modules_to_save parameter, in a fixed order."""
-    config = get_config(model)
-    items = [(f"{name}.{pname}", p) for name, layer in kasa_layers(model) for pname, p in layer.adapter_parameters()]
-    for name in modules_to_save(model, config):
-        items += [(f"{name}.{pname}", p) for pname, p in model.get_submodule(name).named_parameters()]
-    return items
+    return [(item.key, item.param) for item in adapter_tensors(model)]
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -61,14 +64,11 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def gathered_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The whole adapter under PEFT's keys with full shapes, on rank 0 at least (every rank for TP, {} on the other
     ranks under ZeRO-3). Collective when the adapter is sharded: call it on every rank."""
-    items = adapter_param_items(model)
-    if any(True for _ in tp_layers(model)):
-        placement = TP
-    elif any(is_partitioned(p) for _, p in items):
-        placement = ZERO3
-    else:
-        placement = LOCAL
-    return {PREFIX + key: t for key, t in placement.gather_adapter(model, items).items()}
+    items = adapter_tensors(model)
+    state: dict[str, torch.Tensor] = {}
+    for placement, group in by_placement(items):  # the registry's order on every rank
+        state.update(placement.gather_adapter(group))
+    return {PREFIX + item.key: state[item.key] for item in items if item.key in state}
 
 
 def adapter_metadata(model: nn.Module) -> dict:
@@ -105,18 +105,22 @@ def is_kasa_adapter_dir(path: Path) -> bool:
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, *, state: Optional[dict[str, torch.Tensor]] = None,
-                 base_model_name_or_path: Optional[str] = None, task_type: Optional[str] = None) -> Path:
+                 base_model_name_or_path: Optional[str] = None, task_type: Optional[str] = None) -> Optional[Path]:
     """Write the adapter of ``model`` to directory ``path`` atomically (a temporary sibling renamed into place).
 
     ``path`` may hold an earlier KaSA adapter (it is replaced whole); any other non-empty directory is refused.
-    ``state`` lets sharded callers pass tensors they gathered (:func:`gathered_adapter_state`); by default the
-    model's own parameters are taken.
+    By default the adapter is gathered through each tensor's placement (:func:`gathered_adapter_state`: collective
+    when it is sharded, so call it on every rank; rank 0 writes and the others return None); ``state`` passes
+    tensors the caller already gathered.
     """
     check_output_dir(path, is_kasa_adapter_dir, what="adapter directory")
     meta = adapter_metadata(model)
     meta["base_model_name_or_path"] = base_model_name_or_path or meta["base_model_name_or_path"]
     meta["task_type"] = task_type or meta["task_type"]
-    state = adapter_state_dict(model) if state is None else state
+    if state is None:
+        state = gathered_adapter_state(model)
+        if rank() != 0:
+            return None
     with atomic_directory(path) as tmp:
         write_adapter(tmp, state, get_config(model), **meta)
     return Path(path)
@@ -185,7 +189,7 @@ def check_fits(model: nn.Module, config: KaSAConfig, state: dict[str, torch.Tens
         expected.update({key + "lora_A.weight": (config.r, n), key + "lora_B.weight": (m, config.r),
                          key + "lora_diag": (config.r,)})
     for name in modules_to_save(model, config):
-        expected.update({f"{PREFIX}{name}.{p}": tuple(getattr(v, "ds_shape", v.shape))
+        expected.update({f"{PREFIX}{name}.{p}": full_shape(v)
                          for p, v in model.get_submodule(name).named_parameters()})
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -209,9 +213,10 @@ def check_finite(state: dict[str, torch.Tensor], where: str) -> None:
 def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Copy PEFT-keyed adapter tensors into ``model``; every adapter parameter must be present, nothing extra.
 
-    On a tensor-parallel model a full-shape factor is cut to this rank's shard, so an adapter trained at any TP size
-    (or on one process, or by PEFT) loads at any other."""
-    expected = {PREFIX + key for key, _ in adapter_param_items(model)}
+    Each tensor's placement cuts the full-shape value to what this rank holds (a TP shard, say), so an adapter
+    trained at any TP size (or on one process, or by PEFT) loads at any other."""
+    items = {PREFIX + item.key: item for item in adapter_tensors(model)}
+    expected = set(items)
     unexpected = [k for k in state if k not in expected]
     missing = [k for k in expected if k not in state]
     if unexpected or missing:
@@ -219,14 +224,11 @@ def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None
                          f"{len(unexpected)} unexpected keys (e.g. {unexpected[:2]}); was it trained on another "
                          "architecture or with other target_modules?")
     check_finite(state, "adapter state")
-    params = dict(model.named_parameters())
-    shards = {f"{name}.{sharded_factor(layer.spec)}": layer.spec for name, layer in tp_layers(model)}
     with torch.no_grad():
         for key, value in state.items():
-            name = key[len(PREFIX):]
-            param = params[name]
-            if name in shards and tuple(param.shape) != tuple(value.shape):
-                value = split_factor(value, shards[name], shards[name].tp_rank)
+            item = items[key]
+            param = item.param
+            value = placement_of(item).load_adapter_tensor(item, value)
             if tuple(param.shape) != tuple(value.shape):
                 raise ValueError(f"{key}: adapter tensor has shape {tuple(value.shape)}, model expects "
                                  f"{tuple(param.shape)}")

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..config import KaSAConfig
 from ..core.layer import kasa_layers
-from ..dist.comm import rank
+from ..comm.collectives import rank
 from ..inject import get_config
 from .adapter import (CONFIG_FILE, PREFIX, WEIGHTS_FILE, adapter_metadata, base_quantization, check_finite,
                       gathered_adapter_state, read_adapter_config, read_base_quantization)

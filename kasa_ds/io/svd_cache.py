@@ -1,6 +1,6 @@
 """A precomputed truncation: the dropped factors of every target weight of a checkpoint, reused across runs.
 
-Layout of a cache directory (written by tools/precompute_svd.py):
+Layout of a cache directory (written by :func:`write_svd_cache`, the ``kasa-precompute-svd`` command):
     kasa_svd_cache.json          {"fingerprint": {model files, r, solver}, "entries": {key: file},
                                   "digests": {key: digest of the weight's stored bytes}}
     factors-rank00000.safetensors  <key>.left (m×r), <key>.right (r×n), float32; one file per writing rank
@@ -13,17 +13,23 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
+from safetensors.torch import save_file
 
+from ..comm.collectives import is_rank_zero, rank as rank_of, world_size
+from ..comm.processes import barrier
+from ..comm.schedule import WorkItem, assign_owners
 from ..config import KaSAConfig
+from ..core.truncation import check_rank, tail_factors
 from ..core.types import LayerReport, Target
-from ..dist.comm import is_rank_zero
 from ..progress import progress
-from .hf_checkpoint import fingerprint, list_tensors, module_key, weight_digest
+from .hf_checkpoint import TensorInfo, fingerprint, list_tensors, module_key, read_tensor, weight_digest
 
 INDEX = "kasa_svd_cache.json"
 
@@ -82,9 +88,64 @@ class SVDCache:
         for t in progress(targets, desc="KaSA truncation (cache)", unit="layer", disable=bar_off):
             tic = time.perf_counter()
             left, right = self.factors(names[t.name])
-            weight = t.module.weight
-            device = weight.ds_tensor.device if hasattr(weight, "ds_tensor") else weight.device
+            device = t.placement.holding_device(t)
             with torch.no_grad():
                 t.format.apply_tail(t, left.to(device), right.to(device), config, t.placement.subtract)
             reports.append(LayerReport(t.name, t.shape, float("nan"), time.perf_counter() - tic))
         return reports
+
+
+DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
+
+
+def cache_targets(model_dir: str | os.PathLike, config: KaSAConfig) -> tuple[dict[str, TensorInfo], list[str]]:
+    """(the checkpoint's tensors from its headers, the 2-D weights ``config`` targets); ValueError naming the fix
+    when nothing matches or r does not fit a weight. Reads headers only."""
+    tensors = list_tensors(model_dir)
+    names = [k.removesuffix(".weight") for k, info in tensors.items()
+             if k.endswith(".weight") and len(info.shape) == 2 and config.is_target(k.removesuffix(".weight"))]
+    if not names:
+        raise ValueError(f"--targets {','.join(config.target_modules)} matched no 2-D weight in {model_dir}")
+    for name in names:
+        check_rank(config.r, tensors[name + ".weight"].shape, name)
+    return tensors, names
+
+
+def write_svd_cache(model_dir: str | os.PathLike, config: KaSAConfig, out: str | os.PathLike) -> Path:
+    """Truncate every target weight of the checkpoint at ``model_dir`` once and write the factors to ``out``.
+
+    Collective over the default process group when there is one: the weights are spread over the ranks by SVD cost
+    (kasa_ds.comm.schedule.assign_owners), each rank reads only its own weights' bytes and writes their factors into
+    a temporary sibling of ``out``; rank 0 writes the index and renames it into place."""
+    tensors, names = cache_targets(model_dir, config)
+    rank, world = rank_of(), world_size()
+    items = [WorkItem(n, tensors[n + ".weight"].shape, DTYPE_BYTES.get(tensors[n + ".weight"].dtype, 4)
+                      * tensors[n + ".weight"].shape[0] * tensors[n + ".weight"].shape[1]) for n in names]
+    mine = [items[x.index].name for x in assign_owners(items, world) if x.owner == rank]
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    factors, tic = {}, time.perf_counter()
+    for name in progress(mine, desc=f"SVD ({world} ranks)", unit="weight", disable=rank != 0):
+        weight = read_tensor(model_dir, tensors[name + ".weight"], name + ".weight")
+        tail = tail_factors(weight, config.r, config.svd_solver)
+        factors[name + ".left"], factors[name + ".right"] = tail.left.float().contiguous(), tail.right.float()
+    file = f"factors-rank{rank:05d}.safetensors"
+    save_file({k: v.contiguous() for k, v in factors.items()}, str(tmp / file))
+    owners = [{n: file for n in mine}] * world
+    if world > 1:
+        dist.all_gather_object(owners, {n: file for n in mine})
+    if rank == 0:
+        entries = {n: f for part in owners for n, f in part.items()}
+        digests = {n: weight_digest(model_dir, tensors[n + ".weight"], n + ".weight") for n in entries}
+        (tmp / INDEX).write_text(json.dumps({"fingerprint": cache_fingerprint(model_dir, config), "entries": entries,
+                                             "digests": digests, "targets": config.target_modules}, indent=1))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+        print(f"SVD cache for {len(entries)} weights written to {out} ({time.perf_counter() - tic:.1f}s on rank 0)")
+    barrier()
+    return out

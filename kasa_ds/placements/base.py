@@ -1,9 +1,12 @@
-"""The placement interface: what truncation, wrapping and saving need to know about where a weight lives.
+"""The placement interface: every operation truncation, wrapping, saving and loading need about where a weight lives.
 
-A placement recognizes its modules and knows the whole weight's shape (:meth:`Placement.describe`), truncates a
-list of its targets (collective where it is sharded), subtracts an owner's thin factors from what this rank holds,
-picks the layer class that wraps the base, says whether the regularizer terms are computed inside forward, and
-gathers the adapter's full-shape tensors for saving.
+A placement recognizes its modules and knows the whole weight's shape (:meth:`Placement.describe`); for truncation
+it brings a weight to its owner (:meth:`~Placement.read_on_owner`), truncates a list of its targets (collective where
+it is sharded) and subtracts an owner's thin factors from what this rank holds; it picks the layer class that wraps
+the base and says whether the regularizer terms are computed inside forward; for io/ it gathers the adapter's
+full-shape tensors (:meth:`~Placement.gather_adapter`) and cuts a full-shape tensor to what this rank holds
+(:meth:`~Placement.load_adapter_tensor`). io/, the scheduler and the exports call only these; the registry alone
+decides which placement a target or tensor has.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from torch import nn
 
 from ..config import KaSAConfig
 from ..core.layer import KaSALinear
-from ..core.types import LayerReport, Target
+from ..core.types import AdapterTensor, LayerReport, Target
 
 
 class Placement(ABC):
@@ -42,16 +45,39 @@ class Placement(ABC):
     def wrap(self, target: Target, config: KaSAConfig) -> KaSALinear:
         """The KaSA layer that holds ``target.module`` as its base."""
 
+    def read_on_owner(self, target: Target, owner: int, group) -> Optional[torch.Tensor]:
+        """The whole weight as float32 on ``owner`` (a rank of ``group``), None on the other ranks; collective for a
+        sharded placement. Used by the owner-scheduled truncation (:mod:`kasa_ds.placements.scheduled`)."""
+        raise NotImplementedError(f"the {self.name} placement truncates its own way and brings no whole weight to an "
+                                  "owner")
+
+    def holding_device(self, target: Target) -> torch.device:
+        """Where this rank holds (its part of) the target's weight: factors are moved there before subtracting."""
+        return target.module.weight.device
+
+    def full_shape(self, param: torch.Tensor) -> tuple[int, ...]:
+        """The whole shape of a tensor this placement holds (a partition knows the shape it was cut from)."""
+        return tuple(param.shape)
+
+    def holds_tensor(self, param: torch.Tensor) -> bool:
+        """Whether this placement holds ``param`` by its storage alone (a partition, say), whatever layer recorded
+        it; a placement known only through its layers (tensor parallelism) says False."""
+        return False
+
     @contextmanager
     def whole(self, target: Target) -> Iterator[bool]:
         """The target's weight held whole inside the block; yields whether this rank writes it (a weight held
         whole everywhere: every rank rewrites its own copy)."""
         yield True
 
-    def gather_adapter(self, model: nn.Module, items: list[tuple[str, nn.Parameter]]) -> dict[str, torch.Tensor]:
-        """{key: full-shape CPU tensor} for adapter ``items`` (key, parameter) on rank 0 at least; collective for
-        sharded placements."""
-        return {key: p.detach().to("cpu").contiguous() for key, p in items}
+    def gather_adapter(self, items: list[AdapterTensor]) -> dict[str, torch.Tensor]:
+        """{key: full-shape CPU tensor} for adapter ``items`` on rank 0 at least; collective for sharded placements
+        (every rank passes the same items in the same order)."""
+        return {item.key: item.param.detach().to("cpu").contiguous() for item in items}
+
+    def load_adapter_tensor(self, item: AdapterTensor, value: torch.Tensor) -> torch.Tensor:
+        """The part of the full-shape ``value`` this rank holds for ``item`` (all of it where the tensor is whole)."""
+        return value
 
 
 def kasa_linear(target: Target, config: KaSAConfig, **shard) -> KaSALinear:

@@ -12,7 +12,7 @@ from ..config import KaSAConfig
 from ..core.layer import KaSALinear
 from ..core.truncation import tail_factors
 from ..core.types import LayerReport, Target
-from ..dist.comm import is_distributed, is_rank_zero, rank, world_size
+from ..comm.collectives import is_distributed, is_rank_zero, rank, world_size
 from ..progress import progress
 from .base import Placement, kasa_linear
 from .scheduled import truncate_scheduled
@@ -45,6 +45,10 @@ class LocalPlacement(Placement):
     def read_on_owner(self, target: Target, owner: int, group) -> Optional[torch.Tensor]:
         """The float32 weight on ``owner`` (every rank holds it; no communication), None elsewhere."""
         return target.format.read(target.module) if rank(group) == owner else None
+
+    def holds_tensor(self, param: torch.Tensor) -> bool:
+        """Every tensor no placement before this one claims (the registry asks in order)."""
+        return True
 
     @torch.no_grad()
     def subtract(self, target: Target, left: torch.Tensor, right: torch.Tensor) -> None:

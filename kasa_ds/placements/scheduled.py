@@ -1,7 +1,7 @@
 """Owner-scheduled truncation over a process group, for weights each rank holds whole (DDP, ZeRO ≤ 2) or as ZeRO-3
 flat shards. Every rank runs the same steps in the same order:
 
-    plan     every rank computes the same schedule (kasa_ds.dist.schedule): weights sorted by SVD cost, each given
+    plan     every rank computes the same schedule (kasa_ds.comm.schedule): weights sorted by SVD cost, each given
              an owner (least loaded first), cut into rounds in which no rank gathers more than ``max_gather_bytes``;
     gather   per round, the owner reads each of its weights as float32 (a partitioned one is gathered to it alone);
              non-owners hold nothing extra;
@@ -21,8 +21,8 @@ import torch
 from ..config import KaSAConfig
 from ..core.truncation import tail_factors
 from ..core.types import LayerReport, Target
-from ..dist.comm import broadcast_from_owner, comm_device, rank, world_size
-from ..dist.schedule import DEFAULT_MAX_GATHER_BYTES, WorkItem, assign_owners
+from ..comm.collectives import broadcast_from_owner, comm_device, rank, world_size
+from ..comm.schedule import DEFAULT_MAX_GATHER_BYTES, WorkItem, assign_owners
 from ..progress import progress
 
 

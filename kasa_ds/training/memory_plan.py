@@ -112,11 +112,27 @@ def plan(shape: ModelShape, run: RunShape, gpu_gib: Optional[float] = None) -> d
     if run.method == "qkasa" and (run.tp > 1 or (run.deepspeed and run.zero != 3)):
         raise ValueError(refusal("bnb4", "tp" if run.tp > 1 else "deepspeed"))
     dp = run.gpus // run.tp
-    h, i, L, V, tp = shape.hidden, shape.ffn, shape.layers, shape.vocab, run.tp  # (GQA's k, v count as h: repeated)
-    cb = run.compute_bytes
-    other = shape.total - shape.linear
+    base, working = base_weight_bytes(shape, run, dp)
+    adapter = 0.0  # adapter parameters on this GPU: the sharded factor / tp
+    for name, m, n in shape.targets:
+        col = name.rsplit(".", 1)[-1] in COLUMN_PARALLEL
+        adapter += run.r * (m / run.tp if col else m) + run.r * (n if col else n / run.tp) + run.r
+    params, grads, optimizer = adapter_state_bytes(adapter, run, dp)
+    out = {"base_weights": base, "adapter_params": params, "adapter_grads": grads, "optimizer_states": optimizer,
+           "activations": activation_bytes(shape, run), "cuda_context_and_slack": 1.0 * GiB}
+    if working:
+        out["gathered_4bit_layer"] = working
+    total = sum(out.values())
+    result = {"per_gpu_bytes": out, "total_bytes": total, "data_parallel": dp, "adapter_params_per_gpu": adapter}
+    if gpu_gib is not None:
+        result["gpu_gib"] = gpu_gib
+        result["fits"] = total <= gpu_gib * GiB
+    return result
 
-    # base weights
+
+def base_weight_bytes(shape: ModelShape, run: RunShape, dp: int) -> tuple[float, float]:
+    """(frozen base bytes held per GPU, bytes of one gathered 4-bit layer while it computes under ZeRO-3)."""
+    cb, other = run.compute_bytes, shape.total - shape.linear
     zero3 = run.deepspeed and run.zero == 3
     replicated = working = 0.0
     if run.method == "qkasa":
@@ -129,27 +145,28 @@ def plan(shape: ModelShape, run: RunShape, gpu_gib: Optional[float] = None) -> d
             largest = max((m * n for _, m, n in shape.targets), default=0)
             working = largest * (0.5 + cb)
     else:
-        partitionable = shape.linear * cb / tp + other * cb
+        partitionable = shape.linear * cb / run.tp + other * cb
     if zero3:
         partitionable /= dp
     if run.offload == "all":
         partitionable = 0.0
-    base = partitionable + replicated
+    return partitionable + replicated, working
 
-    # adapters (parameters on this GPU: sharded factor / tp)
-    adapter = 0.0
-    for name, m, n in shape.targets:
-        col = name.rsplit(".", 1)[-1] in COLUMN_PARALLEL
-        adapter += run.r * (m / tp if col else m) + run.r * (n if col else n / tp) + run.r
+
+def adapter_state_bytes(adapter: float, run: RunShape, dp: int) -> tuple[float, float, float]:
+    """(parameter, gradient, optimizer-state) bytes per GPU for ``adapter`` parameters on it."""
     state_bytes = 2 if run.optimizer in ("adamw8bit", "paged_adamw8bit") else 8
     if run.deepspeed:
         split = {0: (1, 1, 1), 1: (1, 1, dp), 2: (1, dp, dp), 3: (dp, dp, dp)}[run.zero]
-        params, grads = adapter * 2 / split[0], adapter * 2 / split[1]
         optimizer = 0.0 if run.offload in ("optimizer", "all") else adapter * (4 + state_bytes) / split[2]
-    else:
-        ab = run.adapter_bytes
-        params, grads, optimizer = adapter * ab, adapter * ab, adapter * state_bytes
-    # activations
+        return adapter * 2 / split[0], adapter * 2 / split[1], optimizer
+    ab = run.adapter_bytes
+    return adapter * ab, adapter * ab, adapter * state_bytes
+
+
+def activation_bytes(shape: ModelShape, run: RunShape) -> float:
+    """Activation bytes of one micro-batch (GQA's k, v counted as h: repeated)."""
+    h, i, L, V, tp, cb = shape.hidden, shape.ffn, shape.layers, shape.vocab, run.tp, run.compute_bytes
     tokens = run.seq_len * run.micro_batch
     split_terms = cb * 5 * h / tp + cb * 4 * i / tp
     per_layer = 2 * (4 * h + cb * h) + split_terms
@@ -158,20 +175,8 @@ def plan(shape: ModelShape, run: RunShape, gpu_gib: Optional[float] = None) -> d
     logits = tokens * V * (cb + 2 * 4) / (tp if run.tp > 1 else 1)
     if run.checkpointing:  # layer inputs, then the larger of: the loss's tensors, one layer recomputed in backward
         backward_grads = cb * (h + 2 * i / tp)  # with it: the incoming gradient and two MLP-width gradients
-        activations = tokens * cb * h * L + max(logits, tokens * (per_layer + backward_grads))
-    else:
-        activations = tokens * per_layer * L + logits
-
-    out = {"base_weights": base, "adapter_params": params, "adapter_grads": grads, "optimizer_states": optimizer,
-           "activations": activations, "cuda_context_and_slack": 1.0 * GiB}
-    if working:
-        out["gathered_4bit_layer"] = working
-    total = sum(out.values())
-    result = {"per_gpu_bytes": out, "total_bytes": total, "data_parallel": dp, "adapter_params_per_gpu": adapter}
-    if gpu_gib is not None:
-        result["gpu_gib"] = gpu_gib
-        result["fits"] = total <= gpu_gib * GiB
-    return result
+        return tokens * cb * h * L + max(logits, tokens * (per_layer + backward_grads))
+    return tokens * per_layer * L + logits
 
 
 def format_plan(result: dict) -> str:

@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 
+from ..comm.processes import barrier, launcher_rank, launcher_world_size, shutdown_processes
 from ..core.regularization import kasa_regularization
 from ..inject import apply_kasa
 from ..io.adapter import adapter_metadata, gathered_adapter_state, load_adapter_state, write_adapter
@@ -39,8 +40,7 @@ from .memory_plan import check_recipe_plan
 from .metrics import MetricsLogger
 from .models import check_targets, load_tokenizer, model_dir
 from .preemption import PREEMPTED_EXIT, StopRequest
-from .processes import (barrier, launcher_rank, launcher_world_size, mean_over_ranks, setup_distributed,
-                        shutdown_distributed)
+from .processes import mean_over_ranks, setup_distributed
 from .run_lock import RunLock
 from .samples import answer, prompt_of
 from .sources import resolve
@@ -387,7 +387,7 @@ def run_recipe(cfg: TrainConfig) -> int:
         except checkpoint.DiskFull as e:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_DISK_FULL
-        shutdown_distributed()
+        shutdown_processes()
         return rc
     finally:
         recipe.lock.release()

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import time
 from pathlib import Path
@@ -27,13 +26,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from kasa_ds import apply_kasa, gathered_adapter_state, kasa_regularization, save_adapter  # noqa: E402
-from kasa_ds.progress import progress  # noqa: E402
-from kasa_ds.training.config import ConfigError, MegatronGPTConfig, load_megatron_config  # noqa: E402
-from kasa_ds.training.data import format_prompt, load_records  # noqa: E402
-from kasa_ds.training.metrics import MetricsLogger  # noqa: E402
+from kasa_ds import apply_kasa, gathered_adapter_state, kasa_regularization, save_adapter
+from kasa_ds.comm.processes import init_processes, launcher_world_size, local_device, shutdown_processes
+from kasa_ds.progress import progress
+from kasa_ds.training.config import ConfigError, MegatronGPTConfig, load_megatron_config
+from kasa_ds.training.data import format_prompt, load_records
+from kasa_ds.training.metrics import MetricsLogger
 
 VOCAB = 256  # bytes
 
@@ -55,17 +54,13 @@ def setup(cfg: MegatronGPTConfig):
     from megatron.core import parallel_state as ps
 
     tp, m = cfg.tensor_parallel, cfg.model
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launcher_world_size()
     if world % tp:
         raise ConfigError(f"tensor_parallel={tp} does not divide the {world} ranks")
     if m.num_attention_heads % tp or m.num_query_groups % tp or VOCAB % tp:
         raise ConfigError(f"tensor_parallel={tp} must divide the attention heads, query groups and vocab (256)")
-    cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
+    init_processes(backend="nccl" if torch.cuda.is_available() else "gloo")
+    device = local_device()
     ps.initialize_model_parallel(tensor_model_parallel_size=tp)
     return ps, device
 
@@ -85,29 +80,10 @@ def build_model(cfg: MegatronGPTConfig, ps, device, say):
     return model
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value")
-    a = p.parse_args(argv)
-    try:
-        cfg = load_megatron_config(a.config, a.overrides)
-        ps, device = setup(cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def train_loop(cfg: MegatronGPTConfig, model, params, optimizer, ps, device, logger, say) -> None:
+    """Steps of task loss + KaSA regularizer; adapter gradients averaged over the data-parallel replicas."""
     m, t = cfg.model, cfg.train
-    rank, dp_rank, dp_world = dist.get_rank(), ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    say = print if rank == 0 else (lambda *x, **y: None)
-    say(f"megatron-core GPT: {cfg.tensor_parallel}-way tensor parallel × {dp_world} data-parallel replicas, "
-        f"{device.type}")
-    model = build_model(cfg, ps, device, say)
-
-    # KaSA: apply_kasa recognizes megatron's Column/RowParallelLinear and truncates through the TP group
-    say(apply_kasa(model, cfg.kasa_config(), show_progress=rank == 0))
-    params = [q for q in model.parameters() if q.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=0.0)
-
+    dp_rank, dp_world = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     # data: blocks of seq_length + 1 bytes; each global batch split over the DP replicas
     stream = token_stream(cfg.data.train)
     s, mb = m.seq_length, t.micro_batch_size
@@ -115,12 +91,8 @@ def main(argv=None) -> int:
     order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(t.seed))
     positions = torch.arange(s, device=device).unsqueeze(0).expand(mb, -1)
 
-    out = Path(cfg.output_dir)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    logger = MetricsLogger(out, enabled=rank == 0, tensorboard=False)
     model.train()
-    for step in progress(range(t.max_steps), disable=rank != 0, desc="train", unit="step"):
+    for step in progress(range(t.max_steps), disable=dist.get_rank() != 0, desc="train", unit="step"):
         tic = time.perf_counter()
         first = (step * dp_world + dp_rank) * mb % (len(order) - mb)
         batch = blocks[order[first:first + mb]].to(device)
@@ -142,15 +114,44 @@ def main(argv=None) -> int:
             say(f"step {step + 1}/{t.max_steps} | loss {record['loss']:.4f} | kasa_reg {record['kasa_reg']:.3e} | "
                 f"{record['step_time']:.2f} s/step")
 
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    a = p.parse_args(argv)
+    try:
+        cfg = load_megatron_config(a.config, a.overrides, base_dirs=[str(Path(__file__).resolve().parents[2])])
+        ps, device = setup(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    m, t = cfg.model, cfg.train
+    rank, dp_world = dist.get_rank(), ps.get_data_parallel_world_size()
+    say = print if rank == 0 else (lambda *x, **y: None)
+    say(f"megatron-core GPT: {cfg.tensor_parallel}-way tensor parallel × {dp_world} data-parallel replicas, "
+        f"{device.type}")
+    model = build_model(cfg, ps, device, say)
+
+    # KaSA: apply_kasa recognizes megatron's Column/RowParallelLinear and truncates through the TP group
+    say(apply_kasa(model, cfg.kasa_config(), show_progress=rank == 0))
+    params = [q for q in model.parameters() if q.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=0.0)
+
+    out = Path(cfg.output_dir)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    logger = MetricsLogger(out, enabled=rank == 0, tensorboard=False)
+    train_loop(cfg, model, params, optimizer, ps, device, logger, say)
+
     # the adapter, gathered over the TP group (collective), written once
     state = gathered_adapter_state(model)
     if rank == 0:
         save_adapter(model, out / "adapter", state=state, base_model_name_or_path=m.checkpoint or "megatron-gpt")
         say(f"adapter written to {out / 'adapter'}")
     logger.close()
-    dist.barrier()
     ps.destroy_model_parallel()
-    dist.destroy_process_group()
+    shutdown_processes()
     return 0
 
 

@@ -1,4 +1,4 @@
-"""torchrun worker (2 ranks, gloo): kasa_ds.dist.mappings and the KaSAParallelLinear paths that use them, checked
+"""torchrun worker (2 ranks, gloo): kasa_ds.comm.mappings and the KaSAParallelLinear paths that use them, checked
 against what one process computes. Every rank builds the same full tensors from the same seed; writes max errors."""
 
 import json
@@ -13,7 +13,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from kasa_ds.core.layer import KaSALinear  # noqa: E402
-from kasa_ds.dist.mappings import (copy_to_tp_region, gather_last_dim, local_slice, reduce_from_tp_region,  # noqa: E402
+from kasa_ds.comm.mappings import (copy_to_tp_region, gather_last_dim, local_slice, reduce_from_tp_region,  # noqa: E402
                                    split_last_dim)
 from kasa_ds.placements.tp.layer import KaSAParallelLinear  # noqa: E402
 from kasa_ds.placements.tp.spec import ShardSpec, split_factor  # noqa: E402

@@ -14,13 +14,13 @@ import torch
 from torch import nn
 
 from ...config import KaSAConfig
-from ...core.types import LayerReport, Target
-from ...dist.comm import all_gather_uneven
+from ...core.types import AdapterTensor, LayerReport, Target
+from ...comm.collectives import all_gather_uneven
 from ..base import Placement
 from .autotp import autotp_spec
 from .layer import KaSAParallelLinear
 from .megatron import megatron_spec
-from .spec import ShardSpec, full_indices, join_factor, sharded_factor
+from .spec import ShardSpec, full_indices, join_factor, sharded_factor, split_factor
 from .truncate import local_rows, truncate_tensor_parallel
 
 
@@ -59,18 +59,26 @@ class TPPlacement(Placement):
         return KaSAParallelLinear(target.module, target.spec, config.r, config.alpha, config.dropout, config.beta,
                                   config.gamma, adapter_dtype=getattr(torch, config.adapter_dtype))
 
-    def gather_adapter(self, model: nn.Module, items: list[tuple[str, nn.Parameter]]) -> dict[str, torch.Tensor]:
-        """{key: full tensor} on every rank: each TP layer's sharded factor is all-gathered over its TP group (r × its
-        split dimension per layer, never a base weight). Collective over every TP group."""
-        state = super().gather_adapter(model, items)
-        for name, layer in tp_layers(model):
-            spec = layer.spec
-            if spec.tp_size == 1:
-                continue
-            local = layer.get_parameter(sharded_factor(spec)).detach()
-            parts = all_gather_uneven(local, spec.sizes, spec.dim, spec.group)
-            state[f"{name}.{sharded_factor(spec)}"] = join_factor(parts, spec).cpu()
+    def gather_adapter(self, items: list[AdapterTensor]) -> dict[str, torch.Tensor]:
+        """{key: full tensor} on every rank: each layer's sharded factor is all-gathered over its TP group (r × its
+        split dimension per layer, never a base weight), replicated tensors are taken as held. Collective over every
+        TP group."""
+        state = {}
+        for item in items:
+            spec = item.layer.spec
+            if spec.tp_size > 1 and item.name == sharded_factor(spec):
+                parts = all_gather_uneven(item.param.detach(), spec.sizes, spec.dim, spec.group)
+                state[item.key] = join_factor(parts, spec).cpu()
+            else:
+                state[item.key] = item.param.detach().to("cpu").contiguous()
         return state
+
+    def load_adapter_tensor(self, item: AdapterTensor, value: torch.Tensor) -> torch.Tensor:
+        """A full-shape sharded factor cut to this rank's shard (an adapter of any TP size loads at any other)."""
+        spec = item.layer.spec
+        if item.name == sharded_factor(spec) and tuple(item.param.shape) != tuple(value.shape):
+            return split_factor(value, spec, spec.tp_rank)
+        return value
 
 
 def tp_layers(model: nn.Module):

@@ -19,7 +19,7 @@ import torch
 
 from ...core.layer import KaSALinear
 from ...core.penalty import gram
-from ...dist.mappings import copy_to_tp_region, gather_last_dim, reduce_from_tp_region, split_last_dim
+from ...comm.mappings import copy_to_tp_region, gather_last_dim, reduce_from_tp_region, split_last_dim
 from .spec import ShardSpec
 
 

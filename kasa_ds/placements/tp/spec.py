@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ...dist.mappings import local_slice
+from ...comm.mappings import local_slice
 
 
 @dataclass

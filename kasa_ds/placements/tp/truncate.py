@@ -30,8 +30,8 @@ import torch.distributed as dist
 from ...config import KaSAConfig
 from ...core.truncation import gram_tail_basis, tail_factors
 from ...core.types import LayerReport, Target
-from ...dist.comm import broadcast_from_owner, gather_to_owner
-from ...dist.schedule import WorkItem, assign_owners
+from ...comm.collectives import broadcast_from_owner, gather_to_owner
+from ...comm.schedule import WorkItem, assign_owners
 from ...progress import progress
 from .spec import ShardSpec
 

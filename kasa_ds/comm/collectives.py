@@ -83,7 +83,7 @@ def all_gather_uneven(shard: torch.Tensor, sizes: Sequence[int], dim: int, group
     """Every rank's shard (rank r's has length ``sizes[r]`` along ``dim``), on every rank, in rank order.
 
     Shards are padded to the longest along ``dim`` for the collective and trimmed after. Not differentiable by
-    itself; :mod:`kasa_ds.dist.mappings` wraps it."""
+    itself; :mod:`kasa_ds.comm.mappings` wraps it."""
     longest = max(sizes)
     pad = list(shard.shape)
     pad[dim] = longest - shard.shape[dim]

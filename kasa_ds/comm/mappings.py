@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from .comm import all_gather_uneven
+from .collectives import all_gather_uneven
 
 
 def local_slice(sizes: Sequence[int], group) -> slice:

@@ -1,0 +1,85 @@
+"""``kasa-export`` (``tools/export_adapter.py``): export the PEFT-format KaSA adapter of a training run or checkpoint (ZeRO-0/2/3, TP alike), or its exact LoRA.
+
+Checkpoints hold the adapter already gathered on rank 0 at save time (only adapter tensors are ever gathered, never
+the model), so exporting the KaSA adapter is a validated copy of its files (kasa_ds_config.json included):
+
+    python tools/export_adapter.py outputs/run                          # newest complete checkpoint of a run
+    python tools/export_adapter.py outputs/run/checkpoints/step-0000400 --out my-adapter
+
+``--as-lora --base ORIGINAL`` writes instead a plain PEFT LoRA adapter of rank 2r on the original, untruncated base
+(W_world + ΔW = W + B·A exactly; see kasa_ds.io.lora), which LoRA servers such as vLLM load; the dropped tails are
+recomputed from ORIGINAL one weight at a time (or read from --svd-cache):
+
+    python tools/export_adapter.py outputs/run --as-lora --base /models/llama --out my-lora
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+from typing import Optional, Sequence
+
+from safetensors import safe_open
+
+from ..cli import bad_input_fails, fail
+from ..io.adapter import ADAPTER_FILES, WEIGHTS_FILE, is_kasa_adapter_dir, read_adapter_config
+from ..io.files import atomic_directory, check_output_dir
+from ..io.lora import export_lora_files, is_lora_export_dir
+from ..training.checkpoint import latest_checkpoint
+
+
+def adapter_source(source: Path) -> Path:
+    """The adapter directory behind ``source``: a run's newest complete checkpoint, a checkpoint, or an adapter."""
+    if (source / "checkpoints").is_dir():
+        ckpt = latest_checkpoint(source)
+        if ckpt is None:
+            fail(f"{source} has no complete checkpoint")
+        source = ckpt
+    read_adapter_config(source)  # raises with a clear message if this is not an adapter directory
+    with safe_open(str(source / WEIGHTS_FILE), "pt") as f:
+        empty = [k for k in f.keys() if 0 in f.get_slice(k).get_shape()]
+    if empty:
+        fail(f"{source} holds empty adapter tensors ({empty[:2]}): not a gathered adapter")
+    return source
+
+
+def export(source: Path, out: Path) -> Path:
+    """Copy the adapter behind ``source`` to ``out``: a new directory or an earlier exported adapter, never the run,
+    its checkpoints or the source itself."""
+    with bad_input_fails():
+        check_output_dir(out, is_kasa_adapter_dir, sources=[source])
+        source = adapter_source(source)
+    with atomic_directory(out) as tmp:
+        for name in ADAPTER_FILES:  # kasa_ds_config.json too: solver, quant mode and base quantization
+            if (source / name).is_file():
+                shutil.copy2(source / name, tmp / name)
+    return out
+
+
+def export_lora(source: Path, out: Path, base: Path, svd_cache: Path | None = None) -> Path:
+    if not (base / "config.json").is_file():
+        fail(f"--base {base}: not a model directory with config.json (the original, untruncated checkpoint the "
+             "adapter was trained from)")
+    with bad_input_fails():
+        check_output_dir(out, is_lora_export_dir, sources=[source])  # never the run or checkpoint itself
+        return export_lora_files(adapter_source(source), out, base, svd_cache)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Path:
+    p = argparse.ArgumentParser(prog="kasa-export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", type=Path, help="a run's output_dir, one checkpoint directory, or an adapter directory")
+    p.add_argument("--out", type=Path, help="destination (default: <source>/exported-adapter or exported-lora)")
+    p.add_argument("--as-lora", action="store_true", help="write a plain rank-2r PEFT LoRA on the original base")
+    p.add_argument("--base", type=Path, help="with --as-lora: the original model directory (safetensors)")
+    p.add_argument("--svd-cache", type=Path, help="with --as-lora: a precomputed truncation (tools/precompute_svd.py)")
+    a = p.parse_args(argv)
+    if a.as_lora:
+        if a.base is None:
+            p.error("--as-lora needs --base: the original checkpoint the dropped tails are recomputed from")
+        out = export_lora(a.source, a.out or a.source / "exported-lora", a.base, a.svd_cache)
+    else:
+        out = export(a.source, a.out or a.source / "exported-adapter")
+    print(out)
+    return out
