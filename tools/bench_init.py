@@ -78,11 +78,11 @@ def zero3_worker(method: str, a, out: str) -> None:
     from transformers.integrations import HfDeepSpeedConfig
 
     from kasa_ds import KaSAConfig, apply_kasa
+    from kasa_ds.comm.processes import init_processes
     from kasa_ds.placements.scheduled import truncate_scheduled
     from kasa_ds.training.partitioned_4bit import load_partitioned_4bit
 
-    deepspeed.init_distributed(dist_backend="gloo")
-    world = torch.distributed.get_world_size()
+    _, world = init_processes(deepspeed=True, backend="gloo")
     ds = {"train_micro_batch_size_per_gpu": 1, "train_batch_size": world, "zero_optimization": {"stage": 3}}
     config = LlamaConfig(vocab_size=256, hidden_size=a.hidden, intermediate_size=a.ff, num_hidden_layers=a.layers,
                          num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, tie_word_embeddings=False)

@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 
 from kasa_ds import KaSAConfig
+from kasa_ds.comm.processes import barrier, init_processes
 from kasa_ds.placements.tp.spec import ShardSpec
 from kasa_ds.placements.tp.truncate import truncate_tensor_parallel, use_gram
 
@@ -103,16 +104,16 @@ def bytes_sent(m, n, dim, tp, r) -> tuple[int, int]:
 def timed(fn, repeats):
     times, result = [], None
     for _ in range(repeats):
-        dist.barrier()
+        barrier()
         tic = time.perf_counter()
         result = fn()
-        dist.barrier()
+        barrier()
         times.append(time.perf_counter() - tic)
     return statistics.median(times), result
 
 
 def worker(a) -> None:
-    dist.init_process_group("gloo")
+    init_processes(backend="gloo")
     tp, rank = dist.get_world_size(), dist.get_rank()
     if rank == 0:
         print(f"{tp} ranks (gloo, CPU, {torch.get_num_threads()} threads each), r={a.r}, median of {a.repeats}\n")

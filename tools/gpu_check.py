@@ -17,7 +17,7 @@ Checks (each prints one line, PASS / FAIL / NOT AVAILABLE, and lands in the JSON
     llm_compare    the full-model version of the pre-registered comparison (docs/PROTOCOL_LLM_SIQA.md): every decoder
                    layer of gemma-3-270m adapted (tools/compare_llm.py --adapt-top all, results in
                    <out dir>/llm_siqa_full); NOT AVAILABLE (never a pass) under --smoke or before
-                   `python3 tools/prepare_model.py gemma-3-270m` (tests/test_compare_llm.py covers the tool on the CPU)
+                   `python3 tools/prepare_model.py gemma-3-270m` (tests/tools/test_compare_llm.py covers the tool on the CPU)
 Exit code 0 when every available check passed, 1 otherwise, 2 without a CUDA GPU (unless --smoke).
 """
 

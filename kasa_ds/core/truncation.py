@@ -32,7 +32,7 @@ import torch
 from ..config import SVD_SOLVERS
 
 # Relative error of W_world that the float32 Gram path must stay under before we trust it; above it, recompute the
-# eigenvectors in float64. The tests measure the realized error against a float64 SVD (tests/test_truncation.py).
+# eigenvectors in float64. The tests measure the realized error against a float64 SVD (tests/core/test_truncation.py).
 _FP32_GRAM_ERROR_BUDGET = 2e-5
 
 

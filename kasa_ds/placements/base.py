@@ -45,11 +45,11 @@ class Placement(ABC):
     def wrap(self, target: Target, config: KaSAConfig) -> KaSALinear:
         """The KaSA layer that holds ``target.module`` as its base."""
 
+    @abstractmethod
     def read_on_owner(self, target: Target, owner: int, group) -> Optional[torch.Tensor]:
-        """The whole weight as float32 on ``owner`` (a rank of ``group``), None on the other ranks; collective for a
-        sharded placement. Used by the owner-scheduled truncation (:mod:`kasa_ds.placements.scheduled`)."""
-        raise NotImplementedError(f"the {self.name} placement truncates its own way and brings no whole weight to an "
-                                  "owner")
+        """The whole weight (m×n, float32, in the unsharded layout) on ``owner``, None on the other ranks; collective
+        for a sharded placement. ``owner`` is a rank of ``group``, the group the weight is spread over (None: the
+        world). Used by the owner-scheduled truncation (:mod:`kasa_ds.placements.scheduled`)."""
 
     def holding_device(self, target: Target) -> torch.device:
         """Where this rank holds (its part of) the target's weight: factors are moved there before subtracting."""

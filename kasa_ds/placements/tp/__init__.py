@@ -15,7 +15,7 @@ from torch import nn
 
 from ...config import KaSAConfig
 from ...core.types import AdapterTensor, LayerReport, Target
-from ...comm.collectives import all_gather_uneven
+from ...comm.collectives import all_gather_uneven, gather_to_owner
 from ..base import Placement
 from .autotp import autotp_spec
 from .layer import KaSAParallelLinear
@@ -46,6 +46,20 @@ class TPPlacement(Placement):
     def truncate(self, targets: list[Target], config: KaSAConfig, *, show_progress: bool = True,
                  distributed: bool = True, max_gather_bytes: int = 0) -> list[LayerReport]:
         return truncate_tensor_parallel(targets, config, show_progress=show_progress)
+
+    @torch.no_grad()
+    def read_on_owner(self, target: Target, owner: int, group=None) -> Optional[torch.Tensor]:
+        """The whole weight in the TP=1 layout (m×n, float32) on ``owner``, a rank of the weight's TP group (the
+        layer's own: ``group`` must be it or None), None elsewhere. Collective over the TP group: each rank sends its
+        rows (or columns), the owner puts them where they sit in the unsplit weight (fused [gate; up] blocks too)."""
+        spec = target.spec
+        rows = local_rows(target.format.read(target.module), spec)
+        gathered = rows if spec.tp_size == 1 else gather_to_owner(rows, owner, spec.group, sizes=spec.sizes)
+        if gathered is None:
+            return None
+        whole = torch.empty_like(gathered)
+        whole[torch.cat([full_indices(spec, r) for r in range(spec.tp_size)]).to(whole.device)] = gathered
+        return whole if spec.dim == 0 else whole.T
 
     @torch.no_grad()
     def subtract(self, target: Target, left: torch.Tensor, right: torch.Tensor) -> None:

@@ -1,0 +1,141 @@
+"""kasa_ds.training.memory_plan / tools/plan_memory.py: the exact parts against hand counts, the rest against the direction
+each knob must move it (more GPUs, checkpointing, 4-bit, offload), and bad input refused."""
+
+from pathlib import Path
+
+import pytest
+
+from kasa_ds.training.memory_plan import GiB, RunShape, model_shape, plan
+
+REPO = Path(__file__).resolve().parents[2]
+LLAMA70 = str(REPO / "configs/models/llama-3-70b")
+TARGETS = RunShape().targets
+
+
+@pytest.fixture(scope="module")
+def shape():
+    return model_shape(LLAMA70, TARGETS)
+
+
+def test_counts_are_exact(shape):
+    h, kv, ff, L = 8192, 1024, 28672, 80
+    assert shape.linear == L * (2 * h * h + 2 * kv * h + 3 * ff * h)
+    assert shape.total == 70_553_706_496 and len(shape.targets) == L * 7
+
+
+def test_zero3_splits_weights_and_states_exactly(shape):
+    out = plan(shape, RunShape(gpus=64, zero=3), gpu_gib=80)["per_gpu_bytes"]
+    adapter = sum(16 * (m + n) + 16 for _, m, n in shape.targets)
+    assert out["base_weights"] == pytest.approx(shape.total * 2 / 64)
+    assert out["adapter_params"] == pytest.approx(adapter * 2 / 64)
+    assert out["optimizer_states"] == pytest.approx(adapter * 12 / 64)  # float32 master + AdamW m, v
+
+
+def test_knobs_move_memory_the_right_way(shape):
+    def total(**kw):
+        return plan(shape, RunShape(**kw))["total_bytes"]
+
+    assert total(gpus=16) < total(gpus=8)
+    assert total(checkpointing=True) < total(checkpointing=False)
+    assert total(seq_len=2048) < total(seq_len=4096)
+    assert total(offload="all") < total(offload="optimizer") < total()
+    q = plan(shape, RunShape(method="qkasa", deepspeed=False, gpus=1, optimizer="paged_adamw8bit"))
+    k = plan(shape, RunShape(deepspeed=False, gpus=1))
+    assert q["per_gpu_bytes"]["base_weights"] < 0.3 * k["per_gpu_bytes"]["base_weights"]  # ~4.1 of 16 bits
+    tp = plan(shape, RunShape(tp=8, gpus=16, zero=1))["per_gpu_bytes"]["base_weights"]
+    assert tp == pytest.approx((shape.linear * 2 / 8 + (shape.total - shape.linear) * 2))
+
+
+def test_bad_runs_refused(shape):
+    with pytest.raises(ValueError, match="does not divide"):
+        plan(shape, RunShape(tp=3, gpus=8))
+    with pytest.raises(ValueError, match="QKaSA"):
+        plan(shape, RunShape(method="qkasa", tp=2, gpus=2))
+
+
+def test_cli_min_gpus(capsys):
+    from plan_memory import main
+
+    out = main(["--model", LLAMA70, "--min-gpus", "--gpu-gib", "24", "--seq-len", "4096"])
+    assert out["fits"] and out["total_gib"] <= 24 and out["gpus"] % 8 == 0
+    assert "smallest GPU count that fits" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no config.json"):
+        main(["--model", str(REPO)])
+
+
+@pytest.mark.parametrize("name, published", [("qkasa_8b_24gb", 8.03e9), ("qkasa_13b_24gb", 13.0e9)])
+def test_shipped_qkasa_recipes_fit_24gb(name, published):
+    """The one-GPU recipes: their config.json has the published size (model cards: Llama-3-8B 8.03 B, Llama-2-13B
+    13.0 B parameters), and the planner's estimate of the recipe as configured fits its max_memory_gib."""
+    from kasa_ds.training.memory_plan import recipe_estimate
+    from kasa_ds.training.config import load_train_config
+
+    cfg = load_train_config(str(REPO / "configs" / f"{name}.yaml"))
+    estimate = recipe_estimate(cfg)
+    assert estimate["fits"] and estimate["total_bytes"] <= 22 * GiB
+    assert estimate["per_gpu_bytes"]["base_weights"] < 8 * GiB  # 4-bit
+    shape = model_shape(str(REPO / "configs/models" / cfg.model.path.rsplit("/", 1)[-1]), TARGETS)
+    assert abs(shape.total - published) / published < 0.005
+
+
+@pytest.mark.parametrize("case, quantized", [
+    ((256, 688, 4, 8, 4, 2048, 256, 4, True), False),
+    ((320, 864, 8, 5, 5, 16384, 64, 16, False), False),
+    ((512, 1376, 4, 8, 2, 4096, 512, 2, True), True),
+], ids=["kasa-ckpt", "kasa-large-vocab", "qkasa-ckpt"])
+def test_planner_matches_measured_cpu_peak(case, quantized):
+    """The planner (float32, compute_bytes=4) against the peak of torch.profiler's memory timeline over one real
+    training step on the CPU (tools/validate_memory_plan.py): within the 15% the issue sets (measured ≤ 2.6%)."""
+    if quantized:
+        pytest.importorskip("bitsandbytes", reason="bitsandbytes is a [dev] dependency (QKaSA)")
+    from validate_memory_plan import measure
+
+    measured, planned = measure(case, r=16, dropout=0.05, quantized=quantized)
+    total = planned["total_bytes"] - planned["per_gpu_bytes"]["cuda_context_and_slack"]
+    assert abs(total / measured - 1) <= 0.15, (total, measured)
+
+
+def test_published_qlora_65b_fits_one_48gb_gpu():
+    """QLoRA (Dettmers et al. 2023, arXiv 2305.14314): LLaMA-65B fine-tuned on one 48 GB GPU with NF4 + double
+    quantization (4 + 0.127 bits per weight: 8-bit constants per 64 weights, float32 per 256 of those), LoRA r=64 on
+    every linear in bf16, paged AdamW. The planner, given that run, must land under 48 GB and above the 4-bit
+    weights alone."""
+    shape = model_shape(str(REPO / "configs/models/llama-65b"), TARGETS)
+    assert abs(shape.total - 65.2e9) / 65.2e9 < 0.005  # published: 65.2 B
+    run = RunShape(method="qkasa", r=64, seq_len=512, micro_batch=1, optimizer="paged_adamw", deepspeed=False,
+                   zero=0, gpus=1, quant_mode="requantize", adapter_bytes=2)
+    out = plan(shape, run)
+    bits = (out["per_gpu_bytes"]["base_weights"] - (shape.total - shape.linear) * 2) * 8 / shape.linear
+    assert bits == pytest.approx(4 + 8 / 64 + 32 / (64 * 256))
+    assert shape.linear * 0.5 < out["total_bytes"] < 48e9
+
+
+def test_qkasa_under_zero3_partitions_the_packed_base_and_replicates_the_scales(shape):
+    """A 4-bit base under ZeRO-3 (kasa_ds.training.partitioned_4bit): the packed linears and the 16-bit rest split over
+    the GPUs; the block scales (double quantization: 1 B per 64 weights + 4 B per 64·256) and the rank-r correction
+    factors stay whole on each; one gathered packed linear plus its dequantized bf16 copy is added. QKaSA under a
+    ZeRO ≤ 2 engine is refused."""
+    run = RunShape(method="qkasa", gpus=2, zero=3, r=8, seq_len=2048)
+    out = plan(shape, run)["per_gpu_bytes"]
+    scales = shape.linear * (1 / 64 + 4 / (64 * 256))
+    correction = sum(8 * (m + n) * 2 for _, m, n in shape.targets)
+    other = shape.total - shape.linear
+    assert out["base_weights"] == pytest.approx((shape.linear * 0.5 + other * 2) / 2 + scales + correction)
+    assert out["gathered_4bit_layer"] == pytest.approx(28672 * 8192 * 2.5)
+    assert plan(shape, RunShape(method="qkasa", gpus=4, zero=3))["total_bytes"] < plan(shape, run)["total_bytes"]
+    offloaded = plan(shape, RunShape(method="qkasa", gpus=2, zero=3, r=8, seq_len=2048, offload="all"))
+    assert offloaded["per_gpu_bytes"]["base_weights"] == pytest.approx(scales + correction)
+    with pytest.raises(ValueError, match="need ZeRO-3"):
+        plan(shape, RunShape(method="qkasa", gpus=2, zero=2))
+
+
+def test_the_70b_two_gpu_recipe_dry_runs(capsys):
+    """configs/qkasa_70b_2gpu.yaml: fits 2 × 40 GB as shipped; on 2 × 24 GB only with the offload config."""
+    from dry_run import dry_run
+
+    config = str(REPO / "configs/qkasa_70b_2gpu.yaml")
+    assert dry_run(config, 2, [], gpu_gib=40)["memory_plan"]["fits"]
+    assert not dry_run(config, 2, ["train.micro_batch_size=1"], gpu_gib=24)["memory_plan"]["fits"]
+    offload = dry_run(config, 2, ["ds_config=ds_configs/zero3_offload_bf16.json", "train.micro_batch_size=1"],
+                      gpu_gib=24)
+    assert offload["memory_plan"]["fits"] and "NF4 4-bit base, offload all" in capsys.readouterr().out
