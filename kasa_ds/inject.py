@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .config import KaSAConfig
+from .core import fingerprint
 from .core.layer import kasa_layers
 from .core.truncation import check_rank
 from .core.types import KaSAReport, LayerReport, Target
@@ -26,22 +27,27 @@ from . import registry
 from .registry import classify, full_shape
 
 CONFIG_ATTR = "kasa_config"  # where apply_kasa leaves the config on the model
+FINGERPRINT_ATTR = "kasa_base_fingerprint"  # and the sampled base weights (kasa_ds.core.fingerprint)
 
 TruncateFn = Callable[[list[Target], KaSAConfig], list[LayerReport]]
 
 
 def apply_kasa(model: nn.Module, config: KaSAConfig, *, truncate: Optional[TruncateFn] = None,
                show_progress: bool = True, distributed: bool = False,
-               max_gather_bytes: int = DEFAULT_MAX_GATHER_BYTES) -> KaSAReport:
+               max_gather_bytes: int = DEFAULT_MAX_GATHER_BYTES,
+               fingerprint: Optional[dict[str, dict]] = None) -> KaSAReport:
     """Inject KaSA adapters into ``model`` in place and truncate the targeted base weights.
 
     Each target's placement truncates it: whole weights in this process, ZeRO-3 partitioned weights and
     tensor-parallel shards collectively (every rank must call, with the same model). ``distributed=True`` spreads
     the solves of whole (replicated) weights over the ranks too, every rank calling. ``max_gather_bytes`` caps the
-    bytes one rank gathers at once. ``truncate`` replaces step 2 (e.g. an SVD cache). Returns a :class:`KaSAReport`.
+    bytes one rank gathers at once. ``truncate`` replaces step 2 (e.g. an SVD cache). The base weights are sampled
+    first (:func:`base_fingerprint`; ``fingerprint``: already taken) and kept on the model, so that every adapter
+    written from it names its base. Returns a :class:`KaSAReport`.
     """
     start = time.perf_counter()
     targets = find_targets(model, config)
+    fingerprint = fingerprint if fingerprint is not None else base_fingerprint(targets)
     if truncate is not None:
         layer_reports = truncate(targets, config)
     else:
@@ -54,10 +60,20 @@ def apply_kasa(model: nn.Module, config: KaSAConfig, *, truncate: Optional[Trunc
     wrap_targets(model, targets, config)
     saved = set_trainable(model, config)
     setattr(model, CONFIG_ATTR, config)
+    setattr(model, FINGERPRINT_ATTR, fingerprint)
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained = refuse_save_pretrained  # this instance only; merge_kasa removes it
     numel = lambda p: math.prod(full_shape(p))  # noqa: E731  (ZeRO-3 partitions: the size they were cut from)
     trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
     total = sum(numel(p) for p in model.parameters())
     return KaSAReport(layer_reports, saved, trainable, total, time.perf_counter() - start, config.svd_solver)
+
+
+def base_fingerprint(targets: list[Target]) -> dict[str, dict]:
+    """{target name: its sampled values and dtype} of the weights as they are now (before truncation), on every rank;
+    collective where a placement is sharded (every rank, same targets, same order)."""
+    return {t.name: fingerprint.record(t.placement.sample_weight(t, fingerprint.sample_positions(t.shape)),
+                                       t.format.sample_dtype(t.module)) for t in targets}
 
 
 def find_targets(model: nn.Module, config: KaSAConfig) -> list[Target]:
@@ -133,6 +149,16 @@ def modules_to_save(model: nn.Module, config: KaSAConfig) -> list[str]:
         if name and config.is_module_to_save(name) and not any(name.startswith(n + ".") for n in names):
             names.append(name)
     return names
+
+
+def refuse_save_pretrained(*args, **kwargs):
+    """``save_pretrained`` of a KaSA model: it would write the truncated base and the adapter tensors under names
+    plain ``from_pretrained`` does not read (the adapted layers come back re-initialized). Refused, with the calls
+    that do what was meant."""
+    raise ValueError("save_pretrained on a KaSA model would write a checkpoint that from_pretrained loads with the "
+                     "adapted layers re-initialized: save the adapter with kasa_ds.save_adapter(model, DIR) (PEFT "
+                     "format; kasa_ds.load_adapter or PEFT load it on the original base), or a plain merged model with "
+                     "kasa_ds.merge_kasa(model).save_pretrained(DIR)")
 
 
 def get_config(model: nn.Module) -> KaSAConfig:

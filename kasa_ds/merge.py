@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from .core.layer import kasa_layers
-from .inject import CONFIG_ATTR
+from .inject import CONFIG_ATTR, FINGERPRINT_ATTR
 from .registry import format_of
 
 
@@ -19,6 +19,8 @@ def merge_kasa(model: nn.Module) -> nn.Module:
     """
     for name, layer in list(kasa_layers(model)):
         model.set_submodule(name, format_of(layer.base_layer).merged_linear(layer))
-    if hasattr(model, CONFIG_ATTR):
-        delattr(model, CONFIG_ATTR)
+    for attr in (CONFIG_ATTR, FINGERPRINT_ATTR):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    model.__dict__.pop("save_pretrained", None)  # the KaSA model's refusal (kasa_ds.inject): a plain model saves
     return model

@@ -23,6 +23,11 @@ class NullBar:
     def set_postfix(self, *args, **kwargs) -> None: ...
     def close(self) -> None: ...
 
+    def __enter__(self) -> "NullBar":
+        return self
+
+    def __exit__(self, *exc) -> None: ...
+
     @staticmethod
     def write(line: str) -> None:
         print(line, flush=True)

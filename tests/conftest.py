@@ -90,6 +90,15 @@ def write_uneven_instructions(path, n: int = 32) -> None:
             f.write(json.dumps(record) + "\n")
 
 
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """One tiny Llama checkpoint (random init, SentencePiece tokenizer; tools/make_tiny_llama.py) for the whole session.
+    Read-only: a test that changes model files copies it first."""
+    from make_tiny_llama import build
+
+    return build(tmp_path_factory.mktemp("tiny-llama"), hidden=48, layers=2, vocab=320)
+
+
 @pytest.fixture
 def tokens():
     return torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(7))

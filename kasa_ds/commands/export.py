@@ -57,13 +57,14 @@ def export(source: Path, out: Path) -> Path:
     return out
 
 
-def export_lora(source: Path, out: Path, base: Path, svd_cache: Path | None = None) -> Path:
+def export_lora(source: Path, out: Path, base: Path, svd_cache: Path | None = None,
+                allow_other_base: bool = False) -> Path:
     if not (base / "config.json").is_file():
         fail(f"--base {base}: not a model directory with config.json (the original, untruncated checkpoint the "
              "adapter was trained from)")
     with bad_input_fails():
         check_output_dir(out, is_lora_export_dir, sources=[source])  # never the run or checkpoint itself
-        return export_lora_files(adapter_source(source), out, base, svd_cache)
+        return export_lora_files(adapter_source(source), out, base, svd_cache, allow_other_base)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Path:
@@ -74,11 +75,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     p.add_argument("--as-lora", action="store_true", help="write a plain rank-2r PEFT LoRA on the original base")
     p.add_argument("--base", type=Path, help="with --as-lora: the original model directory (safetensors)")
     p.add_argument("--svd-cache", type=Path, help="with --as-lora: a precomputed truncation (tools/precompute_svd.py)")
+    p.add_argument("--allow-other-base", action="store_true",
+                   help="with --as-lora: a base other than the one the adapter recorded (changed on purpose)")
     a = p.parse_args(argv)
     if a.as_lora:
         if a.base is None:
             p.error("--as-lora needs --base: the original checkpoint the dropped tails are recomputed from")
-        out = export_lora(a.source, a.out or a.source / "exported-lora", a.base, a.svd_cache)
+        out = export_lora(a.source, a.out or a.source / "exported-lora", a.base, a.svd_cache, a.allow_other_base)
     else:
         out = export(a.source, a.out or a.source / "exported-adapter")
     print(out)

@@ -28,8 +28,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--svd-cache", type=Path)
     p.add_argument("--max-shard-gb", type=float, default=5.0)
+    p.add_argument("--allow-other-base", action="store_true",
+                   help="merge into a base other than the one the adapter recorded (a base you changed on purpose)")
     a = p.parse_args(argv)
     out = merge_checkpoint(a.base, a.adapter, a.out, getattr(torch, a.dtype), a.svd_cache,
-                           int(a.max_shard_gb * (1 << 30)))
+                           int(a.max_shard_gb * (1 << 30)), allow_other_base=a.allow_other_base)
     print(out)
     return out

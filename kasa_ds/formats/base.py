@@ -35,6 +35,14 @@ class Format(ABC):
         placement gathered it (default: the module's own)."""
         return (module.weight if stored is None else stored).detach().float()
 
+    def sample(self, module: nn.Module, positions: torch.Tensor) -> torch.Tensor:
+        """The float32 values the module computes with at flat ``positions`` of its (whole, held) weight."""
+        return module.weight.detach().flatten()[positions.to(module.weight.device)].float().cpu()
+
+    def sample_dtype(self, module: nn.Module) -> str:
+        """What the sampled values were held in, for kasa_ds.core.fingerprint (a dtype, or a quantization's name)."""
+        return str(module.weight.dtype).removeprefix("torch.")
+
     def keeps_base(self, config: KaSAConfig) -> bool:
         """True: the base is left untouched and the layer subtracts the tail in forward (a correction)."""
         return False
@@ -81,6 +89,13 @@ class QuantizedFormat(Format):
             raise ValueError(f"a gathered {self.name} weight needs its quantization state; {self.name} bases are read "
                              "whole, in place")
         return self.dequantize(module)
+
+    def sample(self, module: nn.Module, positions: torch.Tensor) -> torch.Tensor:
+        return self.read(module).flatten()[positions.to(module.weight.device)].cpu()
+
+    def sample_dtype(self, module: nn.Module) -> str:
+        """The quantization's name (nf4, fp4, int8): the values compared are the dequantized ones."""
+        return self.metadata(module, None)["quant_type"]
 
     def keeps_base(self, config: KaSAConfig) -> bool:
         return config.quant_mode == "low_rank_correction"

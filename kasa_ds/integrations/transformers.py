@@ -20,6 +20,7 @@ What a plain Trainer gets wrong with a KaSA model, and what the mixin does inste
 
 from __future__ import annotations
 
+import json
 import os
 from functools import partial
 from pathlib import Path
@@ -27,20 +28,27 @@ from typing import Optional
 
 import torch
 from accelerate.utils import DeepSpeedSchedulerWrapper
-from safetensors.torch import load_file
 from torch import nn
 from transformers import Trainer
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer import SCHEDULER_NAME, TRAINING_ARGS_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from ..config import KaSAConfig
 from ..core.regularization import kasa_regularization
 from ..comm.collectives import is_rank_zero
-from ..inject import CONFIG_ATTR, apply_kasa, get_config
-from ..io.adapter import (WEIGHTS_FILE, adapter_metadata, gathered_adapter_state, load_adapter_state,
-                          read_adapter_config, write_adapter)
+from ..inject import CONFIG_ATTR, FINGERPRINT_ATTR, apply_kasa, get_config
+from ..io import seal
+from ..io.adapter import (COMPUTE_FIELDS, WEIGHTS_FILE, adapter_metadata, check_same_base, config_differences,
+                          gathered_adapter_state, load_adapter_state, read_adapter_config, read_adapter_tensors,
+                          read_base_fingerprint, write_adapter)
 from ..io.svd_cache import SVDCache
 from ..placements.zero3 import prepare_for_zero3
+
+
+SEAL_FILE = "kasa_ds_seal.json"  # in every checkpoint-N: the HMAC of each file (kasa_ds.io.seal)
+#: what a resumed run must share with the checkpoint's adapter (init_seed and svd_solver do not change the run)
+RESUME_FIELDS = COMPUTE_FIELDS + ("dropout", "beta", "gamma", "adapter_dtype")
 
 
 class KaSATrainerMixin:
@@ -49,8 +57,11 @@ class KaSATrainerMixin:
     it the model must already be adapted."""
 
     def __init__(self, *args, kasa_config: Optional[KaSAConfig] = None, svd_cache: Optional[str] = None,
-                 **kwargs) -> None:
+                 trust_checkpoint: bool = False, **kwargs) -> None:
         model = kwargs["model"] if "model" in kwargs else (args[0] if args else None)
+        if kwargs.get("peft_config") is not None:  # before any truncation: TRL would wrap the KaSA model in PEFT
+            raise ValueError("pass kasa_config, not peft_config: a KaSA trainer adapts the model itself (a "
+                             "peft_config would wrap it in a second adapter); drop peft_config")
         if not isinstance(model, nn.Module):
             raise ValueError("KaSA trainers adapt the model in place: pass the model object (loaded with "
                              "from_pretrained; under ZeRO-3 with the DeepSpeed config set first), not a name or path")
@@ -68,6 +79,7 @@ class KaSATrainerMixin:
         if is_deepspeed_zero3_enabled():
             prepare_for_zero3(model)
         super().__init__(*args, **kwargs)
+        self.kasa_trust_checkpoint = trust_checkpoint
         self._kasa_reg: list[torch.Tensor] = []
         if self.is_deepspeed_enabled:
             model.register_load_state_dict_pre_hook(_keep_frozen_parameters)
@@ -121,17 +133,47 @@ class KaSATrainerMixin:
         if self.args.should_save and not isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper):
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Optional[nn.Module] = None) -> None:
-        """Resume (one process, DDP): the checkpoint's adapter into the rebuilt (truncated) model."""
-        path = Path(resume_from_checkpoint)
+    def _save_checkpoint(self, model, trial) -> None:
+        """Every file of the checkpoint, sealed with this user's key once all are written (kasa_ds.io.seal)."""
+        super()._save_checkpoint(model, trial)
+        path = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save and path.is_dir():
+            sealed = seal.seal(path, exclude=(SEAL_FILE,))
+            (path / SEAL_FILE).write_text(json.dumps(sealed, indent=1))
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """Before the Trainer loads anything of a checkpoint (its pickles, DeepSpeed's state): it must be one this
+        user's KaSA trainer wrote (sealed; ``trust_checkpoint=True``: load another anyway), of this model's KaSA
+        settings and base."""
+        if resume_from_checkpoint:
+            path = get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True else \
+                resume_from_checkpoint
+            if path:
+                self._check_resumable(Path(path))
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _check_resumable(self, path: Path) -> None:
         if not (path / WEIGHTS_FILE).is_file():
             raise ValueError(f"{path} holds no KaSA adapter ({WEIGHTS_FILE}); resume from a checkpoint this trainer "
                              "wrote")
-        theirs, ours = read_adapter_config(path), get_config(self.model)
-        if (theirs.r, theirs.target_modules) != (ours.r, ours.target_modules):
-            raise ValueError(f"{path} was trained with r={theirs.r}, target_modules={theirs.target_modules}; this "
-                             f"model has r={ours.r}, target_modules={ours.target_modules}")
-        load_adapter_state(model if model is not None else self.model, load_file(str(path / WEIGHTS_FILE)))
+        if not self.kasa_trust_checkpoint:
+            sealed = json.loads((path / SEAL_FILE).read_text()) if (path / SEAL_FILE).is_file() else None
+            reason = seal.unsealed_reason(path, sealed, exclude=(SEAL_FILE,))
+            if reason is not None:
+                raise ValueError(seal.refusal(path, reason, "KaSATrainer(..., trust_checkpoint=True)"))
+        differ = config_differences(read_adapter_config(path), get_config(self.model), RESUME_FIELDS)
+        if differ:
+            raise ValueError(f"{path} was trained with other KaSA settings than this model has ({'; '.join(differ)}): "
+                             "resuming would not continue that run; adapt the model with the checkpoint's settings")
+        this_base = getattr(self.model.config, "_name_or_path", None) or type(self.model).__name__
+        check_same_base(read_base_fingerprint(path), getattr(self.model, FINGERPRINT_ATTR, None), path, this_base,
+                        fix="a model loaded from the base the checkpoint was trained on")
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Optional[nn.Module] = None) -> None:
+        """Resume (one process, DDP): the checkpoint's adapter into the rebuilt (truncated) model."""
+        path = Path(resume_from_checkpoint)
+        self._check_resumable(path)
+        load_adapter_state(model if model is not None else self.model, read_adapter_tensors(path))
 
 
 def _keep_frozen_parameters(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:

@@ -28,7 +28,9 @@ from ..comm.collectives import rank
 from ..config import EXTRA_FIELDS, KaSAConfig
 from ..core.layer import kasa_layers
 from ..core.types import AdapterTensor, KaSAReport
-from ..inject import CONFIG_ATTR, apply_kasa, find_targets, get_config, modules_to_save
+from ..core import fingerprint
+from ..inject import (CONFIG_ATTR, FINGERPRINT_ATTR, apply_kasa, base_fingerprint, find_targets, get_config,
+                      modules_to_save)
 from ..registry import by_placement, format_of, full_shape, placement_of
 from .files import atomic_directory, check_output_dir
 
@@ -75,13 +77,15 @@ def adapter_metadata(model: nn.Module) -> dict:
     """What :func:`write_adapter` needs from the model besides its tensors."""
     hf_config = getattr(model, "config", None)
     return {"base_model_name_or_path": getattr(hf_config, "_name_or_path", None) or None,
-            "task_type": _infer_task_type(model), "base_quantization": base_quantization(model)}
+            "task_type": _infer_task_type(model), "base_quantization": base_quantization(model),
+            "base_fingerprint": getattr(model, FINGERPRINT_ATTR, None)}
 
 
 def write_adapter(directory: str | os.PathLike, state: dict[str, torch.Tensor], config: KaSAConfig, *,
                   base_model_name_or_path: Optional[str] = None, task_type: Optional[str] = None,
-                  base_quantization: Optional[dict] = None) -> None:
-    """Write the three adapter files into an existing ``directory`` (the caller makes the write atomic)."""
+                  base_quantization: Optional[dict] = None, base_fingerprint: Optional[dict] = None) -> None:
+    """Write the three adapter files into an existing ``directory`` (the caller makes the write atomic);
+    ``base_fingerprint``: the sampled base weights (kasa_ds.core.fingerprint) the adapter belongs to."""
     empty = [k for k, v in state.items() if v.numel() == 0]
     if not state or empty:
         raise RuntimeError(f"refusing to write an adapter with empty tensors ({empty[:3] or 'no tensors'}): the "
@@ -93,7 +97,10 @@ def write_adapter(directory: str | os.PathLike, state: dict[str, torch.Tensor], 
     extra = {k: getattr(config, k) for k in EXTRA_KEYS}
     if base_quantization is not None:
         extra["base_quantization"] = base_quantization
-    (directory / EXTRA_FILE).write_text(json.dumps(extra, indent=2))
+    if base_fingerprint:
+        extra["base_fingerprint"] = {"base": base_model_name_or_path, "digest": fingerprint.digest(base_fingerprint),
+                                     "layers": base_fingerprint}
+    (directory / EXTRA_FILE).write_text(json.dumps(extra, indent=1))
 
 
 def is_kasa_adapter_dir(path: Path) -> bool:
@@ -140,6 +147,40 @@ def read_base_quantization(path: str | os.PathLike) -> Optional[dict]:
     return json.loads(extra.read_text()).get("base_quantization") if extra.is_file() else None
 
 
+def read_base_fingerprint(path: str | os.PathLike) -> Optional[dict]:
+    """The recorded base of an adapter directory ({"base", "digest", "layers"}), or None (PEFT's, or older)."""
+    extra = Path(path) / EXTRA_FILE
+    return json.loads(extra.read_text()).get("base_fingerprint") if extra.is_file() else None
+
+
+def check_same_base(recorded: Optional[dict], observed: Optional[dict[str, dict]], where, this_base: str, *,
+                    allow_other_base: bool = False, fix: str = "allow_other_base=True") -> None:
+    """Refuse an adapter whose recorded base (``recorded``: :func:`read_base_fingerprint`) is not ``observed`` (the
+    base at hand: {weight: sampled values}), naming both bases. Nothing to compare (an adapter without a record):
+    accepted."""
+    if allow_other_base or not recorded or not observed:
+        return
+    differ = fingerprint.compare(recorded["layers"], observed)
+    if differ:
+        name, diff = next(iter(differ.items()))
+        raise ValueError(f"{where}: the adapter belongs to another base: {len(differ)} of the "
+                         f"{len(set(recorded['layers']) & set(observed))} adapted weights compared differ from the "
+                         f"weights it was trained on (e.g. {name}: {100 * diff:.3g} % apart); its base: "
+                         f"{recorded.get('base') or '?'} (fingerprint {recorded.get('digest')}), this base: {this_base} "
+                         f"(fingerprint {fingerprint.digest(observed)}). A KaSA adapter only fits the exact base it "
+                         f"truncated: use that base, or pass {fix} for a base you changed on purpose")
+
+
+#: KaSAConfig fields that change what an adapter computes: loading into a model adapted otherwise is refused
+COMPUTE_FIELDS = ("r", "alpha", "target_modules", "exclude_modules", "modules_to_save", "quant_mode")
+
+
+def config_differences(theirs: KaSAConfig, ours: KaSAConfig, fields=COMPUTE_FIELDS) -> list[str]:
+    """``field: theirs vs ours`` for every field in which two adapter configs disagree."""
+    a, b = theirs.to_dict(), ours.to_dict()
+    return [f"{k}={a[k]!r} vs {b[k]!r}" for k in fields if a[k] != b[k]]
+
+
 def read_adapter_config(path: str | os.PathLike) -> KaSAConfig:
     path = Path(path)
     missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if not (path / f).is_file()]
@@ -155,32 +196,44 @@ def read_adapter_config(path: str | os.PathLike) -> KaSAConfig:
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, *, svd_solver: Optional[str] = None,
-                 show_progress: bool = True) -> Optional[KaSAReport]:
+                 show_progress: bool = True, allow_other_base: bool = False) -> Optional[KaSAReport]:
     """Load a PEFT-format KaSA adapter into ``model``; the model keeps its training/eval mode.
 
     On a model without KaSA layers (the original base), the adapter's config is applied first, which truncates the
-    base weights exactly as PEFT does on load; on an already adapted model only the weights are replaced. Returns
-    the KaSAReport of the injection, or None if the model was already adapted.
+    base weights exactly as PEFT does on load; on an already adapted model only the weights are replaced. The
+    adapter must belong to this base: its recorded base weights (kasa_ds_config.json) are compared with the model's
+    before anything changes (``allow_other_base=True``: a base changed on purpose). Returns the KaSAReport of the
+    injection, or None if the model was already adapted.
     """
     config = read_adapter_config(path)
     if svd_solver is not None:
         config.svd_solver = svd_solver
-    state = load_file(str(Path(path) / WEIGHTS_FILE))
+    state = read_adapter_tensors(path)
+    recorded = read_base_fingerprint(path)
+    this_base = getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
     was_training = model.training
     report = None
     if getattr(model, CONFIG_ATTR, None) is None:
-        check_fits(model, config, state, path)  # before anything is truncated: a misfit leaves the model as it was
-        report = apply_kasa(model, config, show_progress=show_progress)
-    elif model.kasa_config.r != config.r:
-        raise ValueError(f"adapter at {path} has r={config.r} but the model was adapted with r={model.kasa_config.r}")
+        targets = check_fits(model, config, state, path)  # before anything is truncated: a misfit changes nothing
+        observed = base_fingerprint(targets)
+        check_same_base(recorded, observed, path, this_base, allow_other_base=allow_other_base)
+        report = apply_kasa(model, config, show_progress=show_progress, fingerprint=observed)
+    else:
+        differ = config_differences(config, model.kasa_config)
+        if differ:
+            raise ValueError(f"adapter at {path} was trained with other settings than this model was adapted with "
+                             f"({'; '.join(differ)}): load it into the original base instead")
+        check_same_base(recorded, getattr(model, FINGERPRINT_ATTR, None), path, this_base,
+                        allow_other_base=allow_other_base)
     load_adapter_state(model, state)
     model.train(was_training)
     return report
 
 
-def check_fits(model: nn.Module, config: KaSAConfig, state: dict[str, torch.Tensor], path) -> None:
+def check_fits(model: nn.Module, config: KaSAConfig, state: dict[str, torch.Tensor], path) -> list:
     """The adapter ``state`` (config ``config``) fits the unadapted ``model``: the same keys as the targets and
-    modules_to_save it would get, full shapes, finite values. Raises ValueError naming the file; changes nothing."""
+    modules_to_save it would get, full shapes, finite values. Raises ValueError naming the file; changes nothing.
+    Returns the targets."""
     targets = find_targets(model, config)  # validates r and every target first
     expected = {}
     for t in targets:
@@ -200,6 +253,17 @@ def check_fits(model: nn.Module, config: KaSAConfig, state: dict[str, torch.Tens
                          f"shape, e.g. {wrong[:2]}): was it trained on another base or with other target_modules? The "
                          "model was left unchanged")
     check_finite(state, f"{path}/{WEIGHTS_FILE}")
+    return targets
+
+
+def read_adapter_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """adapter_model.safetensors of an adapter directory; a truncated or garbled file is one error naming it."""
+    file = Path(path) / WEIGHTS_FILE
+    try:
+        return load_file(str(file))
+    except Exception as e:  # safetensors raises several error types for truncated or garbled files
+        raise ValueError(f"{file} is not a readable safetensors file ({type(e).__name__}: {e}); write the adapter "
+                         "again") from None
 
 
 def check_finite(state: dict[str, torch.Tensor], where: str) -> None:

@@ -28,6 +28,9 @@ class TensorInfo:
     dtype: str
 
 
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on a header
+
+
 def weight_files(model_dir: str | os.PathLike) -> list[Path]:
     d = Path(model_dir)
     if (d / INDEX).is_file():
@@ -40,10 +43,32 @@ def weight_files(model_dir: str | os.PathLike) -> list[Path]:
     raise FileNotFoundError(f"{d} holds no model.safetensors or {INDEX}")
 
 
-def _header(path: Path) -> dict:
+def _header_bytes(path: Path) -> bytes:
+    """The JSON header of a safetensors file, its length checked against the file's size before it is read (a
+    corrupted length would otherwise allocate whatever it says); a bad file is one ValueError naming it."""
+    size = path.stat().st_size
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(n))
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path}: not a safetensors file ({size} bytes; truncated?): copy or convert it again")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > MAX_HEADER_BYTES:
+            raise ValueError(f"{path}: corrupted safetensors header (it claims {n:,} bytes of a {size:,}-byte file; "
+                             "truncated or damaged): copy or convert the checkpoint again")
+        return f.read(n)
+
+
+def _header(path: Path) -> dict:
+    raw = _header_bytes(path)
+    try:
+        header = json.loads(raw)
+        end = max((meta["data_offsets"][1] for key, meta in header.items() if key != "__metadata__"), default=0)
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise ValueError(f"{path}: corrupted safetensors header ({e}): copy or convert the checkpoint again") from None
+    if 8 + len(raw) + end > path.stat().st_size:
+        raise ValueError(f"{path}: truncated ({path.stat().st_size:,} bytes; its header describes {end:,} bytes of "
+                         "tensors): copy or convert the checkpoint again")
+    return header
 
 
 def list_tensors(model_dir: str | os.PathLike) -> dict[str, TensorInfo]:
@@ -86,14 +111,27 @@ def weight_digest(model_dir: str | os.PathLike, info: TensorInfo, key: str, samp
     return digest.hexdigest()[:16]
 
 
+def content_digest(model_dir: str | os.PathLike, sample: int = 1 << 20) -> str:
+    """A cheap identity of a checkpoint's weights: per file its name, size, header and first and last ``sample``
+    bytes of tensor data (another seed, a fine-tuned or perturbed copy of the same shapes all differ there)."""
+    h = hashlib.sha256()
+    for path in weight_files(model_dir):
+        header = _header_bytes(path)
+        h.update(f"{path.name}:{path.stat().st_size}:".encode() + header)
+        with open(path, "rb") as f:
+            f.seek(8 + len(header))
+            h.update(f.read(sample))
+            f.seek(max(8 + len(header), path.stat().st_size - sample))
+            h.update(f.read(sample))
+    return h.hexdigest()[:16]
+
+
 def fingerprint(model_dir: str | os.PathLike) -> dict[str, dict]:
     """Identity of a checkpoint's weights without reading them: per file, its size and the SHA-256 of its header
     (names, shapes, dtypes, byte offsets). Cheap for 70B; a rewrite that keeps sizes and layout goes unnoticed."""
     out = {}
     for path in weight_files(model_dir):
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = f.read(n)
+        header = _header_bytes(path)
         out[path.name] = {"bytes": path.stat().st_size, "header_sha256": hashlib.sha256(header).hexdigest()}
     return out
 

@@ -16,19 +16,21 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ..config import KaSAConfig
 from ..core.layer import kasa_layers
 from ..comm.collectives import rank
-from ..inject import get_config
+from ..core import fingerprint
+from ..inject import FINGERPRINT_ATTR, get_config
 from .adapter import (CONFIG_FILE, PREFIX, WEIGHTS_FILE, adapter_metadata, base_quantization, check_finite,
-                      gathered_adapter_state, read_adapter_config, read_base_quantization)
+                      gathered_adapter_state, read_adapter_config, read_adapter_tensors, read_base_fingerprint,
+                      read_base_quantization)
 from .files import atomic_directory, check_output_dir
 from .hf_checkpoint import list_tensors, module_key, read_tensor
 from .svd_cache import SVDCache
-from .tails import base_and_tail
+from .tails import BaseCheck, base_and_tail, check_adapter_shape
 
 Base = Union[str, os.PathLike, nn.Module, None]
 
@@ -74,15 +76,17 @@ def _write(out_dir, state: dict, config: dict) -> Path:
 
 
 def export_lora_files(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, base_dir: str | os.PathLike,
-                      svd_cache: Optional[str | os.PathLike] = None) -> Path:
+                      svd_cache: Optional[str | os.PathLike] = None, allow_other_base: bool = False) -> Path:
     """A KaSA adapter directory → a LoRA adapter directory, the tails recomputed from the original checkpoint
-    ``base_dir`` one weight at a time (memory: one weight), or read from ``svd_cache``."""
+    ``base_dir`` one weight at a time (memory: one weight), or read from ``svd_cache``. ``base_dir`` must be the base
+    the adapter was trained on (its recorded fingerprint; ``allow_other_base``: a base changed on purpose)."""
     check_output_dir(out_dir, is_lora_export_dir, sources=[adapter_dir], models=[base_dir])
     config = read_adapter_config(adapter_dir)
     quantization = read_base_quantization(adapter_dir)
     _refuse_requantize(config, quantization)
-    kasa = load_file(str(Path(adapter_dir) / WEIGHTS_FILE))
+    kasa = read_adapter_tensors(adapter_dir)
     check_finite(kasa, str(Path(adapter_dir) / WEIGHTS_FILE))
+    same_base = BaseCheck(read_base_fingerprint(adapter_dir), adapter_dir, str(base_dir), allow_other_base)
     tensors = list_tensors(base_dir)
     keys = set(tensors)
     cache = SVDCache(svd_cache, base_dir, config) if svd_cache else None
@@ -92,17 +96,21 @@ def export_lora_files(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike
         if key is None:
             raise ValueError(f"adapter module {name} has no weight in {base_dir}; wrong base model?")
         weight = read_tensor(base_dir, tensors[key + ".weight"], key + ".weight")
-        _, left, right = base_and_tail(weight, key, config, quantization, cache)
+        check_adapter_shape(name, weight, kasa, base_dir)
+        x, left, right = base_and_tail(weight, key, config, quantization, cache)
+        same_base(name, weight, x, quantization)
         state[f"{PREFIX}{name}.lora_A.weight"], state[f"{PREFIX}{name}.lora_B.weight"] = lora_pair(
             kasa, name, config, left, right)
     peft = json.loads((Path(adapter_dir) / CONFIG_FILE).read_text())
     return _write(out_dir, state, lora_config(config, peft.get("base_model_name_or_path"), peft.get("task_type")))
 
 
-def export_lora_adapter(model: nn.Module, out_dir: str | os.PathLike, base: Base = None) -> Optional[Path]:
+def export_lora_adapter(model: nn.Module, out_dir: str | os.PathLike, base: Base = None, *,
+                        allow_other_base: bool = False) -> Optional[Path]:
     """Write the adapted ``model``'s exact rank-2r LoRA to ``out_dir`` (rank 0; collective when the adapter is
     sharded: call on every rank). ``base``: the original model (an nn.Module with the same module names) or its
-    checkpoint directory, needed unless every layer keeps its tail as a correction (QKaSA low_rank_correction)."""
+    checkpoint directory, needed unless every layer keeps its tail as a correction (QKaSA low_rank_correction); it
+    must be the base the model was adapted from (``allow_other_base``: a base changed on purpose)."""
     config = get_config(model)
     quantization = base_quantization(model)
     _refuse_requantize(config, quantization)
@@ -112,6 +120,10 @@ def export_lora_adapter(model: nn.Module, out_dir: str | os.PathLike, base: Base
         return None
     tensors = list_tensors(base) if isinstance(base, (str, os.PathLike)) else None
     keys = set(tensors) if tensors is not None else set()
+    recorded = getattr(model, FINGERPRINT_ATTR, None)
+    same_base = BaseCheck({"base": adapter_metadata(model)["base_model_name_or_path"],
+                           "digest": fingerprint.digest(recorded), "layers": recorded} if recorded else None,
+                          "export_lora_adapter", str(base), allow_other_base, fix="allow_other_base=True")
     state = {k: v for k, v in kasa.items() if ".lora_" not in k}
     for name, layer in kasa_layers(model):
         if layer.tail_left is not None:
@@ -119,14 +131,16 @@ def export_lora_adapter(model: nn.Module, out_dir: str | os.PathLike, base: Base
         elif base is None:
             raise ValueError(f"{name}: the truncated base no longer holds the dropped tail; pass base= the original "
                              "model or its checkpoint directory")
-        elif tensors is None:
-            _, left, right = base_and_tail(base.get_submodule(name).weight.detach(), name, config, quantization)
         else:
-            key = module_key(name, keys)
-            if key is None:
+            if tensors is None:
+                weight = base.get_submodule(name).weight.detach()
+            elif (key := module_key(name, keys)) is None:
                 raise ValueError(f"{name} has no weight in {base}; wrong base model?")
-            weight = read_tensor(base, tensors[key + ".weight"], key + ".weight")
-            _, left, right = base_and_tail(weight, key, config, quantization)
+            else:
+                weight = read_tensor(base, tensors[key + ".weight"], key + ".weight")
+            check_adapter_shape(name, weight, kasa, base)
+            x, left, right = base_and_tail(weight, name if tensors is None else key, config, quantization)
+            same_base(name, weight, x, quantization)
         state[f"{PREFIX}{name}.lora_A.weight"], state[f"{PREFIX}{name}.lora_B.weight"] = lora_pair(
             kasa, name, config, left.cpu(), right.cpu())
     meta = adapter_metadata(model)

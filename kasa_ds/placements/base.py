@@ -18,6 +18,7 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
+from ..comm.collectives import broadcast_from_owner, comm_device, is_distributed
 from ..config import KaSAConfig
 from ..core.layer import KaSALinear
 from ..core.types import AdapterTensor, LayerReport, Target
@@ -50,6 +51,16 @@ class Placement(ABC):
         """The whole weight (m×n, float32, in the unsharded layout) on ``owner``, None on the other ranks; collective
         for a sharded placement. ``owner`` is a rank of ``group``, the group the weight is spread over (None: the
         world). Used by the owner-scheduled truncation (:mod:`kasa_ds.placements.scheduled`)."""
+
+    def sample_weight(self, target: Target, positions: torch.Tensor, group=None) -> torch.Tensor:
+        """The float32 values of the whole weight at flat ``positions``, on every rank (kasa_ds.core.fingerprint).
+        By default the weight is brought whole to rank 0 of ``group`` and the values broadcast; collective where
+        the placement is sharded."""
+        whole = self.read_on_owner(target, 0, group)
+        mine = [whole.flatten()[positions.to(whole.device)]] if whole is not None else None
+        device = comm_device() if is_distributed() else None
+        return broadcast_from_owner(mine, [tuple(positions.shape)], 0, group, dtype=torch.float32,
+                                    device=device)[0].cpu()
 
     def holding_device(self, target: Target) -> torch.device:
         """Where this rank holds (its part of) the target's weight: factors are moved there before subtracting."""

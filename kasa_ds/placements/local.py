@@ -46,6 +46,12 @@ class LocalPlacement(Placement):
         """The float32 weight on ``owner`` (every rank holds it; no communication), None elsewhere."""
         return target.format.read(target.module) if rank(group) == owner else None
 
+    def sample_weight(self, target: Target, positions: torch.Tensor, group=None) -> torch.Tensor:
+        """Read where it is held: every rank holds the weight, no communication."""
+        if target.module.weight.device.type == "meta":
+            raise ValueError(f"{target.name}: weight is on the meta device; load the weights before apply_kasa")
+        return target.format.sample(target.module, positions)
+
     def holds_tensor(self, param: torch.Tensor) -> bool:
         """Every tensor no placement before this one claims (the registry asks in order)."""
         return True

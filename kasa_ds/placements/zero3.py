@@ -24,6 +24,7 @@ from torch import nn
 from ..config import KaSAConfig
 from ..core.layer import KaSALinear, kasa_layers
 from ..core.types import AdapterTensor, LayerReport, Target
+from ..formats.dense import DENSE
 from ..comm.collectives import comm_device, gather_to_owner, rank
 from ..comm.schedule import DEFAULT_MAX_GATHER_BYTES
 from .base import Placement, kasa_linear
@@ -60,6 +61,22 @@ class Zero3Placement(Placement):
 
     def holding_device(self, target: Target) -> torch.device:
         return target.module.weight.ds_tensor.device
+
+    @torch.no_grad()
+    def sample_weight(self, target: Target, positions: torch.Tensor, group=None) -> torch.Tensor:
+        """A dense weight: each rank contributes the samples inside its flat shard, summed over the world (no weight
+        gathered). A quantized one (packed bytes) is read whole on rank 0 (the default). Collective."""
+        if target.format is not DENSE:
+            return super().sample_weight(target, positions, group)
+        weight = target.module.weight
+        shard = weight.ds_tensor
+        start = rank(group) * shard.numel()
+        inside = (positions >= start) & (positions < start + shard.numel()) & (positions < weight.ds_numel)
+        values = torch.zeros(positions.shape, dtype=torch.float32, device=comm_device())
+        values[inside.to(values.device)] = shard.detach().flatten()[(positions[inside] - start).to(shard.device)] \
+            .float().to(values.device)
+        torch.distributed.all_reduce(values, group=group)
+        return values.cpu()
 
     def full_shape(self, param: torch.Tensor) -> tuple[int, ...]:
         return tuple(param.ds_shape)

@@ -15,11 +15,13 @@ import contextlib
 import json
 import math
 from functools import partial
+from typing import Optional
 
 import torch
 from torch import nn
 
 from ..placements.tp.autotp import autotp_shard
+from .checkpoint import DEEPSPEED_DIR
 from .config import ConfigError, TrainConfig
 from .models import load_model
 from .precision import MemoryGuard, autocast, build_optimizer, grad_scaler, lr_factor
@@ -115,7 +117,9 @@ class DeepSpeedBackend(PlainBackend):
     def __init__(self, cfg: TrainConfig, env: ProcessEnv) -> None:
         super().__init__(cfg, env)
         self.ds = deepspeed_config(cfg, env.world)
-        self.zero3 = self.ds.get("zero_optimization", {}).get("stage", 0) == 3
+        self.zero_stage = self.ds.get("zero_optimization", {}).get("stage", 0)
+        self.zero3 = self.zero_stage == 3
+        self._norm: Optional[float] = None
         if cfg.tensor_parallel > 1 and self.zero3:
             raise ConfigError("tensor_parallel with ZeRO-3 is not supported; use ds_configs/zero2.json (TP + ZeRO-2)")
         self.distributed_truncation = env.world > 1 and cfg.tensor_parallel == 1  # TP bases: their own collective
@@ -169,20 +173,32 @@ class DeepSpeedBackend(PlainBackend):
 
     def backward(self, loss: torch.Tensor, step: int) -> None:
         self.forward.backward(loss)
+        if self.zero_stage == 0 and self.forward.is_gradient_accumulation_boundary():
+            self._norm = grad_norm(self.params)  # ZeRO-0's plain optimizer reports none; the gradients are reduced
         self.forward.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
 
-    def step(self) -> float:
-        """The engine stepped at the accumulation boundary; a float16 overflow it skipped is reported as such."""
+    def step(self) -> Optional[float]:
+        """The engine stepped at the accumulation boundary; a float16 overflow it skipped is reported as such.
+        Returns the gradient norm before clipping: the engine's, or the one measured at the boundary (ZeRO-0)."""
         skipped = getattr(self.forward, "skipped_steps", 0)
         self.loss_scale_skipped = skipped > self._skipped
         self._skipped = skipped
-        return float(self.forward.get_global_grad_norm() or 0.0)
+        norm = self.forward.get_global_grad_norm()
+        norm = self._norm if norm is None else norm
+        return None if norm is None else float(norm)
 
     def save_state(self, directory) -> None:
-        self.forward.save_checkpoint(str(directory), tag="deepspeed", exclude_frozen_parameters=True)
+        self.forward.save_checkpoint(str(directory), tag=DEEPSPEED_DIR, exclude_frozen_parameters=True)
 
     def restore_state(self, directory) -> None:
-        self.forward.load_checkpoint(str(directory), tag="deepspeed", load_module_strict=False)
+        self.forward.load_checkpoint(str(directory), tag=DEEPSPEED_DIR, load_module_strict=False)
+
+
+@torch.no_grad()
+def grad_norm(params: list[torch.Tensor]) -> Optional[float]:
+    """The L2 norm of the parameters' gradients (None when none has one)."""
+    norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return torch.stack(norms).norm().item() if norms else None
 
 
 def make_backend(cfg: TrainConfig, env: ProcessEnv) -> PlainBackend:

@@ -23,8 +23,10 @@ from safetensors.torch import load_file, save_file
 
 from ..comm.collectives import rank
 from ..comm.processes import barrier
-from .config import ADAPTER_FIELDS, TrainConfig
+from ..io import seal
+from .config import ADAPTER_FIELDS, TrainConfig, zero_stage
 
+DEEPSPEED_DIR = "deepspeed"  # the engine's files inside a checkpoint (kasa_ds.training.backends)
 STEP_DIR = re.compile(r"^step-(\d{7})$")
 META = "meta.json"
 
@@ -57,7 +59,7 @@ def commit(tmp: Path, meta: dict[str, Any], keep: int) -> Path:
     barrier()
     final = tmp.with_name(tmp.name[1:].removesuffix(".tmp"))
     if rank() == 0:
-        meta = {**meta, "files": sorted(p.name for p in tmp.iterdir())}
+        meta = {**meta, "files": sorted(p.name for p in tmp.iterdir()), "seal": seal.seal(tmp, exclude=(META,))}
         with open(tmp / META, "w") as f:
             json.dump(meta, f, indent=2)
         if final.exists():
@@ -92,8 +94,10 @@ def read_meta(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
     diff = {k: (theirs.get(k), v) for k, v in fingerprint.items() if theirs.get(k) != v}
     if diff:
         detail = "; ".join(f"{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in diff.items())
+        hint = " (model.weights: model.path now holds other weights; allow_other_base=true resumes on a base changed on " \
+            "purpose)" if "model.weights" in diff else ""
         raise ValueError(f"{path} was written with other settings ({detail}): resuming would not continue that "
-                         "trajectory. Restore those settings, use another output_dir, or resume=none")
+                         f"trajectory{hint}. Restore those settings, use another output_dir, or resume=none")
     absent = [f for f in meta.get("files", []) if not (path / f).exists()]
     if absent:
         raise ValueError(f"{path} is incomplete: {', '.join(absent[:3])} missing; resume from another checkpoint "
@@ -122,13 +126,19 @@ TRAJECTORY_KEYS = {
 }
 
 
-def run_fingerprint(cfg: TrainConfig, train_contents: str) -> dict:
+def run_fingerprint(cfg: TrainConfig, train_contents: str, weights: Optional[str] = None, world: int = 1) -> dict:
     """What a checkpoint must share with this run to be resumed: every trajectory setting, the training data's
-    contents (``train_contents``: kasa_ds.training.sources.DataSource.digest), and max_steps where the schedule
-    depends on it (cosine, linear: extending a run changes its decay)."""
+    contents (``train_contents``: kasa_ds.training.sources.DataSource.digest), the base weights (``weights``:
+    kasa_ds.io.hf_checkpoint.content_digest; not with ``allow_other_base``), how the run is laid out (data-parallel
+    size, tensor parallelism, ZeRO stage, backend: a change alters the global batch or the state's layout), and
+    max_steps where the schedule depends on it (cosine, linear: extending a run changes its decay)."""
     out = {f"{section}.{key}": getattr(getattr(cfg, section), key)
            for section, keys in TRAJECTORY_KEYS.items() for key in keys}
     out["data.train_contents"] = train_contents
+    if weights is not None and not cfg.allow_other_base:
+        out["model.weights"] = weights
+    out.update({"run.data_parallel": world // cfg.tensor_parallel, "run.tensor_parallel": cfg.tensor_parallel,
+                "run.backend": "deepspeed" if cfg.ds_config else "plain", "run.zero_stage": zero_stage(cfg.ds_config)})
     if cfg.train.lr_schedule != "constant":
         out["train.max_steps"] = cfg.train.max_steps
     return out
@@ -136,11 +146,20 @@ def run_fingerprint(cfg: TrainConfig, train_contents: str) -> dict:
 
 def find_resume_checkpoint(cfg: TrainConfig, fingerprint: dict) -> tuple[Optional[Path], dict]:
     """The checkpoint this run continues from and its meta.json (None, {}: a fresh run), validated against
-    ``fingerprint``: a mismatched, corrupted or incomplete checkpoint is refused before any work."""
+    ``fingerprint``: a mismatched, corrupted, incomplete or foreign one (pickles this user's runs did not seal,
+    kasa_ds.io.seal; ``trust_checkpoint``: load it anyway) is refused before any work."""
     if cfg.resume == "none":
         return None, {}
     path = latest_checkpoint(cfg.output_dir) if cfg.resume == "auto" else Path(cfg.resume)
-    return (path, read_meta(path, fingerprint)) if path is not None else (None, {})
+    if path is None:
+        return None, {}
+    meta = read_meta(path, fingerprint)
+    # DeepSpeed's engine state is unpickled with weights_only=False; the plain backend loads weights_only=True
+    if not cfg.trust_checkpoint and seal.holds_pickles(path / DEEPSPEED_DIR):
+        reason = seal.unsealed_reason(path, meta.get("seal"), exclude=(META,))
+        if reason is not None:
+            raise ValueError(seal.refusal(path, reason, "trust_checkpoint=true"))
+    return path, meta
 
 
 class DiskFull(RuntimeError):

@@ -133,6 +133,8 @@ class TrainConfig:
     tensor_parallel: int = 1  # > 1: DeepSpeed AutoTP of this size (HF models), KaSA adapters sharded with the base
     distributed_timeout_minutes: int = 30  # a collective waiting longer than this fails the run (no silent hang)
     resume: str = "auto"  # auto (newest complete checkpoint in output_dir, if any) | none | <checkpoint dir>
+    trust_checkpoint: bool = False  # resume from a checkpoint holding pickles that no run of this user sealed
+    allow_other_base: bool = False  # resume although model.path now holds other weights (changed on purpose)
     tensorboard: bool = True  # also log to TensorBoard when it is installed
 
     def kasa_config(self) -> KaSAConfig:

@@ -33,7 +33,7 @@ def load_config(schema, path: Optional[str], overrides: Iterable[str] = ()):
     raw = read_yaml(path) if path is not None else {}
     for item in overrides:
         apply_override(raw, item)
-    return _build(schema, raw, "")
+    return _build(schema, raw, "", schema)
 
 
 def read_yaml(path: str) -> dict[str, Any]:
@@ -79,7 +79,7 @@ def dump(config) -> str:
     return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
 
 
-def _build(cls, raw: Any, where: str):
+def _build(cls, raw: Any, where: str, root=None):
     if not isinstance(raw, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(raw).__name__}")
     hints = get_type_hints(cls)
@@ -88,16 +88,31 @@ def _build(cls, raw: Any, where: str):
     for key, value in raw.items():
         full = f"{where}{key}"
         if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f"; did you mean {where}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
-            raise ConfigError(f"unknown config key {full!r}{hint}")
-        kwargs[key] = _coerce(hints[key], value, full)
+            raise ConfigError(f"unknown config key {full!r}{_suggestion(key, names, where, root)}")
+        kwargs[key] = _coerce(hints[key], value, full, root)
     return cls(**kwargs)
 
 
-def _coerce(tp, value: Any, key: str):
+def _suggestion(key: str, names: list[str], where: str, root) -> str:
+    """The same key in another section (train.gradient_checkpointing → model.gradient_checkpointing) before a
+    near spelling in this one."""
+    elsewhere = [f"{section}.{key}" for section, tp in _sections(root) if key in {f.name for f in dataclasses.fields(tp)}]
+    if elsewhere:
+        return f"; it belongs to another section: did you mean {elsewhere[0]}?"
+    close = difflib.get_close_matches(key, names, n=1)
+    return f"; did you mean {where}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
+
+
+def _sections(root) -> list[tuple[str, type]]:
+    if root is None:
+        return []
+    hints = get_type_hints(root)
+    return [(f.name, hints[f.name]) for f in dataclasses.fields(root) if dataclasses.is_dataclass(hints[f.name])]
+
+
+def _coerce(tp, value: Any, key: str, root=None):
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value if value is not None else {}, key + ".")
+        return _build(tp, value if value is not None else {}, key + ".", root)
     origin, args = get_origin(tp), get_args(tp)
     if origin is Union:
         if value is None and type(None) in args:

@@ -171,7 +171,8 @@ def encode_record(record: dict, fmt: str, tokenizer, train_on_prompt: bool, wher
         if not tokenizer.chat_template:
             raise ChatError(f"data.format={fmt} needs a chat template and the tokenizer has none; set "
                             "data.chat_template to a Jinja file or string")
-        return encode_conversation(tokenizer, to_messages(record, fmt, where), train_on_prompt, where)
+        return encode_conversation(tokenizer, to_messages(record, fmt, where), train_on_prompt, where,
+                                   tools=record.get("tools"))
     if fmt == "text":
         ids = tokenizer(record["text"], add_special_tokens=True)["input_ids"] + eos
         return ids, list(ids)

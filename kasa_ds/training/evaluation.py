@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -16,11 +16,11 @@ class TrainingDiverged(RuntimeError):
 
 
 def evaluate(forward: Callable, dataset, batch_of: Callable, batch_size: int, device: torch.device, rank: int,
-             world: int, task: str) -> dict:
+             world: int, task: str, check_stop: Optional[Callable[[], None]] = None) -> dict:
     """Each rank takes a strided share of ``dataset``; sums are all-reduced, so every rank returns the same metrics.
 
     Every rank runs the same number of forwards (ZeRO-3 forwards are collectives): a rank whose share has run out
-    evaluates example 0 with weight 0.
+    evaluates example 0 with weight 0. ``check_stop`` is called before each batch (a preemption raises there).
     """
     model = getattr(forward, "module", forward)
     was_training = model.training
@@ -30,6 +30,8 @@ def evaluate(forward: Callable, dataset, batch_of: Callable, batch_size: int, de
     n_batches = math.ceil(math.ceil(len(dataset) / world) / batch_size)
     with torch.no_grad():
         for b in range(n_batches):
+            if check_stop is not None:
+                check_stop()
             ids = idx[b * batch_size:(b + 1) * batch_size]
             weight = 1.0 if ids else 0.0
             batch = to_device(batch_of([dataset[i] for i in (ids or [0])]), device)

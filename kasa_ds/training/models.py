@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 from ..config import KaSAConfig
 from ..formats.bnb4 import quantize_linears_
 from ..inject import find_targets
+from ..io.hf_checkpoint import list_tensors
 from .assets import embedded_model_dir
 from .config import EMBEDDED_MODEL, ModelSection
 from .partitioned_4bit import load_partitioned_4bit
@@ -33,19 +35,52 @@ def load_tokenizer(section: ModelSection):
     return tok
 
 
+#: files one of which a tokenizer directory holds (fast tokenizers, SentencePiece models, WordPiece/BPE vocabularies)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.txt",
+                   "vocab.json")
+
+
 def check_targets(section: ModelSection, kasa_config: KaSAConfig) -> None:
-    """Targets, r and tied weights checked against the model's config.json alone (built on the meta device, no
-    weights read): a wrong kasa.target_modules or kasa.r is refused before anything loads."""
+    """The model directory checked before anything loads, from config.json and the safetensors headers alone (the
+    model built on the meta device, no weights read): a tokenizer is there, the weights are whole and of the shapes
+    config.json describes, and kasa.target_modules, kasa.r and tied weights fit. Each problem: one ValueError."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    config = AutoConfig.from_pretrained(model_dir(section), local_files_only=True)
+    path = Path(model_dir(section))
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise ValueError(f"model.path={section.path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}): copy "
+                         "the tokenizer files of the model's release into it")
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     with torch.device("meta"):
         if section.task == "seq_cls":
             config.num_labels = section.num_labels
             model = AutoModelForSequenceClassification.from_config(config)
         else:
             model = AutoModelForCausalLM.from_config(config)
+    check_weight_shapes(model, path, section.path)
     find_targets(model, kasa_config)
+
+
+def check_weight_shapes(model: nn.Module, path: Path, shown: str) -> None:
+    """The checkpoint's tensors (headers read, truncation checked) have the shapes of the model config.json builds."""
+    try:
+        stored = list_tensors(path)
+    except FileNotFoundError:  # PyTorch .bin weights: from_pretrained checks them as it loads
+        return
+    found = 0
+    for name, param in model.named_parameters():
+        # the same name, or without a head model's base prefix (bert.encoder… in a BERT-base checkpoint's encoder…)
+        key = next((k for k in (name, name.split(".", 1)[-1]) if k in stored), None)
+        if key is None:
+            continue
+        found += 1
+        if tuple(stored[key].shape) != tuple(param.shape):
+            raise ValueError(f"model.path={shown}: config.json does not describe these weights ({name}: config.json "
+                             f"gives {tuple(param.shape)}, {stored[key].file} holds {tuple(stored[key].shape)}); is "
+                             "config.json from another model?")
+    if not found:
+        raise ValueError(f"model.path={shown}: none of the parameters config.json describes is in the weights; is "
+                         "config.json from another model?")
 
 
 def load_model(section: ModelSection, pad_token_id: int, keep_full_precision=lambda name: False,

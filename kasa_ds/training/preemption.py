@@ -7,7 +7,8 @@ Two ways to ask a run to stop, so it works under any launcher:
   its batch shell gets the signal — the way to reach ranks behind a per-node launcher such as torchrun.
 
 Ranks agree at every step boundary with one all-reduce (MAX) of a one-element tensor, so all of them stop after the
-same step, write the same checkpoint and leave with :data:`PREEMPTED_EXIT`.
+same step, write the same checkpoint and leave with :data:`PREEMPTED_EXIT`. Evaluation and sample generation ask
+too, per batch and per generated token (:meth:`StopRequest.check`), so a stop never waits for a long evaluation.
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ import torch.distributed as dist
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again later" — launch/slurm/train.sbatch requeues the job on it
 STOP_FILE_ENV = "KASA_DS_STOP_FILE"
+
+
+class Interrupted(Exception):
+    """A stop request honoured inside evaluation or generation (every rank raises it at the same batch or token)."""
 
 
 class StopRequest:
@@ -44,3 +49,8 @@ class StopRequest:
         if flag.item() > 0 and self.reason is None:
             self.reason = "another rank's request"
         return flag.item() > 0
+
+    def check(self, device: torch.device) -> None:
+        """Raise :class:`Interrupted` on every rank when a stop was asked (collective, like :meth:`agreed`)."""
+        if self.agreed(device):
+            raise Interrupted(self.reason)

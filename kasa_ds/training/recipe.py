@@ -28,6 +28,7 @@ from ..core.regularization import kasa_regularization
 from ..inject import apply_kasa
 from ..io.adapter import adapter_metadata, gathered_adapter_state, load_adapter_state, write_adapter
 from ..io.files import atomic_directory
+from ..io.hf_checkpoint import content_digest
 from ..io.svd_cache import SVDCache
 from ..progress import progress
 from . import checkpoint
@@ -39,7 +40,7 @@ from .evaluation import TrainingDiverged, evaluate, fmt
 from .memory_plan import check_recipe_plan
 from .metrics import MetricsLogger
 from .models import check_targets, load_tokenizer, model_dir
-from .preemption import PREEMPTED_EXIT, StopRequest
+from .preemption import PREEMPTED_EXIT, Interrupted, StopRequest
 from .processes import mean_over_ranks, setup_distributed
 from .run_lock import RunLock
 from .samples import answer, prompt_of
@@ -90,14 +91,16 @@ class Recipe:
         d, task = self.cfg.data, self.cfg.model.task
         self.sources = {"train": resolve(d.train), **({"eval": resolve(d.eval)} if d.eval else {})}
         num_labels = self.cfg.model.num_labels if task == "seq_cls" else None
-        for split, source in self.sources.items():
-            fmt, _ = checked(source, source.cache_dir(d.cache_dir), task, d.format, d.text_field, d.label_field,
-                             num_labels)
-            if split == "train":
-                self.data_format = fmt
+        formats = {split: checked(source, source.cache_dir(d.cache_dir), task, d.format, d.text_field,
+                                  d.label_field, num_labels)[0] for split, source in self.sources.items()}
+        self.data_format = formats["train"]
+        if len(set(formats.values())) > 1:  # one encoding serves both splits
+            raise ConfigError(f"data.eval={d.eval} reads as {formats['eval']} but data.train={d.train} as "
+                              f"{formats['train']}: write both in one format (or set data.format)")
         if task == "causal_lm" and d.format == "auto":
             print(f"data.format=auto: {d.train} reads as {self.data_format}", flush=True)
-        self.fingerprint = checkpoint.run_fingerprint(self.cfg, self.sources["train"].digest)
+        self.fingerprint = checkpoint.run_fingerprint(self.cfg, self.sources["train"].digest,
+                                                      content_digest(model_dir(self.cfg.model)), launcher_world_size())
 
     # ---- setup -----------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -143,15 +146,15 @@ class Recipe:
                               f"{cfg.model.max_length}; raise model.max_length")
         self.train_set = sets["train"]
         self.eval_set = eval_subset(sets["eval"], d.max_eval_examples) if "eval" in sets else None
+        counts = [f"{n} {what}" for what in ("truncated", "dropped") if (n := getattr(self.train_set, what, 0))]
+        if counts:  # counted on the examples, before packing wraps them
+            self.say(f"train examples longer than model.max_length={cfg.model.max_length}: {', '.join(counts)} "
+                     f"(data.overlong={cfg.data.overlong})")
         if d.packing:  # evaluation stays unpacked: the same metric with or without packing
             self.train_set = PackedDataset(self.train_set, cfg.model.max_length)
             self.say(f"packing: {self.train_set.examples} examples into {len(self.train_set)} rows of at most "
                      f"{cfg.model.max_length} tokens "
                      f"({self.train_set.tokens / (len(self.train_set) * cfg.model.max_length):.0%} full)")
-        counts = [f"{n} {what}" for what in ("truncated", "dropped") if (n := getattr(self.train_set, what, 0))]
-        if counts:
-            self.say(f"train examples longer than model.max_length={cfg.model.max_length}: {', '.join(counts)} "
-                     f"(data.overlong={cfg.data.overlong})")
         self.batch_of = partial(collate, pad_id=self.tokenizer.pad_token_id)
 
     def setup_model(self) -> None:
@@ -203,8 +206,8 @@ class Recipe:
         if self.env.world > 1:
             torch.distributed.all_reduce(tokens)  # every rank's tokens
         seconds = time.perf_counter() - tic
-        record = {"loss": loss, "kasa_reg": reg_value, "lr": backend.lr(), "grad_norm": grad_norm,
-                  "step_time": seconds, "tokens_per_s": tokens[0].item() / seconds,
+        record = {"loss": loss, "kasa_reg": reg_value, "lr": backend.lr(),
+                  **({"grad_norm": grad_norm} if grad_norm is not None else {}), "step_time": seconds, "tokens_per_s": tokens[0].item() / seconds,
                   "padding": 1 - (tokens[0] / tokens[1]).item(), "loss_scale_skips": self.loss_scale_skips}
         if self.device.type == "cuda":
             record["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / (1 << 30)
@@ -225,11 +228,11 @@ class Recipe:
         scale = self.env.world * len(batches) / total.item() if total.item() > 0 else 0.0
         return [c * scale for c in counts.tolist()]
 
-    def check_finite(self, step: int, loss: float, grad_norm: float) -> None:
+    def check_finite(self, step: int, loss: float, grad_norm: Optional[float]) -> None:
         """Count consecutive non-finite steps (the same decision on every rank: the loss is all-reduced); stop
         after train.max_nonfinite_steps of them. A float16 overflow the loss scaler skipped is counted apart: it
         applied no update and lowers the scale, as loss scaling is meant to."""
-        if math.isfinite(loss) and (math.isfinite(grad_norm) or self.backend.loss_scale_skipped):
+        if math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm) or self.backend.loss_scale_skipped):
             self.nonfinite = 0
             self.loss_scale_skips += self.backend.loss_scale_skipped
             return
@@ -247,7 +250,8 @@ class Recipe:
         if self.eval_set is None:
             return {}
         metrics = evaluate(self.backend.forward, self.eval_set, self.batch_of, self.cfg.train.micro_batch_size,
-                           self.device, self.backend.dp_rank, self.backend.dp_world, self.cfg.model.task)
+                           self.device, self.backend.dp_rank, self.backend.dp_world, self.cfg.model.task,
+                           check_stop=self.check_stop)
         if self.cfg.train.sample_prompts:
             self.log_samples(step)
         return metrics
@@ -256,10 +260,16 @@ class Recipe:
         """Answer the first train.sample_prompts eval prompts (every rank: forwards may be collective)."""
         rows = [record for _, record in islice(self.sources["eval"].records(), self.cfg.train.sample_prompts)]
         prompts = [p for p in (prompt_of(r, self.data_format, self.tokenizer) for r in rows) if p is not None]
-        answers = answer(self.model, self.tokenizer, prompts, self.device, self.cfg.train.sample_max_new_tokens)
+        answers = answer(self.model, self.tokenizer, prompts, self.device, self.cfg.train.sample_max_new_tokens,
+                         max_prompt_tokens=self.cfg.model.max_length, check_stop=self.check_stop)
         for i, (prompt, text) in enumerate(zip(prompts, answers), start=1):
             self.say(f"sample {i} at step {step}: {prompt[-80:]!r} → {text!r}")
         self.logger.log("sample", step, {}, {"samples": [{"prompt": p, "answer": a} for p, a in zip(prompts, answers)]})
+
+    def check_stop(self) -> None:
+        """Inside evaluation and generation: a stop request (SIGTERM, SIGUSR1, the stop file) raises Interrupted on
+        every rank (collective)."""
+        self.stop.check(self.device)
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
     def save(self, step: int) -> None:
@@ -303,12 +313,24 @@ class Recipe:
 
     # ---- the run ---------------------------------------------------------------------------------------------
     def run(self) -> int:
+        """Evaluate, train with checkpoints, evaluate; a stop request (preemption) at a step boundary, or inside an
+        evaluation or a sample's generation, checkpoints the last finished step and exits for requeueing."""
         self.setup()
+        self.done = self.saved = self.start_step  # the last finished step; the last one checkpointed
+        try:
+            before = self.evaluate(self.start_step)
+            if before:
+                self.say("eval before: " + fmt(before))
+                self.logger.log("eval", self.start_step, before, {"when": "before"})
+            if self.train_loop():
+                return self.finish(before)
+        except Interrupted:
+            pass
+        return self.preempted()
+
+    def train_loop(self) -> bool:
+        """The steps from start_step to max_steps; False when a stop request ends them early."""
         t, backend = self.cfg.train, self.backend
-        before = self.evaluate(self.start_step)
-        if before:
-            self.say("eval before: " + fmt(before))
-            self.logger.log("eval", self.start_step, before, {"when": "before"})
         global_batch = t.micro_batch_size * t.gradient_accumulation_steps * backend.dp_world
         batches = global_batches(len(self.train_set), global_batch, t.seed, self.start_step)
         bar = progress(range(self.start_step, t.max_steps), disable=self.rank != 0, desc="train", unit="step",
@@ -317,35 +339,41 @@ class Recipe:
         window = []
         for step in bar:
             record = self.train_step(step, rank_slice(next(batches), backend.dp_rank, backend.dp_world))
-            done = step + 1
+            self.done = done = step + 1
             window.append(record["loss"])
             self.logger.log("train", done, record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", reg=f"{record['kasa_reg']:.2e}", refresh=False)
             if done % t.log_every == 0 or done == t.max_steps:
-                if self.rank == 0:
-                    bar.write(f"step {done}/{t.max_steps} | loss {sum(window) / len(window):.4f} | kasa_reg "
-                              f"{record['kasa_reg']:.3e} | lr {record['lr']:.2e} | grad_norm {record['grad_norm']:.3f}"
-                              f" | {record['step_time']:.2f} s/step | {record['tokens_per_s']:.0f} tok/s | "
-                              f"pad {record['padding']:.0%}" + (f" | peak {record['peak_memory_gib']:.1f} GiB"
-                                                                if "peak_memory_gib" in record else ""))
+                self.log_line(bar, done, window, record)
                 window = []
             if self.eval_set is not None and done % t.eval_every == 0 and done < t.max_steps:
                 metrics = self.evaluate(done)
                 self.logger.log("eval", done, metrics)
                 self.say(f"eval at step {done}: " + fmt(metrics))
                 self.model.train()
-            saved = done % t.save_every == 0 or done == t.max_steps
-            if saved:
+            if done % t.save_every == 0 or done == t.max_steps:
                 self.save(done)
+                self.saved = done
             if done < t.max_steps and self.stop.agreed(self.device):  # collective, every step
-                return self.preempted(done, saved)
-        return self.finish(before)
+                return False
+        return True
 
-    def preempted(self, done: int, saved: bool) -> int:
-        if not saved:
-            self.save(done)
-        self.say(f"stopping after step {done} ({self.stop.reason}): checkpoint saved in {self.cfg.output_dir}/"
-                 f"checkpoints; exit {PREEMPTED_EXIT} — run again with resume=auto (the default) to continue")
+    def log_line(self, bar, done: int, window: list[float], record: dict) -> None:
+        if self.rank == 0:
+            bar.write(f"step {done}/{self.cfg.train.max_steps} | loss {sum(window) / len(window):.4f} | kasa_reg "
+                      f"{record['kasa_reg']:.3e} | lr {record['lr']:.2e}"
+                      + (f" | grad_norm {record['grad_norm']:.3f}" if "grad_norm" in record else "") +
+                      f" | {record['step_time']:.2f} s/step | {record['tokens_per_s']:.0f} tok/s | "
+                      f"pad {record['padding']:.0%}" + (f" | peak {record['peak_memory_gib']:.1f} GiB"
+                                                        if "peak_memory_gib" in record else ""))
+
+    def preempted(self) -> int:
+        """Checkpoint the last finished step unless it is saved (or nothing was trained), say so, exit 75."""
+        if self.done > self.saved:
+            self.save(self.done)
+        where = f"checkpoint saved in {self.cfg.output_dir}/checkpoints" if self.done > 0 else "nothing trained yet"
+        self.say(f"stopping after step {self.done} ({self.stop.reason}): {where}; exit {PREEMPTED_EXIT} — run again "
+                 "with resume=auto (the default) to continue")
         self.logger.close()
         return PREEMPTED_EXIT
 

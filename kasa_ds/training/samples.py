@@ -7,10 +7,11 @@ generates (ZeRO-3 and tensor-parallel forwards are collective); rank 0 logs.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .chat import to_messages
 from .data import format_prompt
@@ -29,16 +30,34 @@ def prompt_of(record: dict, fmt: str, tokenizer) -> Optional[str]:
     return None
 
 
+class _StopCheck(StoppingCriteria):
+    """Asks the run's stop request at every generated token (collective: every rank generates the same tokens)."""
+
+    def __init__(self, check_stop: Callable[[], None]) -> None:
+        self.check_stop = check_stop
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        self.check_stop()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 @torch.no_grad()
-def answer(model: nn.Module, tokenizer, prompts: list[str], device: torch.device, max_new_tokens: int) -> list[str]:
-    """Greedy answers, one prompt at a time (no padding to reason about); the model's mode is restored."""
+def answer(model: nn.Module, tokenizer, prompts: list[str], device: torch.device, max_new_tokens: int,
+           max_prompt_tokens: int, check_stop: Optional[Callable[[], None]] = None) -> list[str]:
+    """Greedy answers, one prompt at a time (no padding to reason about); the model's mode is restored. A prompt
+    longer than ``max_prompt_tokens`` keeps its last tokens (where the generation prompt is); ``check_stop`` is asked
+    at every token (a preemption raises there)."""
     was_training = model.training
     model.eval()
     answers = []
-    for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=not tokenizer.chat_template).to(device)
-        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-        answers.append(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
-    model.train(was_training)
+    stopping = StoppingCriteriaList([_StopCheck(check_stop)] if check_stop is not None else [])
+    try:
+        for prompt in prompts:
+            ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=not tokenizer.chat_template)
+            ids = {k: v[:, -max_prompt_tokens:].to(device) for k, v in ids.items()}
+            out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, stopping_criteria=stopping)
+            answers.append(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    finally:
+        model.train(was_training)
     return answers

@@ -142,7 +142,8 @@ def _build(source: DataSource, encoding: Encoding, tokenizer, arrow: Path, meta:
     table = raw.map(encode_batch, batched=True, with_indices=True, remove_columns=raw.column_names,
                     cache_file_name=str(partial), load_from_cache_file=False, new_fingerprint=arrow.stem,
                     desc=f"tokenizing {source.spec}")
-    rows, truncated = len(table), int(sum(table.data.column("truncated").to_pylist()))
+    rows = len(table)  # an empty table (every record dropped) has no columns at all
+    truncated = int(sum(table.data.column("truncated").to_pylist())) if rows else 0
     del table
     os.replace(partial, arrow)
     _write_json(meta, {"records": records, "examples": rows, "truncated": truncated, "dropped": records - rows,

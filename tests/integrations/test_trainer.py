@@ -228,3 +228,37 @@ def test_svd_cache_skips_the_svds_with_the_same_truncation(tmp_path):
     apply_kasa(computed, config(), show_progress=False)
     for (name, a), (_, b) in zip(kasa_layers(cached), kasa_layers(computed)):
         torch.testing.assert_close(a.base_layer.weight, b.base_layer.weight, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_resume_refuses_other_settings_a_foreign_checkpoint_and_a_peft_config(tmp_path):
+    """#27: an alpha = 8 checkpoint is not resumed into an alpha = 64 model; a pickle planted in a checkpoint this
+    user's trainer did not seal never runs (trust_checkpoint=True is the named way to load one you trust); TRL's
+    peft_config beside kasa_config is refused before any truncation."""
+    import os
+    import pickle
+
+    run(tmp_path / "full", max_steps=2)
+    ckpt = tmp_path / "full" / "checkpoint-2"
+    assert (ckpt / "kasa_ds_seal.json").is_file()
+    other = KaSATrainer(model=tiny_llama(), args=args(tmp_path / "other", max_steps=3, save_strategy="no"),
+                        train_dataset=token_data(), kasa_config=config(dropout=0.1, alpha=64.0))
+    with pytest.raises(ValueError, match=r"alpha=16.0 vs 64.0"):
+        other.train(resume_from_checkpoint=str(ckpt))
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (ckpt / "optimizer.pt").write_bytes(pickle.dumps(Payload()))
+    same = KaSATrainer(model=tiny_llama(), args=args(tmp_path / "same", max_steps=3, save_strategy="no"),
+                       train_dataset=token_data(), kasa_config=config(dropout=0.1))
+    with pytest.raises(ValueError, match="optimizer.pt does not match its seal.*trust_checkpoint=True"):
+        same.train(resume_from_checkpoint=str(ckpt))
+    assert not marker.exists()
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="not peft_config"):
+        KaSATrainer(model=model, args=args(tmp_path), train_dataset=token_data(), kasa_config=config(),
+                    peft_config=object())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing was truncated

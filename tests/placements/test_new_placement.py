@@ -69,7 +69,8 @@ def test_a_toy_placement_is_one_class_and_one_registry_line(tmp_path, monkeypatc
     model = toy_model()
     apply_kasa(model, config, show_progress=False)
     assert model[0].placement is toy and model[2].placement.name == "local"
-    assert toy.calls == [("truncate", "0"), ("wrap", "0")]
+    # the base is sampled first (the default sample_weight brings the weight to an owner), then truncated and wrapped
+    assert toy.calls == [("read_on_owner", "0"), ("truncate", "0"), ("wrap", "0")]
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:

@@ -25,10 +25,8 @@ CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from make_tiny_llama import build
-
-    return build(tmp_path_factory.mktemp("tiny-chat"), hidden=48, layers=2, vocab=320)
+def model_dir(tiny_llama_dir):
+    return tiny_llama_dir
 
 
 @pytest.fixture(scope="module")
@@ -178,3 +176,57 @@ def test_a_template_that_renders_no_answer_is_refused(tokenizer):
                               "{% endfor %}"
     with pytest.raises(ChatError, match="renders to no tokens of its own"):
         encode_conversation(tokenizer, CHAT[1:3])
+
+
+TOOL_TEMPLATE = (  # renders tools, tool calls and tool turns (as tool-use templates do)
+    "{% if tools %}tools: {{ tools | map(attribute='function.name') | join(',') }}\n{% endif %}"
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}"
+    "{% for c in m.get('tool_calls', []) %}<call>{{ c['function']['name'] }}({{ c['function']['arguments'] }})"
+    "{% endfor %}{{ eos_token }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+CALL = {"type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}
+TOOL_CHAT = [{"role": "user", "content": "Weather in Oslo?"},
+             {"role": "assistant", "content": "", "tool_calls": [CALL]},
+             {"role": "tool", "content": "rain, 8 C", "tool_call_id": "1"},
+             {"role": "assistant", "content": "It rains."}]
+TOOLS = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+
+
+def labelled_text(tokenizer, ids, labels) -> str:
+    return tokenizer.decode([t for t in labels if t != IGNORE_INDEX])
+
+
+def test_tool_calls_are_trained_and_tool_results_are_context(tokenizer):
+    """#27: an assistant turn that only calls a tool is trained on its call (it was refused as empty); the tool
+    turn's result is context; the record's tools reach the template."""
+    tokenizer.chat_template = TOOL_TEMPLATE
+    messages = to_messages({"messages": TOOL_CHAT, "tools": TOOLS}, "messages", "r")
+    ids, labels = encode_conversation(tokenizer, messages, tools=TOOLS)
+    text = labelled_text(tokenizer, ids, labels)
+    assert "weather" in text and "Oslo" in text and "It rains." in text
+    assert "rain, 8 C" not in text and "Weather in Oslo?" not in text
+    assert "tools: weather" in tokenizer.decode(ids)
+
+
+def test_a_template_that_drops_tool_calls_or_tool_turns_is_refused(tokenizer):
+    tokenizer.chat_template = TEMPLATES["spaced"]  # knows nothing of tools
+    with pytest.raises(ChatError, match="does not render its tool call 'weather'"):
+        encode_conversation(tokenizer, to_messages({"messages": TOOL_CHAT}, "messages", "r"))
+    no_calls = [TOOL_CHAT[0], {"role": "assistant", "content": "Checking."}, TOOL_CHAT[2], TOOL_CHAT[3]]
+    tokenizer.chat_template = TEMPLATES["spaced"].replace("{{ m['content'] }}",
+                                                          "{% if m['role'] != 'tool' %}{{ m['content'] }}{% endif %}")
+    with pytest.raises(ChatError, match="does not render tool turns"):
+        encode_conversation(tokenizer, to_messages({"messages": no_calls}, "messages", "r"))
+
+
+def test_openai_weight_zero_leaves_a_turn_untrained(char_tokenizer):
+    char_tokenizer.chat_template = TEMPLATES["spaced"]
+    weighted = [dict(m) for m in CHAT]
+    weighted[2]["weight"] = 0
+    ids, labels = encode_conversation(char_tokenizer, to_messages({"messages": weighted}, "messages", "r"))
+    text = "".join(char_tokenizer.convert_ids_to_tokens([t for t in labels if t != IGNORE_INDEX]))
+    assert "Six." in text and "It is four." not in text
+    assert ids == encode_conversation(char_tokenizer, CHAT)[0]  # the same tokens, fewer labels
+    with pytest.raises(ChatError, match="weight is 0 or 1"):
+        to_messages({"messages": [CHAT[1], {**CHAT[2], "weight": 0.5}]}, "messages", "r")
+    with pytest.raises(ChatError, match="every one has weight 0"):
+        to_messages({"messages": [CHAT[1], {**CHAT[2], "weight": 0}]}, "messages", "r")

@@ -21,10 +21,8 @@ pytest.importorskip("deepspeed", reason="DeepSpeed is a [dev] dependency (pip in
 
 REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from make_tiny_llama import build
-
-    return build(tmp_path_factory.mktemp("tiny-llama"), hidden=48, layers=2, vocab=320)
+def tiny_model(tiny_llama_dir):
+    return tiny_llama_dir
 
 
 @pytest.mark.slow

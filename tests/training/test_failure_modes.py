@@ -146,13 +146,6 @@ def test_outputs_follow_the_umask(tmp_path):
     assert stat.S_IMODE((tmp_path / "adapter").stat().st_mode) == 0o755  # group can read it on shared storage
 
 
-@pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory):
-    from make_tiny_llama import build
-
-    return build(tmp_path_factory.mktemp("tiny-llama"), hidden=48, layers=2, vocab=320)
-
-
 def recipe_config(model_dir, out, *extra):
     from kasa_ds.training.config import load_train_config
 

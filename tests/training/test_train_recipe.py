@@ -16,13 +16,6 @@ recipe = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(recipe)
 
 
-@pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory):
-    from make_tiny_llama import build
-
-    return build(tmp_path_factory.mktemp("tiny-llama"), hidden=48, layers=2, vocab=320)
-
-
 def read_metrics(out: Path, split="train"):
     return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["split"] == split]
 

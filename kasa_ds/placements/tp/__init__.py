@@ -62,6 +62,27 @@ class TPPlacement(Placement):
         return whole if spec.dim == 0 else whole.T
 
     @torch.no_grad()
+    def sample_weight(self, target: Target, positions: torch.Tensor, group=None) -> torch.Tensor:
+        """Each TP rank contributes the samples in its rows (columns) of the unsplit weight, summed over the TP
+        group (no weight gathered). Collective over the layer's TP group."""
+        spec, weight = target.spec, target.module.weight
+        m, n = spec.full_shape
+        rows, cols = positions // n, positions % n
+        split = rows if spec.dim == 0 else cols
+        mine = full_indices(spec, spec.tp_rank)
+        local = torch.full((spec.full_shape[spec.dim],), -1, dtype=torch.long)
+        local[mine] = torch.arange(len(mine))
+        where = local[split]
+        values = torch.zeros(positions.shape, dtype=torch.float32, device=weight.device)
+        held = where >= 0
+        if held.any():
+            r, c = (where[held], cols[held]) if spec.dim == 0 else (rows[held], where[held])
+            values[held.to(weight.device)] = weight.detach()[r.to(weight.device), c.to(weight.device)].float()
+        if spec.tp_size > 1:
+            torch.distributed.all_reduce(values, group=spec.group)
+        return values.cpu()
+
+    @torch.no_grad()
     def subtract(self, target: Target, left: torch.Tensor, right: torch.Tensor) -> None:
         """This rank's rows (dim 0) or columns (dim 1) of W − left·right, in the TP=1 layout of left/right."""
         spec, weight = target.spec, target.module.weight
