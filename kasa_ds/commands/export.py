@@ -25,7 +25,7 @@ from safetensors import safe_open
 from ..cli import bad_input_fails, fail
 from ..io.adapter import ADAPTER_FILES, WEIGHTS_FILE, is_kasa_adapter_dir, read_adapter_config
 from ..io.files import atomic_directory, check_output_dir
-from ..io.lora import export_lora_files, is_lora_export_dir
+from ..io.lora import SERVERS, VLLM_MAX_LORA_RANKS, export_lora_files, is_lora_export_dir, vllm_max_lora_rank
 from ..training.checkpoint import latest_checkpoint
 
 
@@ -58,13 +58,13 @@ def export(source: Path, out: Path) -> Path:
 
 
 def export_lora(source: Path, out: Path, base: Path, svd_cache: Path | None = None,
-                allow_other_base: bool = False) -> Path:
+                allow_other_base: bool = False, server: str = "peft") -> Path:
     if not (base / "config.json").is_file():
         fail(f"--base {base}: not a model directory with config.json (the original, untruncated checkpoint the "
              "adapter was trained from)")
     with bad_input_fails():
         check_output_dir(out, is_lora_export_dir, sources=[source])  # never the run or checkpoint itself
-        return export_lora_files(adapter_source(source), out, base, svd_cache, allow_other_base)
+        return export_lora_files(adapter_source(source), out, base, svd_cache, allow_other_base, server)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Path:
@@ -77,11 +77,19 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     p.add_argument("--svd-cache", type=Path, help="with --as-lora: a precomputed truncation (tools/precompute_svd.py)")
     p.add_argument("--allow-other-base", action="store_true",
                    help="with --as-lora: a base other than the one the adapter recorded (changed on purpose)")
+    p.add_argument("--server", choices=SERVERS, default="peft",
+                   help="with --as-lora: refuse first what this server would not load (vllm: a rank 2r above 512, "
+                        "modules_to_save but a classification head)")
     a = p.parse_args(argv)
     if a.as_lora:
         if a.base is None:
             p.error("--as-lora needs --base: the original checkpoint the dropped tails are recomputed from")
-        out = export_lora(a.source, a.out or a.source / "exported-lora", a.base, a.svd_cache, a.allow_other_base)
+        out = export_lora(a.source, a.out or a.source / "exported-lora", a.base, a.svd_cache, a.allow_other_base,
+                          a.server)
+        rank = 2 * read_adapter_config(adapter_source(a.source)).r
+        if rank <= VLLM_MAX_LORA_RANKS[-1]:
+            print(f"serve with vLLM: vllm serve {a.base} --enable-lora --max-lora-rank {vllm_max_lora_rank(rank)} "
+                  f"--lora-modules NAME={out}")
     else:
         out = export(a.source, a.out or a.source / "exported-adapter")
     print(out)

@@ -41,7 +41,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     if distributed:
         init_processes(backend="gloo")
     try:
-        return write_svd_cache(a.model, config, a.out)
+        with bad_input_fails():
+            return write_svd_cache(a.model, config, a.out)
     finally:
         if distributed:
             shutdown_processes()

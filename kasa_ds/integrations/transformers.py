@@ -137,6 +137,7 @@ class KaSATrainerMixin:
         """Every file of the checkpoint, sealed with this user's key once all are written (kasa_ds.io.seal)."""
         super()._save_checkpoint(model, trial)
         path = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        self.accelerator.wait_for_everyone()  # every rank's files (its RNG state, its DeepSpeed shard) are written
         if self.args.should_save and path.is_dir():
             sealed = seal.seal(path, exclude=(SEAL_FILE,))
             (path / SEAL_FILE).write_text(json.dumps(sealed, indent=1))

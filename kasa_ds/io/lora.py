@@ -25,7 +25,8 @@ from ..comm.collectives import rank
 from ..core import fingerprint
 from ..inject import FINGERPRINT_ATTR, get_config
 from .adapter import (CONFIG_FILE, PREFIX, WEIGHTS_FILE, adapter_metadata, base_quantization, check_finite,
-                      gathered_adapter_state, read_adapter_config, read_adapter_tensors, read_base_fingerprint,
+                      adapter_param_items, gathered_adapter_state, read_adapter_config, read_adapter_tensors,
+                      read_base_fingerprint,
                       read_base_quantization)
 from .files import atomic_directory, check_output_dir
 from .hf_checkpoint import list_tensors, module_key, read_tensor
@@ -33,6 +34,37 @@ from .svd_cache import SVDCache
 from .tails import BaseCheck, base_and_tail, check_adapter_shape
 
 Base = Union[str, os.PathLike, nn.Module, None]
+#: vLLM's allowed --max-lora-rank values (vllm.config.LoRAConfig); a LoRA above the largest does not load
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+#: the only modules_to_save vLLM loads with a LoRA: a classification head
+VLLM_HEADS = ("classifier", "score")
+SERVERS = ("peft", "vllm")
+
+
+def vllm_max_lora_rank(rank: int) -> int:
+    """The smallest --max-lora-rank vLLM accepts for a LoRA of ``rank`` (ValueError above its largest)."""
+    fits = [v for v in VLLM_MAX_LORA_RANKS if v >= rank]
+    if not fits:
+        raise ValueError(f"the exported LoRA has rank 2r = {rank}, above vLLM's largest --max-lora-rank "
+                         f"{VLLM_MAX_LORA_RANKS[-1]}: train with r ≤ {VLLM_MAX_LORA_RANKS[-1] // 2}, or merge the adapter "
+                         "(tools/merge.py) and serve the merged model")
+    return fits[0]
+
+
+def check_server(keys, config: KaSAConfig, server: str) -> None:
+    """Refuse, before anything is written, what ``server`` would refuse to load (``peft`` loads everything)."""
+    if server not in SERVERS:
+        raise ValueError(f"unknown server {server!r}; choose one of {', '.join(SERVERS)}")
+    if server != "vllm":
+        return
+    vllm_max_lora_rank(2 * config.r)
+    extra = [k[len(PREFIX):] for k in keys if ".lora_" not in k
+             and not set(k[len(PREFIX):].split(".")[:-1]) & set(VLLM_HEADS)]
+    if extra:
+        raise ValueError(f"vLLM loads no modules_to_save tensor but a classification head ({'/'.join(VLLM_HEADS)}); "
+                         f"this adapter trains {len(extra)} more (e.g. {extra[0]}): serve the merged model "
+                         "(tools/merge.py), retrain without them (kasa.modules_to_save), or export for PEFT "
+                         "(--server peft)")
 
 
 def lora_pair(state: dict[str, torch.Tensor], name: str, config: KaSAConfig, left: torch.Tensor,
@@ -69,6 +101,7 @@ def is_lora_export_dir(path: Path) -> bool:
 
 
 def _write(out_dir, state: dict, config: dict) -> Path:
+    check_finite(state, f"LoRA export to {out_dir}")  # a base holding NaN/inf gives non-finite tails: nothing written
     with atomic_directory(out_dir) as tmp:
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
@@ -76,7 +109,8 @@ def _write(out_dir, state: dict, config: dict) -> Path:
 
 
 def export_lora_files(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, base_dir: str | os.PathLike,
-                      svd_cache: Optional[str | os.PathLike] = None, allow_other_base: bool = False) -> Path:
+                      svd_cache: Optional[str | os.PathLike] = None, allow_other_base: bool = False,
+                      server: str = "peft") -> Path:
     """A KaSA adapter directory → a LoRA adapter directory, the tails recomputed from the original checkpoint
     ``base_dir`` one weight at a time (memory: one weight), or read from ``svd_cache``. ``base_dir`` must be the base
     the adapter was trained on (its recorded fingerprint; ``allow_other_base``: a base changed on purpose)."""
@@ -86,6 +120,7 @@ def export_lora_files(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike
     _refuse_requantize(config, quantization)
     kasa = read_adapter_tensors(adapter_dir)
     check_finite(kasa, str(Path(adapter_dir) / WEIGHTS_FILE))
+    check_server(kasa, config, server)
     same_base = BaseCheck(read_base_fingerprint(adapter_dir), adapter_dir, str(base_dir), allow_other_base)
     tensors = list_tensors(base_dir)
     keys = set(tensors)
@@ -106,12 +141,14 @@ def export_lora_files(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike
 
 
 def export_lora_adapter(model: nn.Module, out_dir: str | os.PathLike, base: Base = None, *,
-                        allow_other_base: bool = False) -> Optional[Path]:
+                        allow_other_base: bool = False, server: str = "peft") -> Optional[Path]:
     """Write the adapted ``model``'s exact rank-2r LoRA to ``out_dir`` (rank 0; collective when the adapter is
     sharded: call on every rank). ``base``: the original model (an nn.Module with the same module names) or its
     checkpoint directory, needed unless every layer keeps its tail as a correction (QKaSA low_rank_correction); it
-    must be the base the model was adapted from (``allow_other_base``: a base changed on purpose)."""
+    must be the base the model was adapted from (``allow_other_base``: a base changed on purpose). ``server="vllm"``
+    refuses first what vLLM would not load (:func:`check_server`)."""
     config = get_config(model)
+    check_server([PREFIX + key for key, _ in adapter_param_items(model)], config, server)
     quantization = base_quantization(model)
     _refuse_requantize(config, quantization)
     check_output_dir(out_dir, is_lora_export_dir, models=[base] if isinstance(base, (str, os.PathLike)) else [])

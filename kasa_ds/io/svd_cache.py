@@ -128,18 +128,28 @@ def write_svd_cache(model_dir: str | os.PathLike, config: KaSAConfig, out: str |
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    factors, tic = {}, time.perf_counter()
+    factors, bad, tic = {}, [], time.perf_counter()
     for name in progress(mine, desc=f"SVD ({world} ranks)", unit="weight", disable=rank != 0):
         weight = read_tensor(model_dir, tensors[name + ".weight"], name + ".weight")
+        if not torch.isfinite(weight).all():
+            bad.append(name)  # decided together below: every rank fails the same way, no rank left waiting
+            continue
         tail = tail_factors(weight, config.r, config.svd_solver)
         factors[name + ".left"], factors[name + ".right"] = tail.left.float().contiguous(), tail.right.float()
     file = f"factors-rank{rank:05d}.safetensors"
     save_file({k: v.contiguous() for k, v in factors.items()}, str(tmp / file))
-    owners = [{n: file for n in mine}] * world
+    owners = [({n: file for n in mine}, bad)] * world
     if world > 1:
-        dist.all_gather_object(owners, {n: file for n in mine})
+        dist.all_gather_object(owners, ({n: file for n in mine}, bad))
+    nonfinite = sorted(n for _, part in owners for n in part)
+    if nonfinite:
+        barrier()
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise ValueError(f"{model_dir}: {nonfinite[0]}.weight holds NaN or inf ({len(nonfinite)} weight(s)): no "
+                         "truncation of it can be cached; nothing was written")
     if rank == 0:
-        entries = {n: f for part in owners for n, f in part.items()}
+        entries = {n: f for part, _ in owners for n, f in part.items()}
         digests = {n: weight_digest(model_dir, tensors[n + ".weight"], n + ".weight") for n in entries}
         (tmp / INDEX).write_text(json.dumps({"fingerprint": cache_fingerprint(model_dir, config), "entries": entries,
                                              "digests": digests, "targets": config.target_modules}, indent=1))

@@ -269,6 +269,11 @@ def check_parallel(c: TrainConfig) -> None:
     if c.ds_config is None:
         return
     need(os.path.isfile(c.ds_config), f"--ds_config {c.ds_config}: file not found")
+    try:
+        with open(c.ds_config) as f:
+            need(isinstance(json.load(f), dict), f"--ds_config {c.ds_config}: expected a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--ds_config {c.ds_config}: not valid JSON ({e})") from None
     need(t.optimizer == "adamw", f"train.optimizer={t.optimizer} with --ds_config: DeepSpeed runs use AdamW "
          "(its offload/ZeRO configs cover optimizer memory); drop train.optimizer or --ds_config")
     need(t.autocast is None, "train.autocast with --ds_config: set mixed precision in the DeepSpeed config "

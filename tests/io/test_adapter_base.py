@@ -182,3 +182,18 @@ def _adapted_copy():
     apply_kasa(model, KaSAConfig(**CONFIG), show_progress=False)
     randomize_adapters(model)
     return model
+
+
+def test_no_export_writes_a_non_finite_tensor(trained, tmp_path):
+    root, _ = trained
+    model = tiny_llama(0)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight[0, 0] = float("inf")
+    model.save_pretrained(tmp_path / "inf")
+    proc = tool("export_adapter.py", root / "adapter", "--as-lora", "--base", tmp_path / "inf", "--out",
+                tmp_path / "l", "--allow-other-base")
+    assert proc.returncode == 2 and "NaN or inf" in proc.stderr and not (tmp_path / "l").exists()
+    proc = tool("precompute_svd.py", "--model", tmp_path / "inf", "--kasa-r", "4", "--targets", "q_proj",
+                "--out", tmp_path / "c")
+    assert proc.returncode == 2 and "NaN or inf" in proc.stderr
+    assert not (tmp_path / "c").exists() and not (tmp_path / ".c.tmp").exists()

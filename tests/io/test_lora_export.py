@@ -87,3 +87,28 @@ def test_qkasa_low_rank_correction_exports_a_lora_for_the_unchanged_4bit_base(tm
                show_progress=False)
     with pytest.raises(ValueError, match="requantize adapter replaced its quantized base"):
         export_lora_adapter(requantized, tmp_path / "nope", base=tmp_path)
+
+
+def test_the_exporter_refuses_what_vllm_would_refuse_and_names_the_rank_to_serve(tmp_path):
+    """#25: for vLLM (--server vllm) a non-head modules_to_save and a rank 2r above 512 are refused before anything
+    is written; every export prints the --max-lora-rank to pass (the smallest vLLM allows ≥ 2r)."""
+    import subprocess
+    import sys
+
+    from kasa_ds.io.lora import vllm_max_lora_rank
+
+    assert [vllm_max_lora_rank(x) for x in (2, 8, 32, 34, 300, 512)] == [8, 8, 32, 64, 320, 512]
+    with pytest.raises(ValueError, match="above vLLM's largest --max-lora-rank 512"):
+        vllm_max_lora_rank(514)
+    tiny_llama().save_pretrained(tmp_path / "base")
+    model = tiny_llama()
+    apply_kasa(model, KaSAConfig(r=4, target_modules=["q_proj"], modules_to_save=["model.norm"]), show_progress=False)
+    save_adapter(model, tmp_path / "kasa")
+    tool = [sys.executable, str(REPO / "tools/export_adapter.py"), str(tmp_path / "kasa"), "--as-lora", "--base",
+            str(tmp_path / "base")]
+    proc = subprocess.run([*tool, "--out", str(tmp_path / "v"), "--server", "vllm"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "model.norm.weight" in proc.stderr and not (tmp_path / "v").exists()
+    proc = subprocess.run([*tool, "--out", str(tmp_path / "p")], capture_output=True, text=True)
+    assert proc.returncode == 0 and "--max-lora-rank 8 " in proc.stdout  # 2r = 8
+    with pytest.raises(ValueError, match="classification head"):
+        export_lora_adapter(model, tmp_path / "lib", base=tmp_path / "base", server="vllm")

@@ -144,20 +144,20 @@ def test_a_stop_request_during_evaluation_ends_the_run_for_requeue(tmp_path, tin
 def test_sigterm_during_a_long_evaluation_is_honoured_within_seconds(tmp_path, tiny_llama_dir):
     data = tmp_path / "eval.jsonl"
     data.write_text("".join(json.dumps({"instruction": f"count {i}:", "input": "", "output": "one two " * 20})
-                            + "\n" for i in range(4000)))
+                            + "\n" for i in range(12000)))
     proc = subprocess.Popen([sys.executable, "-u", str(REPO / "launch/train.py"),
                              *causal_args(tiny_llama_dir, tmp_path / "run", f"data.eval={data}",
-                                          "data.max_eval_examples=4000", "train.max_steps=2")],
+                                          "data.max_eval_examples=12000", "train.max_steps=2")],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
         if line.startswith("KaSA: adapted"):  # the evaluation before training starts now
             break
-    time.sleep(3)
+    time.sleep(1)
     proc.send_signal(signal.SIGTERM)
     tic = time.perf_counter()
     rest = proc.communicate(timeout=120)[0]
     assert proc.returncode == 75 and time.perf_counter() - tic < 20, rest[-2000:]
-    assert "stopping after step 0 (SIGTERM)" in rest
+    assert "stopping after step 0 (SIGTERM)" in rest and "eval before" not in rest  # inside the evaluation
 
 
 def test_eval_data_of_another_format_is_one_line(tmp_path, tiny_llama_dir, capsys):
@@ -218,3 +218,10 @@ def test_a_full_disk_in_merge_is_one_line(tmp_path, tiny_llama_dir):
         assert "is full" in proc.stderr and not list(mount.iterdir())
     finally:
         subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_deepspeed_config_that_is_not_json_is_one_line(tmp_path, tiny_llama_dir, capsys):
+    bad = tmp_path / "ds.json"
+    bad.write_text("{'stage': 2")
+    rc, printed = run(causal_args(tiny_llama_dir, tmp_path / "run", "--ds_config", str(bad)), capsys)
+    assert rc == 2 and f"--ds_config {bad}: not valid JSON" in printed.err and "Traceback" not in printed.err
