@@ -18,6 +18,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Sequence, Union, get_args, get_origin, get_type_hints
 
+import jinja2
+
 from ..config import KaSAConfig
 from ..registry import refusal
 from .chat import FORMATS
@@ -214,6 +216,22 @@ def check_data(c: TrainConfig) -> None:
     template = d.chat_template
     need(template is None or "{%" in template or "{{" in template or os.path.isfile(template),
          f"data.chat_template={template}: neither a file nor a Jinja template string")
+    if template is not None:
+        check_template(template)
+
+
+def check_template(template: str) -> None:
+    """A chat template (file or string) must be Jinja that compiles: a syntax error is named here, with its file and
+    line, not in the middle of tokenization."""
+    is_file = "{%" not in template and "{{" not in template
+    try:
+        text = open(template).read() if is_file else template
+        jinja2.Environment().parse(text)
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"data.chat_template={template}: cannot be read ({e})") from None
+    except jinja2.TemplateSyntaxError as e:
+        where = f"{template}, line {e.lineno}" if is_file else f"line {e.lineno}"
+        raise ConfigError(f"data.chat_template ({where}): not a valid Jinja template ({e.message})") from None
 
 
 def check_kasa(c: TrainConfig) -> None:

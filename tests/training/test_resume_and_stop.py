@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[2]
 from test_train_recipe import causal_args, read_metrics, recipe  # noqa: E402 (the recipe's own test helpers)
@@ -225,3 +226,33 @@ def test_a_deepspeed_config_that_is_not_json_is_one_line(tmp_path, tiny_llama_di
     bad.write_text("{'stage': 2")
     rc, printed = run(causal_args(tiny_llama_dir, tmp_path / "run", "--ds_config", str(bad)), capsys)
     assert rc == 2 and f"--ds_config {bad}: not valid JSON" in printed.err and "Traceback" not in printed.err
+
+
+def test_a_broken_chat_template_is_named_before_loading(tmp_path, tiny_llama_dir, capsys):
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}\n{% endfor")
+    rc, printed = run(causal_args(tiny_llama_dir, tmp_path / "run", f"data.chat_template={template}"), capsys)
+    assert rc == 2 and f"{template}, line 2" in printed.err and "Traceback" not in printed.err
+
+
+def test_a_stop_request_inside_generation_ends_it(tiny_llama_dir):
+    """Sample generation asks the stop request at every token: a request raises Interrupted out of generate."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kasa_ds.training.preemption import Interrupted
+    from kasa_ds.training.samples import answer
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_llama_dir), AutoTokenizer.from_pretrained(tiny_llama_dir)
+    asked = []
+
+    def check_stop():
+        asked.append(1)
+        if len(asked) == 3:
+            raise Interrupted("SIGTERM")
+
+    model.train()
+    with pytest.raises(Interrupted):
+        answer(model, tokenizer, ["Say something long."], torch.device("cpu"), max_new_tokens=40,
+               max_prompt_tokens=64, check_stop=check_stop)
+    assert len(asked) == 3  # stopped at the third generated token, not after 40
+    assert model.training  # the model's mode is restored on the way out
