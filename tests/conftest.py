@@ -1,3 +1,4 @@
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -88,6 +89,23 @@ def write_uneven_instructions(path, n: int = 32) -> None:
             record = {"instruction": long, "input": "", "output": "Yes."} if i % 2 else \
                 {"instruction": "Say it.", "input": "", "output": long}
             f.write(json.dumps(record) + "\n")
+
+
+@contextlib.contextmanager
+def small_tmpfs(path, size: str):
+    """A real full disk to write to: a tmpfs of ``size`` mounted at ``path`` (root only: skipped, with the reason,
+    elsewhere), unmounted on the way out."""
+    import subprocess
+
+    path.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                          text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {made.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=False)
 
 
 @pytest.fixture(scope="session")

@@ -311,17 +311,10 @@ def test_svd_cache_refuses_another_model_of_the_same_layout(tmp_path):
 
 def test_a_full_disk_during_a_checkpoint_is_one_clear_line(tmp_path, tiny_llama_dir, capsys):
     """A real full disk: the run's output_dir on a 192 KiB tmpfs (mounting needs root; skipped otherwise)."""
-    import subprocess
-
+    from conftest import small_tmpfs
     from kasa_ds.training.recipe import EXIT_DISK_FULL, run_recipe
 
-    mount = tmp_path / "small"
-    mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=192k", "tmpfs", str(mount)], capture_output=True,
-                          text=True)
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root): {made.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "small", "192k") as mount:
         out = mount / "run"
         rc = run_recipe(recipe_config(tiny_llama_dir, out, "train.max_steps=4", "train.save_every=1",
                                       "kasa.r=16", "tensorboard=false"))
@@ -330,8 +323,6 @@ def test_a_full_disk_during_a_checkpoint_is_one_clear_line(tmp_path, tiny_llama_
         errors = [line for line in err.splitlines() if line.startswith("error:")]
         assert "MiB free" in err and len(errors) == 1 and err.strip().endswith(errors[0].split(": ", 1)[1][-40:])
         assert not list((out / "checkpoints").glob(".*tmp"))  # no partial checkpoint left
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
 
 
 def test_float16_loss_scale_skips_are_not_divergence(tmp_path, tiny_llama_dir, monkeypatch):

@@ -205,20 +205,14 @@ def test_a_full_disk_in_merge_is_one_line(tmp_path, tiny_llama_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     apply_kasa(model, KaSAConfig(r=2, target_modules=["q_proj"]), show_progress=False)
     save_adapter(model, tmp_path / "adapter")
-    mount = tmp_path / "small"
-    mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True,
-                          text=True)
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root): {made.stderr.strip()}")
-    try:
+    from conftest import small_tmpfs
+
+    with small_tmpfs(tmp_path / "small", "64k") as mount:
         proc = subprocess.run([sys.executable, str(REPO / "tools/merge.py"), "--base", str(tiny_llama_dir),
                                "--adapter", str(tmp_path / "adapter"), "--out", str(mount / "merged")],
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         assert "is full" in proc.stderr and not list(mount.iterdir())
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
 
 
 def test_a_deepspeed_config_that_is_not_json_is_one_line(tmp_path, tiny_llama_dir, capsys):
