@@ -115,13 +115,19 @@ def content_digest(model_dir: str | os.PathLike, sample: int = 1 << 20) -> str:
     """A cheap identity of a checkpoint's weights: per file its name, size, header and first and last ``sample``
     bytes of tensor data (another seed, a fine-tuned or perturbed copy of the same shapes all differ there)."""
     h = hashlib.sha256()
-    for path in weight_files(model_dir):
-        header = _header_bytes(path)
+    try:
+        files = weight_files(model_dir)
+    except FileNotFoundError:  # PyTorch .bin weights (from_pretrained reads them): digested as whole files
+        files = sorted(Path(model_dir).glob("*.bin"))
+        if not files:
+            raise ValueError(f"{model_dir} holds no weights (model.safetensors, an index, or .bin files)") from None
+    for path in files:
+        header = _header_bytes(path) if path.suffix == ".safetensors" else b""
         h.update(f"{path.name}:{path.stat().st_size}:".encode() + header)
         with open(path, "rb") as f:
-            f.seek(8 + len(header))
+            f.seek(8 + len(header) if header else 0)
             h.update(f.read(sample))
-            f.seek(max(8 + len(header), path.stat().st_size - sample))
+            f.seek(max(8 + len(header) if header else 0, path.stat().st_size - sample))
             h.update(f.read(sample))
     return h.hexdigest()[:16]
 
