@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -19,12 +20,13 @@ from torch import nn
 
 from .config import KaSAConfig
 from .core import fingerprint
+from .core.experts import KaSAExperts, expert_layers
 from .core.layer import kasa_layers
 from .core.truncation import check_rank
-from .core.types import KaSAReport, LayerReport, Target
+from .core.types import ExpertsTarget, KaSAReport, LayerReport, Target
 from .comm.schedule import DEFAULT_MAX_GATHER_BYTES
 from . import registry
-from .registry import classify, full_shape
+from .registry import classify, classify_experts, experts_layout_of, full_shape
 
 CONFIG_ATTR = "kasa_config"  # where apply_kasa leaves the config on the model
 FINGERPRINT_ATTR = "kasa_base_fingerprint"  # and the sampled base weights (kasa_ds.core.fingerprint)
@@ -46,10 +48,11 @@ def apply_kasa(model: nn.Module, config: KaSAConfig, *, truncate: Optional[Trunc
     written from it names its base. Returns a :class:`KaSAReport`.
     """
     start = time.perf_counter()
-    targets = find_targets(model, config)
+    targets, experts = find_targets(model, config), find_expert_targets(model, config)
+    warn_left_out_experts(model, config)
     fingerprint = fingerprint if fingerprint is not None else base_fingerprint(targets)
     if truncate is not None:
-        layer_reports = truncate(targets, config)
+        layer_reports = truncate(targets, config) if targets else []
     else:
         layer_reports = []
         for placement in registry.PLACEMENTS:  # the registry's order, the same on every rank
@@ -57,7 +60,12 @@ def apply_kasa(model: nn.Module, config: KaSAConfig, *, truncate: Optional[Trunc
             if group:
                 layer_reports += placement.truncate(group, config, show_progress=show_progress,
                                                     distributed=distributed, max_gather_bytes=max_gather_bytes)
+    for placement in registry.PLACEMENTS:
+        group = [t for t in experts if t.placement is placement]
+        if group:
+            layer_reports += placement.truncate_experts(group, config, show_progress=show_progress)
     wrap_targets(model, targets, config)
+    wrap_experts(model, experts, config)
     saved = set_trainable(model, config)
     setattr(model, CONFIG_ATTR, config)
     setattr(model, FINGERPRINT_ATTR, fingerprint)
@@ -66,7 +74,8 @@ def apply_kasa(model: nn.Module, config: KaSAConfig, *, truncate: Optional[Trunc
     numel = lambda p: math.prod(full_shape(p))  # noqa: E731  (ZeRO-3 partitions: the size they were cut from)
     trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
     total = sum(numel(p) for p in model.parameters())
-    return KaSAReport(layer_reports, saved, trainable, total, time.perf_counter() - start, config.svd_solver)
+    return KaSAReport(layer_reports, saved, trainable, total, time.perf_counter() - start, config.svd_solver,
+                      [(t.name, t.layout.num_experts, t.projections) for t in experts])
 
 
 def base_fingerprint(targets: list[Target]) -> dict[str, dict]:
@@ -78,7 +87,7 @@ def base_fingerprint(targets: list[Target]) -> dict[str, dict]:
 
 def find_targets(model: nn.Module, config: KaSAConfig) -> list[Target]:
     """All modules named by ``config.target_modules``, validated; raises before any work if one cannot be adapted."""
-    if any(True for _ in kasa_layers(model)):
+    if any(True for _ in kasa_layers(model)) or any(True for _ in expert_layers(model)):
         raise ValueError("this model already has KaSA layers: apply_kasa runs once per model (use load_adapter to "
                          "load weights into an adapted model, or merge_kasa first)")
     shared = _shared_weight_names(model)
@@ -86,6 +95,8 @@ def find_targets(model: nn.Module, config: KaSAConfig) -> list[Target]:
     for name, module in model.named_modules():
         if not name or not config.is_target(name):
             continue
+        if experts_layout_of(module) is not None:
+            continue  # a fused experts module: find_expert_targets
         try:
             target = classify(module, name)
             if target is None:
@@ -104,11 +115,50 @@ def find_targets(model: nn.Module, config: KaSAConfig) -> list[Target]:
             errors.append(str(e))
     if errors:
         raise ValueError("cannot apply KaSA:\n  " + "\n  ".join(errors))
-    if not targets:
+    if not targets and not find_expert_targets(model, config):
         linears = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise ValueError(f"target_modules={config.target_modules!r} matched no module; linear layer names in this "
                          f"model: {linears}")
     return targets
+
+
+def find_expert_targets(model: nn.Module, config: KaSAConfig) -> list[ExpertsTarget]:
+    """The fused experts modules with projections ``config`` selects (kasa_ds.core.experts.targeted_projections),
+    validated; raises before any work if one cannot be adapted."""
+    targets, errors = [], []
+    for name, module in model.named_modules():
+        try:
+            target = classify_experts(module, name, config)
+            if target is not None:
+                for p in target.projections:
+                    check_rank(config.r, target.layout.shape(p), f"{name}.{p}")
+                targets.append(target)
+        except ValueError as e:
+            errors.append(str(e))
+    if errors:
+        raise ValueError("cannot apply KaSA:\n  " + "\n  ".join(errors))
+    return targets
+
+
+def warn_left_out_experts(model: nn.Module, config: KaSAConfig) -> None:
+    """One warning line when the targets leave a model's fused experts out (they hold most of an MoE model)."""
+    left_out = [name for name, m in model.named_modules()
+                if experts_layout_of(m) is not None and classify_experts(m, name, config) is None]
+    if left_out:
+        warnings.warn(f"KaSA: the experts of {len(left_out)} mixture-of-experts module(s) are not adapted (e.g. "
+                      f"{left_out[0]}): target_modules names none of gate_proj, up_proj, down_proj (or gate_up_proj, "
+                      "experts); add them to adapt the experts", stacklevel=3)
+
+
+def wrap_experts(model: nn.Module, targets: list[ExpertsTarget], config: KaSAConfig) -> None:
+    """Replace each experts module by a KaSAExperts holding it; adapter init seeded per module if asked."""
+    for index, t in enumerate(targets):
+        layer = KaSAExperts(t.module, t.layout, t.projections, config.r, config.alpha, config.dropout, config.beta,
+                            config.gamma, getattr(torch, config.adapter_dtype))
+        layer.placement = t.placement
+        if config.init_seed is not None:
+            layer.reset_adapter(torch.Generator().manual_seed(config.init_seed * 1_000_003 + 500_009 + index))
+        model.set_submodule(t.name, layer)
 
 
 def wrap_targets(model: nn.Module, targets: list[Target], config: KaSAConfig) -> None:
@@ -127,7 +177,7 @@ def set_trainable(model: nn.Module, config: KaSAConfig) -> list[str]:
     """Step 4: freeze everything, then unfreeze adapters and modules_to_save. Returns the saved modules' names."""
     for p in model.parameters():
         p.requires_grad_(False)
-    for _, layer in kasa_layers(model):
+    for _, layer in [*kasa_layers(model), *expert_layers(model)]:
         for _, p in layer.adapter_parameters():
             p.requires_grad_(True)
     saved = modules_to_save(model, config)

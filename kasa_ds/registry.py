@@ -14,7 +14,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .core.types import AdapterTensor, Target
+from .config import KaSAConfig
+from .core.experts import experts_layout, targeted_projections
+from .core.types import AdapterTensor, ExpertsTarget, Target
 from .formats.base import Format
 from .formats.bnb4 import BNB4
 from .formats.bnb8 import BNB8
@@ -36,6 +38,9 @@ REFUSED: dict[tuple[str, str], str] = {
                            "train in one process (drop --ds_config)",
     ("bnb8", "zero3"): "8-bit bases under ZeRO-3 are not supported: train in one process, or use a 16-bit base",
     ("bnb8", "tp"): "8-bit bases are not tensor-parallel: use a 16-bit base for tensor parallelism",
+    ("experts", "zero3"): "mixture-of-experts weights partitioned by ZeRO-3 are not adapted yet (issue #24): train "
+                          "them in one process or with ZeRO-2, or leave the experts out (exclude_modules: "
+                          "'.*experts.*')",
 }
 
 #: module kinds that look like linears but are refused, with the fix
@@ -71,6 +76,27 @@ def classify(module: nn.Module, name: str) -> Optional[Target]:
             raise ValueError(f"{name}: {why}")
         return Target(name, module, fmt, placement, tuple(shape), spec)
     return None
+
+
+def experts_layout_of(module: nn.Module):
+    """The fused-experts layout of ``module`` (kasa_ds.core.experts.ExpertsLayout) read at its whole shapes, or None."""
+    return experts_layout(module, full_shape)
+
+
+def classify_experts(module: nn.Module, name: str, config: KaSAConfig) -> Optional[ExpertsTarget]:
+    """The ExpertsTarget of a fused experts module with projections ``config`` selects; None for any other module or
+    where none is selected. Raises ValueError naming the fix where its placement is refused."""
+    layout = experts_layout_of(module)
+    if layout is None:
+        return None
+    projections = targeted_projections(name, layout, config.is_target)
+    if not projections:
+        return None
+    placement = next(p for p in PLACEMENTS if p is LOCAL or p.holds_tensor(module.down_proj))
+    why = refusal("experts", placement.name)
+    if why is not None:
+        raise ValueError(f"{name}: {why}")
+    return ExpertsTarget(name, module, layout, projections, placement)
 
 
 def placement_of(item: AdapterTensor) -> Placement:

@@ -13,9 +13,11 @@ recipe), no evaluation:
     kasa_packed     the kasa_ds recipe with data.packing: examples bin-packed into max_length rows
 Throughput is non-padding tokens per second of wall time between the end of step ``--warmup`` and the end of the
 last step (data loading, forward, backward, optimizer and logging included; model loading, tokenization and the
-KaSA truncation not). Each run sees its own random batches of the same data, so ``--steps`` should cover a few
-dozen batches of the length mix. Prints the table and the two ratios (targets: kasa / trl_lora ≥ 0.97, kasa_packed
-/ kasa ≥ 1.5); ``--out`` writes them as JSON with the settings and the device.
+KaSA truncation not). The unpacked runs train on the same batches in the same order: the recipe's own stream
+(kasa_ds.training.data.global_batches, seeded by train.seed) is fed to TRL through its sampler, and both runs record
+the example indices they stepped on (``same_batches`` in the JSON says they matched). The packed run trains on the
+same conversations packed into ``--max-length`` rows. Prints the table and the two ratios (targets: kasa / trl_lora
+≥ 1.0, kasa_packed / kasa ≥ 1.5); ``--out`` writes them as JSON with the settings and the device.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import torch
 
 from kasa_ds.training.assets import models_cache
 from kasa_ds.training.config import load_train_config
+from kasa_ds.training.data import global_batches
 from kasa_ds.training.recipe import Recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,25 +78,36 @@ class TimedRecipe(Recipe):
     def train_step(self, step: int, indices: list[int]) -> dict:
         record = super().train_step(step, indices)
         self.marks.append((time.perf_counter(), record["tokens_per_s"] * record["step_time"]))
+        self.stepped.append(list(indices))
         return record
 
 
-def run_kasa(a, packing: bool, out: Path) -> dict:
-    cfg = load_train_config(str(REPO / "configs/smollm2_chat.yaml"), [
+def recipe_config(a, packing: bool, out: Path):
+    return load_train_config(str(REPO / "configs/smollm2_chat.yaml"), [
         f"model.path={a.model}", f"data.train={a.data}", "data.eval=null", f"data.packing={str(packing).lower()}",
         f"model.max_length={a.max_length}", f"kasa.r={a.r}", f"kasa.alpha={2 * a.r}",
         f"kasa.target_modules=[{','.join(a.targets)}]", f"train.max_steps={a.steps}",
         f"train.micro_batch_size={a.batch}",
         "train.lr_schedule=constant", "train.warmup_steps=0", f"train.save_every={a.steps}", "train.log_every=4",
         "train.sample_prompts=0", f"output_dir={out}", "resume=none"])
-    recipe = TimedRecipe(cfg)
-    recipe.marks = []
+
+
+def run_kasa(a, packing: bool, out: Path) -> dict:
+    recipe = TimedRecipe(recipe_config(a, packing, out))
+    recipe.marks, recipe.stepped = [], []
     recipe.preflight()
     try:
         assert recipe.run() == 0
     finally:
         recipe.lock.release()
-    return {"tokens_per_s": throughput(recipe.marks, a.warmup), **_memory()}
+    return {"tokens_per_s": throughput(recipe.marks, a.warmup), "examples": len(recipe.train_set),
+            "batches": recipe.stepped, **_memory()}
+
+
+def recipe_order(a, examples: int) -> list[list[int]]:
+    """The recipe's first ``--steps`` batches of example indices (one process: its global batch is the micro batch)."""
+    stream = global_batches(examples, a.batch, recipe_config(a, False, Path(".")).train.seed)
+    return [next(stream) for _ in range(a.steps)]
 
 
 def run_trl(a, out: Path) -> dict:
@@ -103,8 +117,26 @@ def run_trl(a, out: Path) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     marks: list[list[float]] = []
+    data = datasets.load_dataset("json", data_files=a.data, split="train").select_columns(["messages"])
+    batches = recipe_order(a, len(data))
+
+    drawn: list[int] = []
+
+    class RecipeOrder(torch.utils.data.Sampler):
+        """The recipe's batches, in its order; what the loader drew is noted."""
+
+        def __len__(self):
+            return len(batches) * a.batch
+
+        def __iter__(self):
+            for i in (i for batch in batches for i in batch):
+                drawn.append(i)
+                yield i
 
     class Counting(SFTTrainer):
+        def _get_train_sampler(self, train_dataset=None):
+            return RecipeOrder()
+
         def training_step(self, model, inputs, *args, **kwargs):
             mask = inputs.get("attention_mask")
             marks.append([0.0, float(mask.sum() if mask is not None else inputs["input_ids"].numel())])
@@ -116,7 +148,6 @@ def run_trl(a, out: Path) -> dict:
 
     tokenizer = AutoTokenizer.from_pretrained(a.model)
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
-    data = datasets.load_dataset("json", data_files=a.data, split="train").select_columns(["messages"])
     config = SFTConfig(output_dir=str(out), per_device_train_batch_size=a.batch, gradient_accumulation_steps=1,
                        max_steps=a.steps, learning_rate=1e-3, lr_scheduler_type="constant", warmup_steps=0,
                        max_length=a.max_length, packing=False, gradient_checkpointing=False, save_strategy="no",
@@ -126,7 +157,9 @@ def run_trl(a, out: Path) -> dict:
     trainer = Counting(model=model, args=config, train_dataset=data, processing_class=tokenizer, peft_config=lora,
                        callbacks=[StepEnd()])
     trainer.train()
-    return {"tokens_per_s": throughput([tuple(m) for m in marks], a.warmup), **_memory()}
+    stepped = [drawn[k * a.batch:(k + 1) * a.batch] for k in range(a.steps)]
+    return {"tokens_per_s": throughput([tuple(m) for m in marks], a.warmup), "examples": len(data),
+            "batches": stepped, **_memory()}
 
 
 def _memory() -> dict:
@@ -151,19 +184,23 @@ def main(argv=None) -> int:
     for name, r in results.items():
         print(f"{name:<12} {r['tokens_per_s']:>10.0f}" + (f"  {r['peak_memory_gib']:8.2f}" if "peak_memory_gib" in r
                                                            else ""))
-    ratios = {}
+    ratios, same = {}, None
     if {"kasa", "trl_lora"} <= results.keys():
+        same = results["kasa"]["batches"] == results["trl_lora"]["batches"]
+        print(f"kasa and trl_lora stepped on the same batches in the same order: {same}")
         ratios["kasa / trl_lora"] = results["kasa"]["tokens_per_s"] / results["trl_lora"]["tokens_per_s"]
     if {"kasa", "kasa_packed"} <= results.keys():
         ratios["kasa_packed / kasa"] = results["kasa_packed"]["tokens_per_s"] / results["kasa"]["tokens_per_s"]
     for name, value in ratios.items():
-        target = 0.97 if name.endswith("trl_lora") else 1.5
+        target = 1.0 if name.endswith("trl_lora") else 1.5
         print(f"{name}: {value:.3f}× (target ≥ {target}×: {'met' if value >= target else 'NOT met'})")
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps({"device": device, "settings": {k: v for k, v in vars(a).items()
                                                                           if k != "out"},
-                                           "runs": results, "ratios": ratios}, indent=2) + "\n")
+                                           "same_batches": same, "ratios": ratios,
+                                           "runs": {n: {k: v for k, v in r.items() if k != "batches"}
+                                                    for n, r in results.items()}}, indent=2) + "\n")
     return 0
 
 

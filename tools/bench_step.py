@@ -8,7 +8,12 @@ differ in, counted exactly: the bytes autograd saves for backward in one step (u
 saved_tensors_hooks; parameters themselves excluded) plus trainable state (parameter, gradient, two AdamW moments).
 
     python tools/bench_step.py                  # Llama hidden 512, 4 layers, batch 4 × 128 tokens, r = 16
+    python tools/bench_step.py --base nf4       # QKaSA vs PEFT QLoRA on the same bitsandbytes NF4 base
     python tools/bench_step.py --smoke          # 3 steps on a tiny model (what the tests run)
+
+``--base nf4`` quantizes every adapted linear to bitsandbytes NF4 (double quantization, compute in ``--dtype``)
+before either method adapts it; PEFT's KaSA does not take a 4-bit base, so that run compares kasa_ds with PEFT LoRA.
+``--dtype bfloat16`` holds the model in bf16 (adapters stay float32 in kasa_ds, as PEFT's do under autocast_adapter_dtype).
 """
 
 from __future__ import annotations
@@ -31,8 +36,16 @@ def build(method: str, a, device):
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.ff, num_hidden_layers=a.layers,
-                         num_attention_heads=a.heads, num_key_value_heads=a.heads, tie_word_embeddings=False)
-    model = LlamaForCausalLM(config).to(device)
+                         num_attention_heads=a.heads, num_key_value_heads=a.kv_heads or a.heads,
+                         tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).to(device=device, dtype=getattr(torch, a.dtype))
+    if a.base == "nf4":
+        from kasa_ds.formats.bnb4 import quantize_linears_
+
+        quantize_linears_(model, "nf4", double_quant=True, compute_dtype=getattr(torch, a.dtype),
+                          keep=lambda name: name.rsplit(".", 1)[-1] not in TARGETS)
+        model.to(device)  # bitsandbytes quantizes on the device the weight is moved to
+        model.is_loaded_in_4bit = True  # as from_pretrained(quantization_config=...) marks it: PEFT's QLoRA layer
     if method == "kasa_ds":
         from kasa_ds import KaSAConfig, apply_kasa, kasa_regularization
 
@@ -93,6 +106,9 @@ def main(argv=None) -> dict:
     for name, default in (("hidden", 512), ("ff", 1376), ("layers", 4), ("heads", 8), ("vocab", 2000), ("r", 16),
                           ("batch", 4), ("seq", 128), ("steps", 20), ("warmup", 3), ("memory-steps", 3)):
         p.add_argument(f"--{name}", type=int, default=default)
+    p.add_argument("--kv-heads", type=int, default=0, help="key/value heads (grouped-query attention); 0: --heads")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--base", default="float", choices=["float", "nf4"], help="nf4: a bitsandbytes 4-bit base")
     p.add_argument("--smoke", action="store_true", help="tiny model, 3 steps")
     p.add_argument("--json")
     a = p.parse_args(argv)
@@ -100,17 +116,38 @@ def main(argv=None) -> dict:
         a.hidden, a.ff, a.layers, a.heads, a.vocab, a.r, a.batch, a.seq, a.steps, a.warmup, a.memory_steps = \
             64, 176, 1, 4, 128, 4, 2, 16, 3, 1, 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    methods = METHODS if a.base == "float" else ("peft_lora", "kasa_ds")
+    median, memory = median_step_seconds(methods, a, device), peak_memory(methods, a, device)
+    result = {"config": vars(a) | {"device": str(device), "threads": torch.get_num_threads(),
+                                   "torch": torch.__version__},
+              "median_step_seconds": median, "peak_memory_bytes": memory,
+              "time_ratio_vs_peft_lora": {m: median[m] / median["peft_lora"] for m in methods},
+              "memory_ratio_vs_peft_lora": {m: memory[m] / max(memory["peft_lora"], 1) for m in methods}}
+    kind = "peak allocated" if device.type == "cuda" else "saved-for-backward + state"
+    print(f"Llama hidden={a.hidden} layers={a.layers}, batch {a.batch}×{a.seq}, r={a.r}, 7 targets, {a.dtype}, "
+          f"{a.base} base, {device}, median of {a.steps} interleaved steps")
+    print(f"{'method':10s} {'step ms':>9s} {'vs LoRA':>8s} {kind + ' MB':>26s} {'vs LoRA':>8s}")
+    for m in methods:
+        print(f"{m:10s} {median[m] * 1e3:9.1f} {result['time_ratio_vs_peft_lora'][m]:7.3f}x "
+              f"{memory[m] / 2**20:26.1f} {result['memory_ratio_vs_peft_lora'][m]:7.3f}x")
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def median_step_seconds(methods: tuple[str, ...], a, device) -> dict[str, float]:
+    """All methods built at once and stepped in turn, the order rotating each step; medians after warm-up."""
     runs = {}
-    for method in METHODS:
+    for method in methods:
         model, reg = build(method, a, device)
         runs[method] = make_step(model, reg, batch_for(a, device))
     for _ in range(a.warmup):
-        for method in METHODS:
+        for method in methods:
             runs[method]()
-    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    times: dict[str, list[float]] = {m: [] for m in methods}
     for i in range(a.steps):
-        order = METHODS[i % 3:] + METHODS[:i % 3]
-        for method in order:
+        shift = i % len(methods)
+        for method in methods[shift:] + methods[:shift]:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             tic = time.perf_counter()
@@ -118,10 +155,13 @@ def main(argv=None) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times[method].append(time.perf_counter() - tic)
-    median = {m: statistics.median(v) for m, v in times.items()}
+    return {m: statistics.median(v) for m, v in times.items()}
+
+
+def peak_memory(methods: tuple[str, ...], a, device) -> dict[str, int]:
+    """Per method, alone: max_memory_allocated over a few steps on CUDA; on CPU saved_and_state_bytes."""
     memory = {}
-    runs.clear()
-    for method in METHODS:
+    for method in methods:
         model, reg = build(method, a, device)
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -133,21 +173,7 @@ def main(argv=None) -> dict:
         else:
             memory[method] = saved_and_state_bytes(model, reg, batch_for(a, device))
         del model
-    result = {"config": vars(a) | {"device": str(device), "threads": torch.get_num_threads(),
-                                   "torch": torch.__version__},
-              "median_step_seconds": median, "peak_memory_bytes": memory,
-              "time_ratio_vs_peft_lora": {m: median[m] / median["peft_lora"] for m in METHODS},
-              "memory_ratio_vs_peft_lora": {m: memory[m] / max(memory["peft_lora"], 1) for m in METHODS}}
-    kind = "peak allocated" if device.type == "cuda" else "saved-for-backward + state"
-    print(f"Llama hidden={a.hidden} layers={a.layers}, batch {a.batch}×{a.seq}, r={a.r}, 7 targets, {device}, "
-          f"median of {a.steps} interleaved steps")
-    print(f"{'method':10s} {'step ms':>9s} {'vs LoRA':>8s} {kind + ' MB':>26s} {'vs LoRA':>8s}")
-    for m in METHODS:
-        print(f"{m:10s} {median[m] * 1e3:9.1f} {result['time_ratio_vs_peft_lora'][m]:7.3f}x "
-              f"{memory[m] / 2**20:26.1f} {result['memory_ratio_vs_peft_lora'][m]:7.3f}x")
-    if a.json:
-        Path(a.json).write_text(json.dumps(result, indent=2))
-    return result
+    return memory
 
 
 if __name__ == "__main__":

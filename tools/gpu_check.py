@@ -10,34 +10,54 @@ Checks (each prints one line, PASS / FAIL / NOT AVAILABLE, and lands in the JSON
                    20 training steps move only adapter parameters and lower the loss
     bf16_autocast  the recipe's bf16 autocast path: 10 steps of KaSA on a 16-bit Llama under torch.autocast(bf16),
                    finite loss that decreases, adapters kept in float32
-    init_70b       the truncation of 70B-shaped matrices (8192×8192, 28672×8192, 1024×8192, r = 16): kasa_ds's solver
-                   (tail_factors, "auto") against PEFT's serial float32 full SVD, seconds each and the error of the
-                   truncated weight against a float64 SVD
-    step           tools/bench_step.py on the GPU: per-step time and max_memory_allocated of kasa_ds vs PEFT LoRA
+    init_70b       the truncation of Llama-3-70B-shaped matrices (8192×8192, 1024×8192, 28672×8192, 8192×28672,
+                   r = 16): each kasa_ds solver (tail_factors: auto, gram, gram_fp64) against PEFT's float32
+                   torch.linalg.svd (gesvdj on CUDA), seconds and the error of the truncated weight against float64;
+                   and the init of all 560 matrices of the model projected from those timings on 1 and on 8 GPUs
+                   (kasa_ds's owner schedule, kasa_ds.comm.schedule; the gather and broadcast traffic not counted)
+    step_8b        tools/bench_step.py at an 8B-shaped layer stack (hidden 4096, ffn 14336, 32 heads, 8 kv heads,
+                   2 layers, bf16, batch 2 × 1024): step time and max_memory_allocated, kasa_ds vs PEFT LoRA
+    step_qkasa     tools/bench_step.py --base nf4 on bitsandbytes' CUDA kernels: QKaSA vs PEFT QLoRA, same base
+    recipe_zero3   the recipe through the deepspeed launcher with ZeRO-3 on one GPU (NCCL), a tiny random Llama
+                   (tools/make_tiny_llama.py) on the bundled chat data: it finishes and writes the adapter
+    trainer        the transformers Trainer drop-in (KaSATrainer) on CUDA: the loss falls, the base stays frozen
+    megatron       the Megatron model with megatron's own attention and RoPE: NOT AVAILABLE until the Megatron road
+                   loads pretrained checkpoints (issue #23)
     llm_compare    the full-model version of the pre-registered comparison (docs/PROTOCOL_LLM_SIQA.md): every decoder
                    layer of gemma-3-270m adapted (tools/compare_llm.py --adapt-top all, results in
                    <out dir>/llm_siqa_full); NOT AVAILABLE (never a pass) under --smoke or before
                    `python3 tools/prepare_model.py gemma-3-270m` (tests/tools/test_compare_llm.py covers the tool on the CPU)
-Exit code 0 when every available check passed, 1 otherwise, 2 without a CUDA GPU (unless --smoke).
+Exit code 0 when every available check passed, 1 otherwise, 2 without a CUDA GPU (unless --smoke). A check whose
+package is not installed (DeepSpeed, bitsandbytes, TRL: on a bare lent machine they travel as wheels,
+tools/gpu_wheels.py) is NOT AVAILABLE with the reason, never a pass.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 
 import torch
 
 from kasa_ds import KaSAConfig, apply_kasa, kasa_layers, kasa_regularization
+from kasa_ds.comm.schedule import WorkItem, assign_owners
 from kasa_ds.core.truncation import reference_world, tail_factors
 
+TOOLS = Path(__file__).resolve().parent
+REPO = TOOLS.parent
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-SHAPES_70B = [(8192, 8192), (28672, 8192), (1024, 8192)]
+# Llama-3-70B: 80 layers of q, o (8192×8192), k, v (1024×8192), gate, up (28672×8192), down (8192×28672).
+LAYER_70B = {(8192, 8192): 2, (1024, 8192): 2, (28672, 8192): 2, (8192, 28672): 1}
+LAYERS_70B = 80
+SOLVERS = ("auto", "gram", "gram_fp64")
 
 
 def llama(hidden: int, layers: int, device, dtype=torch.float32):
@@ -66,6 +86,8 @@ def train(model, device, steps: int, autocast: bool = False) -> list[float]:
 
 
 def check_qkasa_4bit(a, device) -> dict:
+    if missing := _missing("bitsandbytes"):
+        return missing
     from kasa_ds.formats.bnb4 import dequantize, quantize_linears_
 
     model = llama(a.hidden, 2, device)
@@ -95,36 +117,125 @@ def check_bf16_autocast(a, device) -> dict:
 
 
 def check_init_70b(a, device) -> dict:
-    shapes = [(m // a.shrink, n // a.shrink) for m, n in SHAPES_70B]
     rows = {}
-    for m, n in shapes:
-        weight = torch.randn(m, n, device=device) * 0.02
+    for m, n in LAYER_70B:
+        weight = torch.randn(m // a.shrink, n // a.shrink, device=device) * 0.02
         reference = reference_world(weight.double(), 16)
-        timings = {}
-        for label, solve in (("kasa_ds", lambda w: tail_factors(w, 16, "auto")),
-                             ("peft_serial_svd", lambda w: torch.linalg.svd(w.float(), full_matrices=False))):
-            solve(weight)  # warm-up (kernels, workspaces)
-            _sync(device)
-            tic = time.perf_counter()
-            out = solve(weight)
-            _sync(device)
-            timings[label] = time.perf_counter() - tic
-            if label == "kasa_ds":
+        row = {}
+        for label, solve in [(s, partial(tail_factors, r=16, solver=s)) for s in SOLVERS] + [
+                ("peft_svd", lambda w: torch.linalg.svd(w, full_matrices=False))]:
+            solve(weight[:256, :256])  # warm-up (kernels, workspaces) on a small block
+            seconds, out = _timed(device, solve, weight)
+            row[label] = {"seconds": seconds}
+            if label != "peft_svd":
                 world = weight.double() - out.left.double() @ out.right.double()
-                timings["kasa_ds_rel_error"] = (torch.linalg.norm(world - reference) /
-                                                torch.linalg.norm(reference)).item()
-        rows[f"{m}x{n}"] = timings
-    ok = all(r["kasa_ds_rel_error"] < 1e-4 for r in rows.values())
-    return {"pass": ok, "matrices": rows}
+                row[label]["rel_error"] = (torch.linalg.norm(world - reference) / torch.linalg.norm(reference)).item()
+        rows[f"{m}x{n}"] = row
+        del weight, reference
+    projected = {f"{g}_gpus": {label: _makespan(rows, label, g) for label in (*SOLVERS, "peft_svd")} for g in (1, 8)}
+    ok = all(row[s]["rel_error"] < 1e-4 for row in rows.values() for s in ("auto", "gram_fp64"))
+    return {"pass": ok, "shrink": a.shrink, "matrices": rows, "projected_560_matrices_seconds": projected}
 
 
-def check_step(a, device) -> dict:
+def _makespan(rows: dict, label: str, gpus: int) -> float:
+    """Seconds to truncate all 560 matrices on ``gpus`` GPUs, each matrix taking its measured time on its owner
+    (assign_owners, as apply_kasa schedules them); PEFT solves every matrix on every rank, so its time is the 1-GPU one."""
+    items = [WorkItem(f"{shape}", shape, shape[0] * shape[1] * 2)
+             for shape, count in LAYER_70B.items() for _ in range(count * LAYERS_70B)]
+    load = [0.0] * gpus
+    for job in assign_owners(items, 1 if label == "peft_svd" else gpus):
+        load[job.owner] += rows["x".join(map(str, items[job.index].shape))][label]["seconds"]
+    return max(load)
+
+
+def _timed(device, fn, *args):
+    _sync(device)
+    tic = time.perf_counter()
+    out = fn(*args)
+    _sync(device)
+    return time.perf_counter() - tic, out
+
+
+def _bench_step(a, *args: str) -> dict:
     """tools/bench_step.py run as its own process (a tool never imports another), its JSON read back."""
     out = Path(a.work) / "bench_step.json"
-    args = ["--smoke"] if a.smoke else ["--steps", "20"]
-    subprocess.run([sys.executable, str(Path(__file__).resolve().parent / "bench_step.py"), *args, "--json", str(out)],
-                   check=True)
-    return {"pass": True, "bench_step": json.loads(out.read_text())}
+    shape = ["--smoke"] if a.smoke else ["--hidden", "4096", "--ff", "14336", "--heads", "32", "--kv-heads", "8",
+                                         "--layers", "2", "--vocab", "32000", "--batch", "2", "--seq", "1024",
+                                         "--dtype", "bfloat16", "--steps", "10"]
+    subprocess.run([sys.executable, str(TOOLS / "bench_step.py"), *shape, *args, "--json", str(out)], check=True)
+    result = json.loads(out.read_text())
+    return {"pass": True, "time_ratio_vs_peft_lora": result["time_ratio_vs_peft_lora"],
+            "memory_ratio_vs_peft_lora": result["memory_ratio_vs_peft_lora"], "bench_step": result}
+
+
+def check_step_8b(a, device) -> dict:
+    return _bench_step(a)
+
+
+def check_step_qkasa(a, device) -> dict:
+    if missing := _missing("bitsandbytes"):
+        return missing
+    return _bench_step(a, "--base", "nf4")
+
+
+def check_recipe_zero3(a, device) -> dict:
+    if missing := _missing("deepspeed", "datasets"):
+        return missing
+    work = Path(a.work) / "recipe_zero3"
+    subprocess.run([sys.executable, str(TOOLS / "make_tiny_llama.py"), "--out", str(work / "model"), "--hidden",
+                    "64" if a.smoke else "512", "--layers", "2"], check=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    if device.type != "cuda":
+        env["DS_ACCELERATOR"] = "cpu"
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port",
+                           str(29500 + os.getpid() % 1000), str(REPO / "launch/train.py"),
+                           "--config", str(REPO / "configs/tiny_llama_instruct.yaml"), f"model.path={work / 'model'}",
+                           "--ds_config", str(REPO / "ds_configs/zero3.json"), "--output_dir", str(work / "run"),
+                           "train.max_steps=6", "train.log_every=1", "train.save_every=6", "train.eval_every=6"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    rows = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()] \
+        if (work / "run" / "metrics.jsonl").exists() else []
+    losses = [r["loss"] for r in rows if r.get("split") == "train"]
+    adapter = (work / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    ok = proc.returncode == 0 and adapter and len(losses) == 6
+    return {"pass": ok, "returncode": proc.returncode, "losses": losses, "adapter_written": adapter,
+            **({} if ok else {"log_tail": (proc.stdout + proc.stderr)[-2000:]})}
+
+
+def check_trainer(a, device) -> dict:
+    from transformers import TrainingArguments
+
+    from kasa_ds.integrations.transformers import KaSATrainer
+
+    model = llama(a.hidden, 2, device)
+    g = torch.Generator().manual_seed(2)
+    rows = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 512, (4, 64), generator=g).repeat(8, 1)]
+    args = TrainingArguments(output_dir=str(Path(a.work) / "trainer"), max_steps=10, per_device_train_batch_size=8,
+                             learning_rate=1e-2, lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
+                             report_to=[], disable_tqdm=True,
+                             use_cpu=device.type != "cuda")
+    trainer = KaSATrainer(model=model, args=args, train_dataset=rows,
+                          kasa_config=KaSAConfig(r=8, alpha=16, target_modules=TARGETS))
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainer.train()
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    untouched = all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
+    on = {p.device.type for p in model.parameters()}
+    ok = losses[-1] < losses[0] and untouched and on == {device.type}
+    return {"pass": ok, "loss_first": losses[0], "loss_last": losses[-1], "frozen_untouched": untouched,
+            "devices": sorted(on)}
+
+
+def check_megatron(a, device) -> dict:
+    return {"pass": None, "reason": "the Megatron road loads no pretrained checkpoint yet (issue #23)"}
+
+
+def _missing(*packages: str) -> dict | None:
+    absent = [p for p in packages if importlib.util.find_spec(p) is None]
+    if absent:
+        return {"pass": None, "reason": f"{', '.join(absent)} not installed (a bare lent GPU: carry the wheels "
+                                        "of tools/gpu_wheels.py)"}
+    return None
 
 
 def check_llm_compare(a, device) -> dict:
@@ -147,6 +258,13 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def _figure(result: dict) -> str:
+    """The headline figure of one check's result, for its line."""
+    keys = ("time_ratio_vs_peft_lora", "projected_560_matrices_seconds", "effective_base_rel_error", "losses",
+            "loss_last", "error")
+    return next((f"{k}={json.dumps(result[k], default=str)[:200]}" for k in keys if k in result), "")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny shapes, on the CPU when there is no GPU")
@@ -160,17 +278,20 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if cuda else "cpu")
     a.hidden, a.steps, a.shrink = (64, 4, 16) if a.smoke else (1024, 20, 1)
     a.work = str(Path(a.out).parent if a.out else Path.cwd())
+    Path(a.work).mkdir(parents=True, exist_ok=True)
     name = torch.cuda.get_device_name() if cuda else "CPU (--smoke)"
     results = {"device": name, "torch": torch.__version__, "smoke": a.smoke, "checks": {}}
     for check, run in (("qkasa_4bit", check_qkasa_4bit), ("bf16_autocast", check_bf16_autocast),
-                       ("init_70b", check_init_70b), ("step", check_step), ("llm_compare", check_llm_compare)):
+                       ("init_70b", check_init_70b), ("step_8b", check_step_8b), ("step_qkasa", check_step_qkasa),
+                       ("recipe_zero3", check_recipe_zero3), ("trainer", check_trainer),
+                       ("megatron", check_megatron), ("llm_compare", check_llm_compare)):
         try:
             results["checks"][check] = run(a, device)
         except Exception as e:  # one failing check must not hide the others' results
             results["checks"][check] = {"pass": False, "error": f"{type(e).__name__}: {e}"}
         r = results["checks"][check]
         verdict = "NOT AVAILABLE (" + r["reason"] + ")" if r["pass"] is None else "PASS" if r["pass"] else "FAIL"
-        print(f"{check:<14} {verdict}", flush=True)
+        print(f"{check:<14} {verdict}  {_figure(r)}", flush=True)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(results, indent=2, default=str) + "\n")

@@ -13,6 +13,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from .experts import expert_layers
 from .layer import KaSALinear, kasa_layers
 from .penalty import gram, orthogonality
 
@@ -29,7 +30,8 @@ def kasa_regularization(model: nn.Module, beta: float | None = None, gamma: floa
 
 
 def regularization_terms(model: nn.Module):
-    """Per-layer (‖ΔΣ‖², orthogonality term, β, γ) as 1-D tensors, or None if no layer.
+    """Per-layer (‖ΔΣ‖², orthogonality term, β, γ) as 1-D tensors, or None if no layer; an experts module
+    contributes one entry per expert and projection.
 
     Layers computing their terms in forward (partitioned adapters) contribute the values of their last training
     forward; layers whose Grams need a collective (``stackable_terms = False``: tensor parallel) their own terms —
@@ -47,6 +49,12 @@ def regularization_terms(model: nn.Module):
             gammas.append(torch.tensor([layer.gamma], device=l2.device))
         else:
             groups[(layer.r, layer.lora_diag.device)].append(layer)
+    for _, experts in expert_layers(model):  # per expert and projection, batched inside the module
+        l2, orth = experts.regularization_terms()
+        l2s.append(l2)
+        orths.append(orth)
+        betas.append(torch.full_like(l2, experts.beta))
+        gammas.append(torch.full_like(l2, experts.gamma))
     if not groups and not l2s:
         return None
     for (r, device), layers in groups.items():

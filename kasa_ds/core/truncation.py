@@ -56,9 +56,13 @@ def check_rank(r: int, shape: tuple[int, int], name: str = "weight") -> None:
                          f"(r triplets are dropped and at least one must remain). Use a smaller r or exclude {name}.")
 
 
-def tail_factors(weight: torch.Tensor, r: int, solver: str = "auto") -> TailFactors:
-    """The r smallest singular triplets of ``weight`` (m×n) as thin factors. Runs on ``weight.device``."""
-    check_rank(r, tuple(weight.shape))
+def tail_factors(weight: torch.Tensor, r: int, solver: str = "auto", name: str = "weight") -> TailFactors:
+    """The r smallest singular triplets of ``weight`` (m×n) as thin factors. Runs on ``weight.device``; a weight
+    holding NaN or inf has no singular values: one ValueError naming ``name``."""
+    check_rank(r, tuple(weight.shape), name)
+    if not torch.isfinite(weight).all():
+        raise ValueError(f"{name} holds NaN or inf: it has no singular values to truncate; the checkpoint is damaged "
+                         "(re-download or re-convert it) or exclude the module from target_modules")
     if solver not in SVD_SOLVERS:
         raise ValueError(f"unknown svd_solver {solver!r}; choose one of {SVD_SOLVERS}")
     if solver in ("svd", "svd_fp64"):

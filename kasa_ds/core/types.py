@@ -28,6 +28,18 @@ class Target:
 
 
 @dataclass
+class ExpertsTarget:
+    """A fused experts module to adapt (kasa_ds.core.experts): its layout, the projections selected and the
+    placement the registry gave its parameters."""
+
+    name: str
+    module: nn.Module
+    layout: Any
+    projections: tuple[str, ...]
+    placement: Any
+
+
+@dataclass
 class AdapterTensor:
     """One trainable tensor of an adapter as io/ sees it: ``key`` (module path + parameter name, without PEFT's
     prefix), the parameter, and the KaSA layer holding it with the placement recorded there at injection (None for
@@ -57,10 +69,17 @@ class KaSAReport:
     total_params: int = 0
     seconds: float = 0.0
     solver: str = "auto"
+    #: (experts module, number of experts, projections adapted) per adapted fused experts module
+    experts: list[tuple[str, int, tuple[str, ...]]] = field(default_factory=list)
 
     def __str__(self) -> str:
         energy = max((lr.tail_energy for lr in self.layers), default=0.0)
-        return (f"KaSA: adapted {len(self.layers)} layers (solver={self.solver}, {self.seconds:.2f}s, max dropped "
+        linears = len(self.layers) - sum(len(p) for _, _, p in self.experts)
+        what = [f"{linears} layers"] if linears or not self.experts else []
+        if self.experts:
+            what.append(f"{sum(e * len(p) for _, e, p in self.experts)} expert projections in {len(self.experts)} "
+                        f"experts modules ({', '.join(self.experts[0][2])} of {self.experts[0][1]} experts each)")
+        return (f"KaSA: adapted {' and '.join(what)} (solver={self.solver}, {self.seconds:.2f}s, max dropped "
                 f"energy {energy:.2e}); trainable {self.trainable_params:,} / {self.total_params:,} params "
                 f"({100 * self.trainable_params / max(self.total_params, 1):.3f}%)"
                 + (f"; modules_to_save: {', '.join(self.modules_to_save)}" if self.modules_to_save else ""))

@@ -26,11 +26,12 @@ from torch import nn
 
 from ..comm.collectives import rank
 from ..config import EXTRA_FIELDS, KaSAConfig
+from ..core.experts import expert_layers
 from ..core.layer import kasa_layers
 from ..core.types import AdapterTensor, KaSAReport
 from ..core import fingerprint
-from ..inject import (CONFIG_ATTR, FINGERPRINT_ATTR, apply_kasa, base_fingerprint, find_targets, get_config,
-                      modules_to_save)
+from ..inject import (CONFIG_ATTR, FINGERPRINT_ATTR, apply_kasa, base_fingerprint, find_expert_targets, find_targets,
+                      get_config, modules_to_save)
 from ..registry import by_placement, format_of, full_shape, placement_of
 from .files import atomic_directory, check_output_dir
 
@@ -46,7 +47,7 @@ def adapter_tensors(model: nn.Module) -> list[AdapterTensor]:
     """Every adapter and modules_to_save parameter with its layer, keyed without PEFT's prefix, in a fixed order."""
     config = get_config(model)
     items = [AdapterTensor(f"{name}.{pname}", p, layer, pname)
-             for name, layer in kasa_layers(model) for pname, p in layer.adapter_parameters()]
+             for name, layer in [*kasa_layers(model), *expert_layers(model)] for pname, p in layer.adapter_parameters()]
     for name in modules_to_save(model, config):
         items += [AdapterTensor(f"{name}.{pname}", p) for pname, p in model.get_submodule(name).named_parameters()]
     return items
@@ -241,6 +242,11 @@ def check_fits(model: nn.Module, config: KaSAConfig, state: dict[str, torch.Tens
         key = f"{PREFIX}{t.name}."
         expected.update({key + "lora_A.weight": (config.r, n), key + "lora_B.weight": (m, config.r),
                          key + "lora_diag": (config.r,)})
+    for t in find_expert_targets(model, config):
+        for p in t.projections:
+            (m, n), e, key = t.layout.shape(p), t.layout.num_experts, f"{PREFIX}{t.name}.{p}."
+            expected.update({key + "lora_A.weight": (e, config.r, n), key + "lora_B.weight": (e, m, config.r),
+                             key + "lora_diag": (e, config.r)})
     for name in modules_to_save(model, config):
         expected.update({f"{PREFIX}{name}.{p}": full_shape(v)
                          for p, v in model.get_submodule(name).named_parameters()})
@@ -264,6 +270,18 @@ def read_adapter_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except Exception as e:  # safetensors raises several error types for truncated or garbled files
         raise ValueError(f"{file} is not a readable safetensors file ({type(e).__name__}: {e}); write the adapter "
                          "again") from None
+
+
+def refuse_experts(state: dict[str, torch.Tensor], where, what: str) -> None:
+    """Refuse an adapter of fused mixture-of-experts weights (3-D factors, kasa_ds.core.experts) in a tool that writes
+    per-linear files, naming the module and what does handle it."""
+    experts = sorted(k[len(PREFIX):].rsplit(".lora_", 1)[0] for k, v in state.items()
+                     if k.endswith(".lora_A.weight") and v.dim() == 3)
+    if experts:
+        raise ValueError(f"{where}: the adapter adapts mixture-of-experts weights ({len(experts)} expert projections, "
+                         f"e.g. {experts[0]}), which {what} does not handle yet (issue #24): load the adapter "
+                         "(kasa_ds.load_adapter) and use kasa_ds.merge_kasa(model).save_pretrained(DIR) for a merged "
+                         "model")
 
 
 def check_finite(state: dict[str, torch.Tensor], where: str) -> None:

@@ -26,8 +26,7 @@ from ..core import fingerprint
 from ..inject import FINGERPRINT_ATTR, get_config
 from .adapter import (CONFIG_FILE, PREFIX, WEIGHTS_FILE, adapter_metadata, base_quantization, check_finite,
                       adapter_param_items, gathered_adapter_state, read_adapter_config, read_adapter_tensors,
-                      read_base_fingerprint,
-                      read_base_quantization)
+                      read_base_fingerprint, read_base_quantization, refuse_experts)
 from .files import atomic_directory, check_output_dir
 from .hf_checkpoint import list_tensors, module_key, read_tensor
 from .svd_cache import SVDCache
@@ -120,6 +119,7 @@ def export_lora_files(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike
     _refuse_requantize(config, quantization)
     kasa = read_adapter_tensors(adapter_dir)
     check_finite(kasa, str(Path(adapter_dir) / WEIGHTS_FILE))
+    refuse_experts(kasa, adapter_dir, "the rank-2r LoRA export")
     check_server(kasa, config, server)
     same_base = BaseCheck(read_base_fingerprint(adapter_dir), adapter_dir, str(base_dir), allow_other_base)
     tensors = list_tensors(base_dir)
@@ -148,6 +148,8 @@ def export_lora_adapter(model: nn.Module, out_dir: str | os.PathLike, base: Base
     must be the base the model was adapted from (``allow_other_base``: a base changed on purpose). ``server="vllm"``
     refuses first what vLLM would not load (:func:`check_server`)."""
     config = get_config(model)
+    refuse_experts({PREFIX + key: p for key, p in adapter_param_items(model)}, "export_lora_adapter",
+                   "the rank-2r LoRA export")
     check_server([PREFIX + key for key, _ in adapter_param_items(model)], config, server)
     quantization = base_quantization(model)
     _refuse_requantize(config, quantization)

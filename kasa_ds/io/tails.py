@@ -80,5 +80,5 @@ def base_and_tail(weight: torch.Tensor, name: str, config: KaSAConfig, quantizat
     if cache is not None and roundtrip is None:
         left, right = cache.factors(name)
         return x, left.float(), right.float()
-    tail = tail_factors(x, config.r, config.svd_solver)
+    tail = tail_factors(x, config.r, config.svd_solver, name=f"{name}.weight")
     return x, tail.left.float(), tail.right.float()

@@ -21,7 +21,7 @@ from torch import nn
 from ..comm.collectives import broadcast_from_owner, comm_device, is_distributed
 from ..config import KaSAConfig
 from ..core.layer import KaSALinear
-from ..core.types import AdapterTensor, LayerReport, Target
+from ..core.types import AdapterTensor, ExpertsTarget, LayerReport, Target
 
 
 class Placement(ABC):
@@ -51,6 +51,12 @@ class Placement(ABC):
         """The whole weight (m×n, float32, in the unsharded layout) on ``owner``, None on the other ranks; collective
         for a sharded placement. ``owner`` is a rank of ``group``, the group the weight is spread over (None: the
         world). Used by the owner-scheduled truncation (:mod:`kasa_ds.placements.scheduled`)."""
+
+    def truncate_experts(self, targets: list[ExpertsTarget], config: KaSAConfig, *,
+                         show_progress: bool = True) -> list[LayerReport]:
+        """Every selected projection of every expert ← its W_world (kasa_ds.core.experts); one LayerReport per
+        (module, projection). Placements that do not hold experts never get one (the registry refuses first)."""
+        raise NotImplementedError(f"the {self.name} placement does not truncate experts")
 
     def sample_weight(self, target: Target, positions: torch.Tensor, group=None) -> torch.Tensor:
         """The float32 values of the whole weight at flat ``positions``, on every rank (kasa_ds.core.fingerprint).

@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from ..config import KaSAConfig
+from ..core.experts import projection_weight
 from ..core.layer import KaSALinear
 from ..core.truncation import tail_factors
-from ..core.types import LayerReport, Target
+from ..core.types import ExpertsTarget, LayerReport, Target
 from ..comm.collectives import is_distributed, is_rank_zero, rank, world_size
 from ..progress import progress
 from .base import Placement, kasa_linear
@@ -40,6 +41,28 @@ class LocalPlacement(Placement):
                 tail = tail_factors(t.format.read(t.module), config.r, config.svd_solver)
                 t.format.apply_tail(t, tail.left, tail.right, config, self.subtract)
             reports.append(LayerReport(t.name, t.shape, tail.tail_energy, time.perf_counter() - tic))
+        return reports
+
+    def truncate_experts(self, targets: list[ExpertsTarget], config: KaSAConfig, *,
+                         show_progress: bool = True) -> list[LayerReport]:
+        """Each expert's projection by its own r smallest triplets (the one solver ladder, expert by expert), W_world
+        written into the fused parameter through its view; the report keeps the largest dropped energy."""
+        jobs = [(t, p) for t in targets for p in t.projections]
+        reports = []
+        for t, p in progress(jobs, desc="KaSA experts", unit="projection",
+                             disable=not (show_progress and is_rank_zero())):
+            tic = time.perf_counter()
+            view = projection_weight(t.module, t.layout, p)
+            if view.device.type == "meta":
+                raise ValueError(f"{t.name}: weights are on the meta device; load the weights before apply_kasa")
+            energy = 0.0
+            with torch.no_grad():
+                for e in range(t.layout.num_experts):
+                    tail = tail_factors(view[e], config.r, config.svd_solver, name=f"{t.name}.{p}[expert {e}]")
+                    delta = (tail.left @ tail.right).to(view.device)
+                    view[e].copy_((view[e].to(delta.dtype) - delta).to(view.dtype))
+                    energy = max(energy, tail.tail_energy)
+            reports.append(LayerReport(f"{t.name}.{p}", t.layout.shape(p), energy, time.perf_counter() - tic))
         return reports
 
     def read_on_owner(self, target: Target, owner: int, group) -> Optional[torch.Tensor]:

@@ -111,20 +111,48 @@ def test_bench_recipe_measures_all_three_runs(tmp_path, capsys):
     assert set(result["runs"]) == {"kasa", "trl_lora", "kasa_packed"}
     assert all(r["tokens_per_s"] > 0 for r in result["runs"].values())
     assert set(result["ratios"]) == {"kasa / trl_lora", "kasa_packed / kasa"}
+    assert result["same_batches"] is True  # TRL was fed the recipe's batches, in its order
     assert "kasa_packed / kasa:" in capsys.readouterr().out
 
 
 def test_gpu_check_smoke_runs_every_check_on_the_cpu(tmp_path, capsys):
-    """tools/gpu_check.py --smoke: the GPU checks' code paths with tiny shapes on the CPU; the whole-model comparison
-    (its tool is tested in tests/tools/test_compare_llm.py) is reported as not available, never as a pass. Without --smoke
-    on a GPU-less machine: exit 2."""
+    """tools/gpu_check.py --smoke: the GPU checks' code paths with tiny shapes on the CPU (the recipe through the real
+    deepspeed launcher, the Trainer, both step benchmarks, the 70B-shaped init and its 560-matrix projection); the
+    whole-model comparison (tested in tests/tools/test_compare_llm.py) and the Megatron check are reported as not
+    available, never as a pass. Without --smoke on a GPU-less machine: exit 2."""
     import gpu_check
     import torch
 
     assert gpu_check.main(["--smoke", "--out", str(tmp_path / "gpu.json")]) == 0
     result = json.loads((tmp_path / "gpu.json").read_text())
-    assert [c for c, r in result["checks"].items() if r["pass"]] == ["qkasa_4bit", "bf16_autocast", "init_70b", "step"]
-    assert result["checks"]["llm_compare"] == {"pass": None, "reason": "--smoke"}
-    assert result["checks"]["qkasa_4bit"]["effective_base_rel_error"] < 1e-4
+    checks = result["checks"]
+    assert [c for c, r in checks.items() if r["pass"]] == ["qkasa_4bit", "bf16_autocast", "init_70b", "step_8b",
+                                                          "step_qkasa", "recipe_zero3", "trainer"]
+    assert checks["llm_compare"] == {"pass": None, "reason": "--smoke"} and checks["megatron"]["pass"] is None
+    assert checks["qkasa_4bit"]["effective_base_rel_error"] < 1e-4
+    assert set(checks["step_qkasa"]["time_ratio_vs_peft_lora"]) == {"peft_lora", "kasa_ds"}
+    projected = checks["init_70b"]["projected_560_matrices_seconds"]
+    assert set(projected) == {"1_gpus", "8_gpus"} and projected["8_gpus"]["auto"] < projected["1_gpus"]["auto"]
+    assert len(checks["recipe_zero3"]["losses"]) == 6 and checks["recipe_zero3"]["adapter_written"]
+    out = capsys.readouterr().out
+    assert "recipe_zero3   PASS" in out and "megatron       NOT AVAILABLE" in out
     if not torch.cuda.is_available():
         assert gpu_check.main([]) == 2 and "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_gpu_wheels_dry_run_lists_what_a_bare_gpu_needs_within_the_limit(capsys):
+    """tools/gpu_wheels.py --dry-run: the wheels a bare lent GPU lacks (DeepSpeed, bitsandbytes, TRL, datasets and
+    their needs the image lacks), each size from the registry, and the total with the working tree under 64 MiB."""
+    import urllib.error
+
+    import gpu_wheels
+
+    try:
+        code = gpu_wheels.main(["--dry-run"])
+    except urllib.error.URLError as e:
+        pytest.skip(f"the package registry is not reachable from here ({e.reason}): the sizes come from it")
+    out = capsys.readouterr().out
+    assert code == 0 and "fits the device tool's 64 MiB" in out
+    for wheel in ("bitsandbytes-", "trl-", "datasets-", "deepspeed-", "pydantic_core-"):
+        assert wheel in out
+    assert "torch-" not in out and "transformers-" not in out  # the image holds them: never carried

@@ -1,0 +1,152 @@
+"""KaSA on fused mixture-of-experts weights (kasa_ds.core.experts), on tiny models built from transformers' own
+classes: Mixtral, Qwen3-MoE, OLMoE, DeepSeek-V3 ([E, 2I, H] gate/up concatenated) and gpt-oss (transposed, gate/up
+interleaved, biases).
+
+Tolerances: W_world against a float64 SVD of each expert's own matrix ≤ 1e-5 relative (the float32 solver ladder's
+budget, as for linears); logits against transformers' own experts forward on the merged weights ≤ 1e-5 at ΔW = 0
+and ≤ 1e-4 after training (float32 sums in another order over 2 layers); the regularizer against a float64 sum
+≤ 1e-5 relative.
+"""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from kasa_ds import KaSAConfig, apply_kasa, kasa_regularization, load_adapter, merge_kasa, save_adapter
+from kasa_ds.core.experts import KaSAExperts, expert_layers, experts_layout, projection_weight
+from kasa_ds.core.truncation import reference_world
+from kasa_ds.io.lora import export_lora_adapter
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+R = 4
+
+
+def tiny(arch: str):
+    import transformers as tf
+
+    common = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=64, tie_word_embeddings=False)
+    config = {
+        "mixtral": lambda: tf.MixtralConfig(intermediate_size=24, num_local_experts=4, num_experts_per_tok=2, **common),
+        "qwen3_moe": lambda: tf.Qwen3MoeConfig(intermediate_size=48, moe_intermediate_size=24, num_experts=4,
+                                               num_experts_per_tok=2, decoder_sparse_step=1, head_dim=8,
+                                               norm_topk_prob=True, **common),
+        "olmoe": lambda: tf.OlmoeConfig(intermediate_size=24, num_experts=4, num_experts_per_tok=2, **common),
+        "deepseek_v3": lambda: tf.DeepseekV3Config(intermediate_size=48, moe_intermediate_size=24, n_routed_experts=4,
+                                                   num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=0,
+                                                   n_group=1, topk_group=1, q_lora_rank=None, kv_lora_rank=16,
+                                                   qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+                                                   **(common | {"num_key_value_heads": 4})),
+        "gpt_oss": lambda: tf.GptOssConfig(intermediate_size=24, num_local_experts=4, num_experts_per_tok=2,
+                                           head_dim=8, sliding_window=16, **common),
+    }[arch]()
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # some classes leave expert parameters uninitialized (torch.empty) outside from_pretrained
+        for name, p in model.named_parameters():
+            if "experts" in name:
+                p.copy_(torch.randn_like(p) * 0.05)
+    return model
+
+
+ARCHS = ["mixtral", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss"]
+TOKENS = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(3))
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=TOKENS).logits
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_each_expert_projection_is_truncated_by_its_own_tail_and_trains(arch):
+    model = tiny(arch)
+    modules = {n: m for n, m in model.named_modules() if experts_layout(m) is not None}
+    assert modules, f"{arch}: no fused experts module found"
+    before = {(n, p): projection_weight(m, experts_layout(m), p).detach().double().clone()
+              for n, m in modules.items() for p in experts_layout(m).projections()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every experts module is reached: no left-out warning
+        report = apply_kasa(model, KaSAConfig(r=R, alpha=2 * R, target_modules=ALL, init_seed=0), show_progress=False)
+    layers = dict(expert_layers(model))
+    assert set(layers) == set(modules) and "expert projections" in str(report)
+    for (name, p), w in before.items():
+        view = projection_weight(layers[name].base_layer, layers[name].layout, p).double()
+        for e in range(w.shape[0]):
+            want = reference_world(w[e], R)
+            assert torch.linalg.norm(view[e] - want) / torch.linalg.norm(want) < 1e-5, (name, p, e)
+
+    # ΔW = 0: the KaSA model computes what transformers' own experts compute on W_world
+    torch.testing.assert_close(logits(model), logits(merge_kasa(copy.deepcopy(model))), rtol=0, atol=1e-5)
+
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(6):
+        loss = model(input_ids=TOKENS, labels=TOKENS).loss + kasa_regularization(model)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    model.eval()
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
+    assert any(f.lora_B.abs().sum() > 0 for layer in layers.values() for f in layer.lora.values())
+    # ΔW ≠ 0: the low-rank path per routed token equals transformers' forward on W_world + ΔW
+    torch.testing.assert_close(logits(model), logits(merge_kasa(copy.deepcopy(model))), rtol=0, atol=1e-4)
+
+
+def test_regularizer_sums_every_expert_exactly():
+    model = tiny("qwen3_moe")
+    apply_kasa(model, KaSAConfig(r=R, alpha=2 * R, target_modules=["gate_proj", "up_proj", "down_proj"],
+                                 beta=0.3, gamma=0.7, init_seed=1), show_progress=False)
+    with torch.no_grad():
+        for _, layer in expert_layers(model):
+            for f in layer.lora.values():
+                f.lora_B.normal_()
+    want = torch.zeros((), dtype=torch.float64)
+    for _, layer in expert_layers(model):
+        for f in layer.lora.values():
+            for a, b, d in zip(f.lora_A.double(), f.lora_B.double(), f.lora_diag.double()):
+                eye = torch.eye(R, dtype=torch.float64)
+                want += 0.3 * d.square().sum() + 0.7 * (torch.linalg.norm(b.T @ b - eye) +
+                                                        torch.linalg.norm(a @ a.T - eye))
+    got = kasa_regularization(model)
+    assert abs(got.item() - want.item()) / want.item() < 1e-5
+
+
+def test_save_load_reproduces_the_model_and_file_exports_refuse_experts(tmp_path):
+    model = tiny("mixtral")
+    apply_kasa(model, KaSAConfig(r=R, alpha=2 * R, target_modules=ALL, init_seed=2), show_progress=False)
+    with torch.no_grad():
+        for _, layer in expert_layers(model):
+            for f in layer.lora.values():
+                f.lora_B.normal_(std=0.1)
+    save_adapter(model, tmp_path / "adapter")
+    fresh = tiny("mixtral")
+    load_adapter(fresh, tmp_path / "adapter", show_progress=False)
+    assert isinstance(fresh.model.layers[0].mlp.experts, KaSAExperts)
+    torch.testing.assert_close(logits(fresh), logits(model), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="mixture-of-experts weights .* does not handle yet"):
+        export_lora_adapter(model, tmp_path / "lora", base=tiny("mixtral"))
+    assert not (tmp_path / "lora").exists()
+
+
+def test_targets_that_leave_the_experts_out_say_so():
+    """The silent case of issue #24: attention-only targets adapt the attention and warn about the experts; the
+    usual Llama-style list reaches the experts."""
+    model = tiny("qwen3_moe")
+    with pytest.warns(UserWarning, match=r"experts of 2 mixture-of-experts module\(s\) are not adapted"):
+        report = apply_kasa(model, KaSAConfig(r=R, alpha=2 * R, target_modules=["q_proj", "v_proj"]),
+                            show_progress=False)
+    assert "expert" not in str(report) and not list(expert_layers(model))
+    only = tiny("olmoe")
+    report = apply_kasa(only, KaSAConfig(r=R, alpha=2 * R, target_modules=["down_proj"]), show_progress=False)
+    assert [tuple(layer.lora) for _, layer in expert_layers(only)] == [("down_proj",)] * 2
+    assert str(report).startswith("KaSA: adapted 8 expert projections in 2 experts modules (down_proj of 4 experts")
+    with pytest.raises(ValueError, match="matched no module"):
+        apply_kasa(tiny("olmoe"), KaSAConfig(r=R, alpha=2 * R, target_modules=["nothing_here"]), show_progress=False)
