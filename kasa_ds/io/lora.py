@@ -20,7 +20,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..config import KaSAConfig
+from ..core.experts import FUSED, expert_layers, projection_weight
 from ..core.layer import kasa_layers
+from ..core.truncation import tail_factors
 from ..comm.collectives import rank
 from ..core import fingerprint
 from ..inject import FINGERPRINT_ATTR, get_config
@@ -69,17 +71,68 @@ def check_server(keys, config: KaSAConfig, server: str) -> None:
 def lora_pair(state: dict[str, torch.Tensor], name: str, config: KaSAConfig, left: torch.Tensor,
               right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(lora_A 2r×n, lora_B m×2r), float32, of one adapted module ``name`` from PEFT-keyed KaSA ``state``."""
-    a = state[f"{PREFIX}{name}.lora_A.weight"].float()
-    b = state[f"{PREFIX}{name}.lora_B.weight"].float()
-    d = state[f"{PREFIX}{name}.lora_diag"].float()
-    return torch.cat([right.float(), a]), torch.cat([-left.float(), b * d * config.scaling], dim=1)
+    return rank_2r(state[f"{PREFIX}{name}.lora_A.weight"], state[f"{PREFIX}{name}.lora_B.weight"],
+                   state[f"{PREFIX}{name}.lora_diag"], left, right, config.scaling)
 
 
-def lora_config(config: KaSAConfig, base_model_name_or_path: Optional[str], task_type: Optional[str]) -> dict:
-    """PEFT LoraConfig fields of the exported adapter: rank 2r, lora_alpha 2r, no KaSA fields."""
+def rank_2r(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
+            scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A = [R ; ΔVᵀ] (2r×n), B = [−L | s·ΔU·diag(ΔΣ)] (m×2r), float32, from one weight's factors and tail."""
+    return torch.cat([right.float(), a.float()]), torch.cat([-left.float(), b.float() * d.float() * scaling], dim=1)
+
+
+def expert_lora_state(model: nn.Module, base: nn.Module, kasa: dict[str, torch.Tensor],
+                      config: KaSAConfig) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """PEFT ``target_parameters`` LoRA tensors (lora.ParamWrapper's layout) of every adapted fused experts module,
+    and their ranks (rank_pattern): per fused parameter and expert e, B_e·A_e = the rank-2r update of each of its
+    projections (gate and up side by side in gate_up_proj: rank 4r), placed in the parameter's row layout.
+
+    PEFT stores lora_A as (E·ρ, n) expert-major and lora_B as (m, ρ·E) expert-minor, nests one ParamWrapper per
+    parameter in the module's registration order (the last outermost: ``<module>.lora_A``, the one before
+    ``<module>.base_layer.lora_A``); ``base``: the original model, for the dropped tails."""
+    state, ranks = {}, {}
+    for name, experts in expert_layers(model):
+        original, layout = base.get_submodule(name), experts.layout
+        fused = [f for f in ("gate_up_proj", "up_proj", "down_proj") if hasattr(experts.base_layer, f)
+                 and set(FUSED[f]) & set(experts.lora) and (f != "up_proj" or not layout.has_gate)]
+        for depth, param in enumerate(reversed(fused)):
+            parts = [p for p in FUSED[param] if p in experts.lora]
+            rho = 2 * config.r * len(parts)
+            m, n = (layout.hidden, layout.intermediate) if param == "down_proj" else (
+                layout.intermediate * len(FUSED[param]), layout.hidden)
+            a_all = torch.zeros(layout.num_experts, rho, n)
+            b_all = torch.zeros(layout.num_experts, m, rho)
+            rows = torch.arange(m).view(-1, len(FUSED[param])) if not layout.concatenated else \
+                torch.arange(m).view(len(FUSED[param]), -1).T  # rows[:, i]: the rows of projection i
+            for i, p in enumerate(FUSED[param]):
+                if p not in parts:
+                    continue
+                j = parts.index(p) * 2 * config.r
+                key = f"{PREFIX}{name}.{p}."
+                weights = projection_weight(original, layout, p).detach()
+                for e in range(layout.num_experts):
+                    tail = tail_factors(weights[e], config.r, config.svd_solver, name=f"{name}.{p}[expert {e}]")
+                    a, b = rank_2r(kasa[key + "lora_A.weight"][e], kasa[key + "lora_B.weight"][e],
+                                   kasa[key + "lora_diag"][e], tail.left.cpu(), tail.right.cpu(), config.scaling)
+                    a_all[e, j:j + 2 * config.r] = a
+                    b_all[e, rows[:, i], j:j + 2 * config.r] = b
+            key = f"{PREFIX}{name}.{'base_layer.' * depth}"
+            state[key + "lora_A.weight"] = a_all.reshape(-1, n)
+            state[key + "lora_B.weight"] = b_all.permute(1, 2, 0).reshape(m, -1)
+            ranks[f"{name.rsplit('.', 1)[-1]}.{param}"] = rho
+    return state, ranks
+
+
+def lora_config(config: KaSAConfig, base_model_name_or_path: Optional[str], task_type: Optional[str],
+                expert_ranks: Optional[dict[str, int]] = None) -> dict:
+    """PEFT LoraConfig fields of the exported adapter: rank 2r, lora_alpha 2r, no KaSA fields; fused experts as
+    ``target_parameters`` with their ranks in rank_pattern / alpha_pattern (scaling 1 throughout)."""
     d = config.to_peft_dict(base_model_name_or_path, task_type)
     d.pop("kasa_config")
     d.update(r=2 * config.r, lora_alpha=2 * config.r)
+    if expert_ranks:
+        d.update(target_parameters=sorted(expert_ranks), rank_pattern=dict(expert_ranks),
+                 alpha_pattern=dict(expert_ranks))
     return d
 
 
@@ -148,8 +201,9 @@ def export_lora_adapter(model: nn.Module, out_dir: str | os.PathLike, base: Base
     must be the base the model was adapted from (``allow_other_base``: a base changed on purpose). ``server="vllm"``
     refuses first what vLLM would not load (:func:`check_server`)."""
     config = get_config(model)
-    refuse_experts({PREFIX + key: p for key, p in adapter_param_items(model)}, "export_lora_adapter",
-                   "the rank-2r LoRA export")
+    if not isinstance(base, nn.Module):
+        refuse_experts({PREFIX + key: p for key, p in adapter_param_items(model)}, "export_lora_adapter",
+                       "the rank-2r LoRA export from a checkpoint directory (pass base= the original model)")
     check_server([PREFIX + key for key, _ in adapter_param_items(model)], config, server)
     quantization = base_quantization(model)
     _refuse_requantize(config, quantization)
@@ -182,5 +236,7 @@ def export_lora_adapter(model: nn.Module, out_dir: str | os.PathLike, base: Base
             same_base(name, weight, x, quantization)
         state[f"{PREFIX}{name}.lora_A.weight"], state[f"{PREFIX}{name}.lora_B.weight"] = lora_pair(
             kasa, name, config, left.cpu(), right.cpu())
+    experts, ranks = expert_lora_state(model, base, kasa, config) if isinstance(base, nn.Module) else ({}, {})
+    state.update(experts)
     meta = adapter_metadata(model)
-    return _write(out_dir, state, lora_config(config, meta["base_model_name_or_path"], meta["task_type"]))
+    return _write(out_dir, state, lora_config(config, meta["base_model_name_or_path"], meta["task_type"], ranks))

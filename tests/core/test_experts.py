@@ -132,8 +132,28 @@ def test_save_load_reproduces_the_model_and_file_exports_refuse_experts(tmp_path
     assert isinstance(fresh.model.layers[0].mlp.experts, KaSAExperts)
     torch.testing.assert_close(logits(fresh), logits(model), rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="mixture-of-experts weights .* does not handle yet"):
-        export_lora_adapter(model, tmp_path / "lora", base=tiny("mixtral"))
+        export_lora_adapter(model, tmp_path / "lora", base=tmp_path)  # a checkpoint directory: not yet
     assert not (tmp_path / "lora").exists()
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+def test_lora_export_of_experts_loads_in_peft_on_the_original_base(tmp_path, arch):
+    """The rank-2r export in PEFT's target_parameters layout (lora.ParamWrapper), concatenated (Qwen3-MoE) and
+    transposed + interleaved (gpt-oss) experts: PEFT on the untruncated base reproduces the KaSA model (≤ 1e-4)."""
+    from peft import PeftModel
+
+    model = tiny(arch)
+    targets = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"] if arch == "qwen3_moe" else ["q_proj", "up_proj",
+                                                                                                   "down_proj"]
+    apply_kasa(model, KaSAConfig(r=R, alpha=2 * R, target_modules=targets, init_seed=4), show_progress=False)
+    with torch.no_grad():
+        for _, layer in expert_layers(model):
+            for f in layer.lora.values():
+                f.lora_B.normal_(std=0.1)
+    export_lora_adapter(model, tmp_path / "lora", base=tiny(arch))
+    peft_model = PeftModel.from_pretrained(tiny(arch), tmp_path / "lora").eval()
+    assert "lora" in type(peft_model.base_model.model.model.layers[0].mlp.experts).__module__
+    torch.testing.assert_close(logits(peft_model), logits(model), rtol=0, atol=1e-4)
 
 
 def test_targets_that_leave_the_experts_out_say_so():

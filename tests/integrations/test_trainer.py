@@ -262,3 +262,35 @@ def test_resume_refuses_other_settings_a_foreign_checkpoint_and_a_peft_config(tm
         KaSATrainer(model=model, args=args(tmp_path), train_dataset=token_data(), kasa_config=config(),
                     peft_config=object())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing was truncated
+
+
+def test_mixture_of_experts_model_trains_checkpoints_and_resumes(tmp_path):
+    """A tiny Qwen3-MoE in KaSATrainer with the usual Llama-style targets: the experts are adapted (issue #24),
+    checkpoints hold their 3-D factors, and resuming from checkpoint-2 reproduces steps 3-4 of the full run."""
+    from kasa_ds.core.experts import expert_layers
+
+    def moe():
+        config = transformers.Qwen3MoeConfig(vocab_size=320, hidden_size=32, intermediate_size=48,
+                                             moe_intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+                                             num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
+                                             decoder_sparse_step=1, tie_word_embeddings=False)
+        torch.manual_seed(0)
+        return transformers.Qwen3MoeForCausalLM(config)
+
+    def run_moe(out, resume=None):
+        model = moe()
+        trainer = KaSATrainer(model=model, args=args(out, max_steps=4, save_strategy="steps", save_steps=2,
+                                                     optim="adamw_torch", learning_rate=1e-2,
+                                                     per_device_train_batch_size=4),
+                              train_dataset=token_data(), kasa_config=config())
+        trainer.train(resume_from_checkpoint=resume)
+        return model, {r["step"]: r["loss"] for r in trainer.state.log_history if "loss" in r}
+
+    model, losses = run_moe(tmp_path / "full")
+    assert len(list(expert_layers(model))) == 2
+    from safetensors.torch import load_file
+    saved = load_file(str(tmp_path / "full" / "checkpoint-4" / "adapter_model.safetensors"))
+    assert any(v.dim() == 3 for k, v in saved.items() if "experts.gate_proj.lora_A" in k)
+    _, resumed = run_moe(tmp_path / "resumed", resume=str(tmp_path / "full" / "checkpoint-2"))
+    for step in (3, 4):
+        assert math.isclose(resumed[step], losses[step], rel_tol=1e-6), (step, resumed[step], losses[step])
