@@ -13,6 +13,10 @@ saved_tensors_hooks; parameters themselves excluded) plus trainable state (param
 
 ``--base nf4`` quantizes every adapted linear to bitsandbytes NF4 (double quantization, compute in ``--dtype``)
 before either method adapts it; PEFT's KaSA does not take a 4-bit base, so that run compares kasa_ds with PEFT LoRA.
+``--base moe`` builds a Qwen3-MoE of the same hidden size instead (``--experts`` experts of ``--ff`` // 4 each,
+top 2, every layer sparse) and adapts only the routed experts' gate, up and down projections: kasa_ds's per-expert
+KaSA against PEFT LoRA on the same fused parameters (``target_parameters``: lora.ParamWrapper, which forms each
+step's dense ΔW); PEFT's KaSA does not take parameters.
 ``--dtype bfloat16`` holds the model in bf16 (adapters stay float32 in kasa_ds, as PEFT's do under autocast_adapter_dtype).
 """
 
@@ -32,6 +36,8 @@ METHODS = ("peft_lora", "peft_kasa", "kasa_ds")
 
 
 def build(method: str, a, device):
+    if a.base == "moe":
+        return build_moe(method, a, device)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -56,6 +62,29 @@ def build(method: str, a, device):
     kasa = KasaConfig() if method == "peft_kasa" else None
     model = get_peft_model(model, LoraConfig(r=a.r, lora_alpha=2 * a.r, target_modules=TARGETS, kasa_config=kasa))
     return model, (lambda m: m.base_model._get_kasa_loss()) if kasa else None
+
+
+def build_moe(method: str, a, device):
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.ff,
+                            moe_intermediate_size=a.ff // 4, num_hidden_layers=a.layers, num_attention_heads=a.heads,
+                            num_key_value_heads=a.kv_heads or a.heads, head_dim=a.hidden // a.heads,
+                            num_experts=a.experts, num_experts_per_tok=2, decoder_sparse_step=1,
+                            tie_word_embeddings=False)
+    model = Qwen3MoeForCausalLM(config).to(device=device, dtype=getattr(torch, a.dtype))
+    if method == "kasa_ds":
+        from kasa_ds import KaSAConfig, apply_kasa, kasa_regularization
+
+        apply_kasa(model, KaSAConfig(r=a.r, alpha=2 * a.r, target_modules=["gate_proj", "up_proj", "down_proj"]),
+                   show_progress=False)
+        return model, lambda m: kasa_regularization(m)
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(model, LoraConfig(r=a.r, lora_alpha=2 * a.r, target_modules=[],
+                                             target_parameters=["experts.gate_up_proj", "experts.down_proj"]))
+    return model, None
 
 
 def make_step(model, reg, batch):
@@ -108,7 +137,9 @@ def main(argv=None) -> dict:
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--kv-heads", type=int, default=0, help="key/value heads (grouped-query attention); 0: --heads")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--base", default="float", choices=["float", "nf4"], help="nf4: a bitsandbytes 4-bit base")
+    p.add_argument("--base", default="float", choices=["float", "nf4", "moe"],
+                   help="nf4: a bitsandbytes 4-bit base; moe: a Qwen3-MoE, routed experts adapted")
+    p.add_argument("--experts", type=int, default=8, help="experts per layer with --base moe")
     p.add_argument("--smoke", action="store_true", help="tiny model, 3 steps")
     p.add_argument("--json")
     a = p.parse_args(argv)
@@ -116,7 +147,7 @@ def main(argv=None) -> dict:
         a.hidden, a.ff, a.layers, a.heads, a.vocab, a.r, a.batch, a.seq, a.steps, a.warmup, a.memory_steps = \
             64, 176, 1, 4, 128, 4, 2, 16, 3, 1, 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    methods = METHODS if a.base == "float" else ("peft_lora", "kasa_ds")
+    methods = METHODS if a.base == "float" else ("peft_lora", "kasa_ds")  # PEFT's KaSA takes no 4-bit base, no experts
     median, memory = median_step_seconds(methods, a, device), peak_memory(methods, a, device)
     result = {"config": vars(a) | {"device": str(device), "threads": torch.get_num_threads(),
                                    "torch": torch.__version__},
@@ -124,7 +155,8 @@ def main(argv=None) -> dict:
               "time_ratio_vs_peft_lora": {m: median[m] / median["peft_lora"] for m in methods},
               "memory_ratio_vs_peft_lora": {m: memory[m] / max(memory["peft_lora"], 1) for m in methods}}
     kind = "peak allocated" if device.type == "cuda" else "saved-for-backward + state"
-    print(f"Llama hidden={a.hidden} layers={a.layers}, batch {a.batch}×{a.seq}, r={a.r}, 7 targets, {a.dtype}, "
+    what = f"Qwen3-MoE {a.experts} experts (top 2), experts adapted" if a.base == "moe" else "Llama, 7 targets"
+    print(f"{what}, hidden={a.hidden} layers={a.layers}, batch {a.batch}×{a.seq}, r={a.r}, {a.dtype}, "
           f"{a.base} base, {device}, median of {a.steps} interleaved steps")
     print(f"{'method':10s} {'step ms':>9s} {'vs LoRA':>8s} {kind + ' MB':>26s} {'vs LoRA':>8s}")
     for m in methods:

@@ -35,6 +35,18 @@ def test_bench_step_smoke(capsys):
     assert "vs LoRA" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("base", ["nf4", "moe"])
+def test_bench_step_smoke_on_a_4bit_base_and_on_experts(base, capsys):
+    """--base nf4: QKaSA vs PEFT QLoRA (PEFT's own bitsandbytes layer) on one NF4 base; --base moe: KaSA on fused
+    experts vs PEFT target_parameters LoRA on the same experts."""
+    import bench_step
+
+    result = bench_step.main(["--smoke", "--base", base])
+    assert set(result["median_step_seconds"]) == {"peft_lora", "kasa_ds"}
+    assert all(v > 0 for v in result["peak_memory_bytes"].values())
+    assert f"{base} base" in capsys.readouterr().out
+
+
 def test_bench_tp_init_smoke():
     """2 ranks on tiny weights: every row printed and the two paths agree (the last column)."""
     proc = subprocess.run([sys.executable, str(REPO / "tools/bench_tp_init.py"), "--smoke"], capture_output=True,
