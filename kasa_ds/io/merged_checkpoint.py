@@ -24,7 +24,8 @@ import torch
 from ..cli import bad_input_fails, fail
 from ..progress import progress
 from .adapter import (PREFIX, WEIGHTS_FILE, check_finite, read_adapter_config, read_adapter_tensors,
-                      read_base_fingerprint, read_base_quantization, refuse_experts)
+                      read_base_fingerprint, read_base_quantization)
+from .expert_checkpoint import expand_experts
 from .files import atomic_directory, check_output_dir
 from .hf_checkpoint import ShardWriter, iter_tensors, list_tensors, module_key
 from .svd_cache import SVDCache
@@ -51,7 +52,7 @@ def merge_checkpoint(base: Path, adapter: Path, out: Path, dtype: torch.dtype = 
         tensors = list_tensors(base)  # headers only: a truncated or damaged file is refused here
         ad = read_adapter_tensors(adapter)  # adapter-sized: r·(m+n) per layer
         check_finite(ad, str(adapter / WEIGHTS_FILE))
-        refuse_experts(ad, adapter, "the streamed merge")
+        ad = expand_experts(ad, set(tensors), base)  # experts: one 2-D adapter per expert, as the file stores them
     same_base = BaseCheck(read_base_fingerprint(adapter), adapter, str(base), allow_other_base)
     modules = sorted({k[len(PREFIX):].rsplit(".lora_", 1)[0] for k in ad if ".lora_" in k})
     plan = {}  # checkpoint module name -> adapter module name

@@ -170,3 +170,38 @@ def test_targets_that_leave_the_experts_out_say_so():
     assert str(report).startswith("KaSA: adapted 8 expert projections in 2 experts modules (down_proj of 4 experts")
     with pytest.raises(ValueError, match="matched no module"):
         apply_kasa(tiny("olmoe"), KaSAConfig(r=R, alpha=2 * R, target_modules=["nothing_here"]), show_progress=False)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_streamed_merge_of_a_per_expert_checkpoint_reproduces_the_model(tmp_path, arch):
+    """tools/merge.py's streamed merge on the checkpoint transformers writes (per-expert weights: Qwen3-MoE's
+    experts.<e>.gate_proj, Mixtral's block_sparse_moe.experts.<e>.w1): the merged checkpoint, loaded by plain
+    transformers, computes the KaSA model (≤ 1e-4); gpt-oss's fused checkpoint is refused by name."""
+    import transformers as tf
+
+    from kasa_ds.io.merged_checkpoint import merge_checkpoint
+
+    tiny(arch).save_pretrained(tmp_path / "base")
+    model = tiny(arch)
+    apply_kasa(model, KaSAConfig(r=R, alpha=2 * R, target_modules=ALL, init_seed=5), show_progress=False)
+    with torch.no_grad():
+        for _, layer in expert_layers(model):
+            for f in layer.lora.values():
+                f.lora_B.normal_(std=0.1)
+    save_adapter(model, tmp_path / "adapter")
+    merge_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged", dtype=torch.float32)
+    merged = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    merged.config._attn_implementation = "eager"
+    torch.testing.assert_close(logits(merged), logits(model), rtol=0, atol=1e-4)
+
+
+def test_streamed_merge_refuses_a_fused_experts_checkpoint(tmp_path, capsys):
+    from kasa_ds.io.merged_checkpoint import merge_checkpoint
+
+    tiny("gpt_oss").save_pretrained(tmp_path / "base")
+    model = tiny("gpt_oss")
+    apply_kasa(model, KaSAConfig(r=R, alpha=2 * R, target_modules=["down_proj"]), show_progress=False)
+    save_adapter(model, tmp_path / "adapter")
+    with pytest.raises(SystemExit):
+        merge_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged", dtype=torch.float32)
+    assert "stores its experts fused" in capsys.readouterr().err and not (tmp_path / "merged").exists()
