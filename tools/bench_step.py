@@ -31,6 +31,9 @@ from pathlib import Path
 
 import torch
 
+from kasa_ds import KaSAConfig, apply_kasa, kasa_regularization
+from kasa_ds.formats.bnb4 import quantize_linears_
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHODS = ("peft_lora", "peft_kasa", "kasa_ds")
 
@@ -46,16 +49,13 @@ def build(method: str, a, device):
                          tie_word_embeddings=False)
     model = LlamaForCausalLM(config).to(device=device, dtype=getattr(torch, a.dtype))
     if a.base == "nf4":
-        from kasa_ds.formats.bnb4 import quantize_linears_
-
         quantize_linears_(model, "nf4", double_quant=True, compute_dtype=getattr(torch, a.dtype),
                           keep=lambda name: name.rsplit(".", 1)[-1] not in TARGETS)
         model.to(device)  # bitsandbytes quantizes on the device the weight is moved to
         model.is_loaded_in_4bit = True  # as from_pretrained(quantization_config=...) marks it: PEFT's QLoRA layer
     if method == "kasa_ds":
-        from kasa_ds import KaSAConfig, apply_kasa, kasa_regularization
-
-        apply_kasa(model, KaSAConfig(r=a.r, alpha=2 * a.r, target_modules=TARGETS), show_progress=False)
+        apply_kasa(model, KaSAConfig(r=a.r, alpha=2 * a.r, target_modules=TARGETS, quant_mode=a.quant_mode),
+                   show_progress=False)
         return model, lambda m: kasa_regularization(m)
     from peft import KasaConfig, LoraConfig, get_peft_model
 
@@ -75,8 +75,6 @@ def build_moe(method: str, a, device):
                             tie_word_embeddings=False)
     model = Qwen3MoeForCausalLM(config).to(device=device, dtype=getattr(torch, a.dtype))
     if method == "kasa_ds":
-        from kasa_ds import KaSAConfig, apply_kasa, kasa_regularization
-
         apply_kasa(model, KaSAConfig(r=a.r, alpha=2 * a.r, target_modules=["gate_proj", "up_proj", "down_proj"]),
                    show_progress=False)
         return model, lambda m: kasa_regularization(m)
@@ -140,6 +138,8 @@ def main(argv=None) -> dict:
     p.add_argument("--base", default="float", choices=["float", "nf4", "moe"],
                    help="nf4: a bitsandbytes 4-bit base; moe: a Qwen3-MoE, routed experts adapted")
     p.add_argument("--experts", type=int, default=8, help="experts per layer with --base moe")
+    p.add_argument("--quant-mode", default="low_rank_correction", choices=["low_rank_correction", "requantize"],
+                   help="QKaSA's mode with --base nf4 (kasa_ds.KaSAConfig.quant_mode)")
     p.add_argument("--smoke", action="store_true", help="tiny model, 3 steps")
     p.add_argument("--json")
     a = p.parse_args(argv)

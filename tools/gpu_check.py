@@ -50,6 +50,8 @@ import torch
 from kasa_ds import KaSAConfig, apply_kasa, kasa_layers, kasa_regularization
 from kasa_ds.comm.schedule import WorkItem, assign_owners
 from kasa_ds.core.truncation import reference_world, tail_factors
+from kasa_ds.formats.bnb4 import dequantize, quantize_linears_
+from kasa_ds.integrations.transformers import KaSATrainer
 
 TOOLS = Path(__file__).resolve().parent
 REPO = TOOLS.parent
@@ -88,7 +90,6 @@ def train(model, device, steps: int, autocast: bool = False) -> list[float]:
 def check_qkasa_4bit(a, device) -> dict:
     if missing := _missing("bitsandbytes"):
         return missing
-    from kasa_ds.formats.bnb4 import dequantize, quantize_linears_
 
     model = llama(a.hidden, 2, device)
     quantize_linears_(model, "nf4", double_quant=True, compute_dtype=torch.bfloat16)
@@ -204,8 +205,6 @@ def check_recipe_zero3(a, device) -> dict:
 
 def check_trainer(a, device) -> dict:
     from transformers import TrainingArguments
-
-    from kasa_ds.integrations.transformers import KaSATrainer
 
     model = llama(a.hidden, 2, device)
     g = torch.Generator().manual_seed(2)

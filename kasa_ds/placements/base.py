@@ -56,7 +56,7 @@ class Placement(ABC):
                          show_progress: bool = True) -> list[LayerReport]:
         """Every selected projection of every expert ← its W_world (kasa_ds.core.experts); one LayerReport per
         (module, projection). Placements that do not hold experts never get one (the registry refuses first)."""
-        raise NotImplementedError(f"the {self.name} placement does not truncate experts")
+        raise RuntimeError(f"the {self.name} placement holds no experts: the registry refuses them before truncation")
 
     def sample_weight(self, target: Target, positions: torch.Tensor, group=None) -> torch.Tensor:
         """The float32 values of the whole weight at flat ``positions``, on every rank (kasa_ds.core.fingerprint).
