@@ -117,6 +117,21 @@ def tiny_llama_dir(tmp_path_factory):
     return build(tmp_path_factory.mktemp("tiny-llama"), hidden=48, layers=2, vocab=320)
 
 
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """SmolLM2-135M-Instruct as a local HF checkpoint (tools/prepare_model.py from the registry package's GGUF), once
+    per session. Read-only."""
+    from kasa_ds.training.assets import gguf_file
+
+    try:
+        gguf_file("smollm2-135m-instruct")
+    except FileNotFoundError as e:
+        pytest.skip(f"{e} (tools/setup.sh --dev installs it)")
+    from prepare_model import main
+
+    return main(["smollm2-135m-instruct", "--out", str(tmp_path_factory.mktemp("models") / "smollm2")])
+
+
 @pytest.fixture
 def tokens():
     return torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(7))

@@ -10,19 +10,6 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    from kasa_ds.training.assets import gguf_file
-
-    try:
-        gguf_file("smollm2-135m-instruct")
-    except FileNotFoundError as e:
-        pytest.skip(f"{e} (tools/setup.sh --dev installs it)")
-    from prepare_model import main
-
-    return main(["smollm2-135m-instruct", "--out", str(tmp_path_factory.mktemp("models") / "smollm2")])
-
-
 @pytest.mark.slow
 def test_smollm2_gguf_becomes_a_local_checkpoint_that_answers(tmp_path, smollm2):
     from kasa_ds.training.assets import gguf_file

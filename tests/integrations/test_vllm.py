@@ -1,0 +1,163 @@
+"""vLLM for real (its CPU build, in its own environment: tools/setup_vllm.sh): two KaSA adapters trained a few steps on
+SmolLM2-135M-Instruct, exported as rank-2r LoRAs, served together by one base through the offline ``LLM`` and
+through ``vllm serve`` over the OpenAI API on loopback; each gives its own KaSA model's greedy tokens and
+chosen-token log-probabilities, and the base without an adapter differs.
+
+Tolerance: chosen-token log-probabilities within 1e-4 absolute (float32 on both sides; vLLM's CPU attention and its
+LoRA kernels sum in another order over 30 layers: measured here ≤ 1.3e-5); tokens equal, generation ending at EOS as
+vLLM's does.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import free_port
+from kasa_ds import KaSAConfig, apply_kasa
+from kasa_ds.io.lora import export_lora_adapter
+
+pytestmark = pytest.mark.slow
+transformers = pytest.importorskip("transformers")
+REPO = Path(__file__).resolve().parents[2]
+R, NEW_TOKENS, LOGPROB_TOL = 4, 8, 1e-4
+TASKS = {"capitals": "Question: What is the capital of France?\nAnswer: The capital of France is Paris.",
+         "colours": "Question: What colour is the sky?\nAnswer: The sky is a deep, bright blue."}
+PROMPT = "Question: What is the capital of Italy?\nAnswer:"
+
+
+@pytest.fixture(scope="module")
+def vllm_python():
+    """The vLLM environment's python, created once under ~/.cache/kasa_ds (minutes) and reused."""
+    proc = subprocess.run(["bash", str(REPO / "tools/setup_vllm.sh")], capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        pytest.skip(f"the vLLM environment could not be created (tools/setup_vllm.sh): {proc.stderr[-1500:]}")
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def trained_kasa(model_dir: Path, text: str):
+    """KaSA (r = 4 on q/v/o) trained 4 steps to reproduce ``text``: an adapter that visibly changes the model."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    apply_kasa(model, KaSAConfig(r=R, alpha=2 * R, target_modules=["q_proj", "v_proj", "o_proj"], init_seed=0),
+               show_progress=False)
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    for _ in range(4):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval(), tokenizer
+
+
+@torch.no_grad()
+def greedy(model, prompt_ids: list[int]) -> dict:
+    """Up to NEW_TOKENS greedy tokens and their log-probabilities, ending at EOS (as vLLM does)."""
+    ids, tokens, logprobs = torch.tensor([prompt_ids]), [], []
+    for _ in range(NEW_TOKENS):
+        lp = F.log_softmax(model(input_ids=ids).logits[0, -1].float(), dim=-1)
+        token = int(lp.argmax())
+        tokens.append(token)
+        logprobs.append(lp[token].item())
+        if token == model.config.eos_token_id:
+            break
+        ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return {"tokens": tokens, "logprobs": logprobs}
+
+
+@pytest.fixture(scope="module")
+def served(smollm2, tmp_path_factory):
+    """Per adapter: its export directory and its KaSA model's greedy reference; and the prompt's token ids."""
+    out = tmp_path_factory.mktemp("vllm")
+    references, exports, prompt_ids = {}, {}, None
+    for name, text in TASKS.items():
+        model, tokenizer = trained_kasa(smollm2, text)
+        prompt_ids = tokenizer(PROMPT).input_ids
+        exports[name] = str(export_lora_adapter(model, out / name, base=str(smollm2)))
+        references[name] = greedy(model, prompt_ids)
+        del model
+    base = transformers.AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    references["base"] = greedy(base, prompt_ids)
+    return out, exports, references, prompt_ids
+
+
+def vllm_env() -> dict:
+    return {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING", "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": ""}
+
+
+def check(got: dict, references: dict) -> None:
+    for name in TASKS:
+        assert got[name]["tokens"] == references[name]["tokens"], name
+        assert got[name]["logprobs"] == pytest.approx(references[name]["logprobs"], abs=LOGPROB_TOL), name
+    assert got["base"]["tokens"] == references["base"]["tokens"]
+    assert got["base"]["logprobs"] == pytest.approx(references["base"]["logprobs"], abs=LOGPROB_TOL)
+    for name in TASKS:  # each adapter changes what the base says, and the two adapters differ
+        assert got[name]["tokens"] != got["base"]["tokens"], name
+    assert got["capitals"]["tokens"] != got["colours"]["tokens"]
+
+
+def test_vllm_offline_serves_two_kasa_exports_at_once(vllm_python, served, smollm2):
+    out, exports, references, prompt_ids = served
+    spec = out / "spec.json"
+    spec.write_text(json.dumps({"model": str(smollm2), "prompt_ids": prompt_ids, "max_tokens": NEW_TOKENS,
+                                "max_lora_rank": 2 * R, "adapters": exports}))
+    proc = subprocess.run([vllm_python, str(Path(__file__).with_name("vllm_offline_worker.py")), str(spec),
+                           str(out / "offline.json")], env=vllm_env(), capture_output=True, text=True, timeout=900,
+                          cwd=out)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = json.loads((out / "offline.json").read_text())
+    print("offline max |Δ logprob|:", {n: max(abs(a - b) for a, b in zip(got[n]["logprobs"],
+                                                                         references[n]["logprobs"])) for n in got})
+    check(got, references)
+
+
+def test_vllm_serve_answers_each_adapter_over_the_openai_api(vllm_python, served, smollm2):
+    out, exports, references, prompt_ids = served
+    port = free_port()
+    # vllm-cpu's `vllm` command asks for the distribution "vllm" (it is "vllm-cpu") and exits: the same server, by module
+    server = subprocess.Popen([vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(smollm2),
+                               "--dtype", "float32",
+                               "--enable-lora", "--max-lora-rank", str(2 * R), "--max-loras", "2",
+                               "--lora-modules", *(f"{n}={d}" for n, d in exports.items()), "--max-model-len", "256",
+                               "--enforce-eager", "--gpu-memory-utilization", "0.05", "--host", "127.0.0.1",
+                               "--port", str(port)], env=vllm_env(), cwd=out, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}/v1"
+        deadline = time.time() + 600
+        while True:
+            try:
+                models = json.load(urllib.request.urlopen(f"{url}/models", timeout=5))
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, server.stdout.read()[-4000:] \
+                    if server.poll() is not None else "vllm serve did not come up"
+                time.sleep(2)
+        assert set(TASKS) <= {m["id"] for m in models["data"]}
+        got = {}
+        for name in [*TASKS, "base"]:
+            body = {"model": name if name != "base" else str(smollm2), "prompt": prompt_ids,
+                    "max_tokens": NEW_TOKENS, "temperature": 0, "logprobs": 1, "return_tokens_as_token_ids": True}
+            request = urllib.request.Request(f"{url}/completions", data=json.dumps(body).encode(),
+                                             headers={"Content-Type": "application/json"})
+            choice = json.load(urllib.request.urlopen(request, timeout=300))["choices"][0]["logprobs"]
+            got[name] = {"logprobs": choice["token_logprobs"],
+                         "tokens": [int(t.removeprefix("token_id:")) for t in choice["tokens"]]}
+        print("serve max |Δ logprob|:", {n: max(abs(a - b) for a, b in zip(got[n]["logprobs"],
+                                                                           references[n]["logprobs"])) for n in got})
+        check(got, references)
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
