@@ -56,6 +56,17 @@ ARCHS = ["mixtral", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss"]
 TOKENS = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(3))
 
 
+def adapted(arch: str, targets=ALL, seed: int = 0):
+    """``tiny(arch)`` with KaSA applied and every expert's ΔU drawn at random: a visibly nonzero update."""
+    model = tiny(arch)
+    apply_kasa(model, KaSAConfig(r=R, alpha=2 * R, target_modules=targets, init_seed=seed), show_progress=False)
+    with torch.no_grad():
+        for _, layer in expert_layers(model):
+            for f in layer.lora.values():
+                f.lora_B.normal_(std=0.1)
+    return model
+
+
 def logits(model):
     with torch.no_grad():
         return model(input_ids=TOKENS).logits
@@ -120,12 +131,7 @@ def test_regularizer_sums_every_expert_exactly():
 
 
 def test_save_load_reproduces_the_model_and_file_exports_refuse_experts(tmp_path):
-    model = tiny("mixtral")
-    apply_kasa(model, KaSAConfig(r=R, alpha=2 * R, target_modules=ALL, init_seed=2), show_progress=False)
-    with torch.no_grad():
-        for _, layer in expert_layers(model):
-            for f in layer.lora.values():
-                f.lora_B.normal_(std=0.1)
+    model = adapted("mixtral", seed=2)
     save_adapter(model, tmp_path / "adapter")
     fresh = tiny("mixtral")
     load_adapter(fresh, tmp_path / "adapter", show_progress=False)
@@ -142,14 +148,9 @@ def test_lora_export_of_experts_loads_in_peft_on_the_original_base(tmp_path, arc
     transposed + interleaved (gpt-oss) experts: PEFT on the untruncated base reproduces the KaSA model (≤ 1e-4)."""
     from peft import PeftModel
 
-    model = tiny(arch)
     targets = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"] if arch == "qwen3_moe" else ["q_proj", "up_proj",
                                                                                                    "down_proj"]
-    apply_kasa(model, KaSAConfig(r=R, alpha=2 * R, target_modules=targets, init_seed=4), show_progress=False)
-    with torch.no_grad():
-        for _, layer in expert_layers(model):
-            for f in layer.lora.values():
-                f.lora_B.normal_(std=0.1)
+    model = adapted(arch, targets, seed=4)
     export_lora_adapter(model, tmp_path / "lora", base=tiny(arch))
     peft_model = PeftModel.from_pretrained(tiny(arch), tmp_path / "lora").eval()
     assert "lora" in type(peft_model.base_model.model.model.layers[0].mlp.experts).__module__
@@ -182,12 +183,7 @@ def test_streamed_merge_of_a_per_expert_checkpoint_reproduces_the_model(tmp_path
     from kasa_ds.io.merged_checkpoint import merge_checkpoint
 
     tiny(arch).save_pretrained(tmp_path / "base")
-    model = tiny(arch)
-    apply_kasa(model, KaSAConfig(r=R, alpha=2 * R, target_modules=ALL, init_seed=5), show_progress=False)
-    with torch.no_grad():
-        for _, layer in expert_layers(model):
-            for f in layer.lora.values():
-                f.lora_B.normal_(std=0.1)
+    model = adapted(arch, seed=5)
     save_adapter(model, tmp_path / "adapter")
     merge_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged", dtype=torch.float32)
     merged = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
