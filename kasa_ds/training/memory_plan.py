@@ -33,6 +33,8 @@ from typing import Optional
 
 import torch
 
+from ..config import KaSAConfig
+from ..core.experts import experts_layout, targeted_projections
 from ..registry import refusal
 from .config import TrainConfig
 from .models import model_dir
@@ -92,13 +94,19 @@ def model_shape(config_json_dir: str, target_names) -> ModelShape:
 
 
 def shape_of(model, cfg, target_names) -> ModelShape:
-    """Counts of a model already built (on the meta device, say) with its HF config."""
+    """Counts of a model already built (on the meta device, say) with its HF config. A fused experts module
+    (kasa_ds.core.experts) contributes one target per expert and selected projection; its weights stay 16-bit (not
+    quantizable linears), and the activations are still those of the dense decoder (MoE routing not modelled)."""
     linear, targets = 0, []
+    selects = KaSAConfig(r=1, target_modules=list(target_names)).is_target
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and ".layers." in f".{name}":
             linear += module.weight.numel()
             if name.rsplit(".", 1)[-1] in target_names:
                 targets.append((name, module.out_features, module.in_features))
+        elif (layout := experts_layout(module)) is not None:
+            targets += [(f"{name}.{p}", *layout.shape(p)) for p in targeted_projections(name, layout, selects)
+                        for _ in range(layout.num_experts)]
     heads, kv_heads = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
     return ModelShape(total=sum(p.numel() for p in model.parameters()), linear=linear, hidden=cfg.hidden_size,
                       ffn=cfg.intermediate_size, kv_dim=cfg.hidden_size // heads * kv_heads,

@@ -4,6 +4,7 @@ each knob must move it (more GPUs, checkpointing, 4-bit, offload), and bad input
 from pathlib import Path
 
 import pytest
+import torch
 
 from kasa_ds.training.memory_plan import GiB, RunShape, model_shape, plan
 
@@ -139,3 +140,25 @@ def test_the_70b_two_gpu_recipe_dry_runs(capsys):
     offload = dry_run(config, 2, ["ds_config=ds_configs/zero3_offload_bf16.json", "train.micro_batch_size=1"],
                       gpu_gib=24)
     assert offload["memory_plan"]["fits"] and "NF4 4-bit base, offload all" in capsys.readouterr().out
+
+
+def test_experts_count_in_the_adapter_plan():
+    """A fused-experts model (tiny Qwen3-MoE from its config, meta device): every expert's gate, up and down
+    projection is a target with its own adapter; attention-only targets leave them out."""
+    import transformers
+
+    from kasa_ds.training.memory_plan import shape_of
+
+    cfg = transformers.Qwen3MoeConfig(vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=24,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                      num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
+    everything = shape_of(model, cfg, TARGETS)
+    attention = shape_of(model, cfg, ["q_proj", "k_proj", "v_proj", "o_proj"])
+    experts = [t for t in everything.targets if ".experts." in t[0]]
+    assert len(experts) == 2 * 3 * 4 and {(m, n) for _, m, n in experts} == {(24, 32), (32, 24)}
+    assert len(everything.targets) == len(attention.targets) + len(experts)
+    run = RunShape(r=4, gpus=1, zero=0, deepspeed=False)
+    extra = plan(everything, run)["adapter_params_per_gpu"] - plan(attention, run)["adapter_params_per_gpu"]
+    assert extra == 2 * 4 * (4 * (24 + 32) + 4) * 3
