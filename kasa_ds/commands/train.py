@@ -11,11 +11,10 @@ Everything the recipe does is kasa_ds.training.recipe; this module parses argume
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Iterable, Optional, Sequence
 
-from ..comm.processes import launcher_world_size
+from ..comm.processes import exit_now, launcher_world_size
 from ..training.config import ConfigError, load_train_config
 from ..training.recipe import run_recipe
 
@@ -51,19 +50,6 @@ def main(argv: Optional[Sequence[str]] = None, *, default_config: Optional[str] 
         print(f"error: {e}", file=sys.stderr)
         return 2
     return run_recipe(cfg)
-
-
-def exit_now(code: int) -> None:
-    """Leave without running C++ static destructors once a multi-rank run is over (its files are written and
-    renamed, its metrics closed, its process group destroyed): with a 4-bit base under ZeRO-3, a rank otherwise
-    sometimes aborts in interpreter teardown ("terminate called without an active exception", seen in 1 of ~6
-    otherwise successful runs), turning a finished run into a failed job."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    mpi = sys.modules.get("mpi4py.MPI")  # under mpirun: finalize MPI, as its atexit hook would, or mpirun fails the job
-    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
-        mpi.Finalize()
-    os._exit(code)
 
 
 def run(argv: Optional[Sequence[str]] = None, **kwargs) -> None:

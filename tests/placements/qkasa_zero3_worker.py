@@ -9,7 +9,6 @@ model's), logits.safetensors (rank 0: the sharded model with randomized adapters
 """
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from safetensors.torch import save_file  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 from kasa_ds import KaSAConfig, apply_kasa, kasa_layers, save_adapter  # noqa: E402
+from kasa_ds.comm.processes import exit_now  # noqa: E402
 from kasa_ds.io.adapter import gathered_adapter_state  # noqa: E402
 from kasa_ds.placements.zero3 import prepare_for_zero3  # noqa: E402
 from kasa_ds.training.partitioned_4bit import HeldBytes, load_partitioned_4bit, unique_parameters  # noqa: E402
@@ -83,5 +83,4 @@ def main(base_dir: str, out_dir: str, quant_type: str, mode: str) -> None:
 
 if __name__ == "__main__":
     main(*[a for a in sys.argv[1:] if not a.startswith("--local_rank")])
-    sys.stdout.flush()
-    os._exit(0)  # as launch/train.py: skip an occasional abort in C++ teardown after the work is written
+    exit_now(0)  # as launch/train.py: skip an occasional abort in C++ teardown after the work is written
