@@ -59,8 +59,7 @@ class LocalPlacement(Placement):
             with torch.no_grad():
                 for e in range(t.layout.num_experts):
                     tail = tail_factors(view[e], config.r, config.svd_solver, name=f"{t.name}.{p}[expert {e}]")
-                    delta = (tail.left @ tail.right).to(view.device)
-                    view[e].copy_((view[e].to(delta.dtype) - delta).to(view.dtype))
+                    subtract_(view[e], tail.left, tail.right)
                     energy = max(energy, tail.tail_energy)
             reports.append(LayerReport(f"{t.name}.{p}", t.layout.shape(p), energy, time.perf_counter() - tic))
         return reports
@@ -79,15 +78,19 @@ class LocalPlacement(Placement):
         """Every tensor no placement before this one claims (the registry asks in order)."""
         return True
 
-    @torch.no_grad()
     def subtract(self, target: Target, left: torch.Tensor, right: torch.Tensor) -> None:
-        """W ← W − left·right computed in the factors' precision (float32 or float64), rounded once to W's dtype."""
-        weight = target.module.weight
-        delta = (left @ right).to(weight.device)
-        weight.copy_((weight.to(delta.dtype) - delta).to(weight.dtype))
+        subtract_(target.module.weight, left, right)
 
     def wrap(self, target: Target, config: KaSAConfig) -> KaSALinear:
         return kasa_linear(target, config)
+
+
+@torch.no_grad()
+def subtract_(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
+    """W ← W − left·right in place (W: a weight or a view of one), computed in the factors' precision (float32 or
+    float64) and rounded once to W's dtype."""
+    delta = (left @ right).to(weight.device)
+    weight.copy_((weight.to(delta.dtype) - delta).to(weight.dtype))
 
 
 LOCAL = LocalPlacement()
