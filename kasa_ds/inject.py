@@ -50,7 +50,7 @@ def apply_kasa(model: nn.Module, config: KaSAConfig, *, truncate: Optional[Trunc
     start = time.perf_counter()
     targets, experts = find_targets(model, config), find_expert_targets(model, config)
     warn_left_out_experts(model, config)
-    fingerprint = fingerprint if fingerprint is not None else base_fingerprint(targets)
+    fingerprint = fingerprint if fingerprint is not None else base_fingerprint(targets, model)
     if truncate is not None:
         layer_reports = truncate(targets, config) if targets else []
     else:
@@ -78,10 +78,18 @@ def apply_kasa(model: nn.Module, config: KaSAConfig, *, truncate: Optional[Trunc
                       [(t.name, t.layout.num_experts, t.projections) for t in experts])
 
 
-def base_fingerprint(targets: list[Target]) -> dict[str, dict]:
-    """{target name: its sampled values and dtype} of the weights as they are now (before truncation), on every rank;
-    collective where a placement is sharded (every rank, same targets, same order)."""
-    return {t.name: fingerprint.record(t.placement.sample_weight(t, fingerprint.sample_positions(t.shape)),
+def adapter_module_name(model: Optional[nn.Module], name: str) -> str:
+    """The name adapter files give module ``name``: its own, or the one the model maps it to (a model whose modules
+    compute another model's: a Megatron model's projections take the HF model's names, see
+    kasa_ds.training.megatron_model.MegatronCausalLM.adapter_module_name)."""
+    rename = getattr(model, "adapter_module_name", None)
+    return rename(name) if rename is not None else name
+
+
+def base_fingerprint(targets: list[Target], model: Optional[nn.Module] = None) -> dict[str, dict]:
+    """{target name (as adapter files name it): its sampled values and dtype} of the weights as they are now (before
+    truncation), on every rank; collective where a placement is sharded (every rank, same targets, same order)."""
+    return {adapter_module_name(model, t.name): fingerprint.record(t.placement.sample_weight(t, fingerprint.sample_positions(t.shape)),
                                        t.format.sample_dtype(t.module)) for t in targets}
 
 

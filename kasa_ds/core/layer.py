@@ -186,4 +186,5 @@ def kasa_layers(model: nn.Module) -> Iterator[tuple[str, KaSALinear]]:
 def _device_of(module: nn.Module) -> torch.device:
     for p in module.parameters():
         return p.device
-    return torch.device("cpu")
+    weight = getattr(module, "weight", None)  # a view of another module's weight (placements.tp.fused)
+    return weight.device if isinstance(weight, torch.Tensor) else torch.device("cpu")

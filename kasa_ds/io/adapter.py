@@ -30,8 +30,8 @@ from ..core.experts import expert_layers
 from ..core.layer import kasa_layers
 from ..core.types import AdapterTensor, KaSAReport
 from ..core import fingerprint
-from ..inject import (CONFIG_ATTR, FINGERPRINT_ATTR, apply_kasa, base_fingerprint, find_expert_targets, find_targets,
-                      get_config, modules_to_save)
+from ..inject import (CONFIG_ATTR, FINGERPRINT_ATTR, adapter_module_name, apply_kasa, base_fingerprint,
+                      find_expert_targets, find_targets, get_config, modules_to_save)
 from ..registry import by_placement, format_of, full_shape, placement_of
 from .files import atomic_directory, check_output_dir
 
@@ -44,9 +44,10 @@ ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE, EXTRA_FILE)
 
 
 def adapter_tensors(model: nn.Module) -> list[AdapterTensor]:
-    """Every adapter and modules_to_save parameter with its layer, keyed without PEFT's prefix, in a fixed order."""
+    """Every adapter and modules_to_save parameter with its layer, keyed without PEFT's prefix (modules as
+    :func:`~kasa_ds.inject.adapter_module_name` names them), in a fixed order."""
     config = get_config(model)
-    items = [AdapterTensor(f"{name}.{pname}", p, layer, pname)
+    items = [AdapterTensor(f"{adapter_module_name(model, name)}.{pname}", p, layer, pname)
              for name, layer in [*kasa_layers(model), *expert_layers(model)] for pname, p in layer.adapter_parameters()]
     for name in modules_to_save(model, config):
         items += [AdapterTensor(f"{name}.{pname}", p) for pname, p in model.get_submodule(name).named_parameters()]
@@ -216,7 +217,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, svd_solver: Optio
     report = None
     if getattr(model, CONFIG_ATTR, None) is None:
         targets = check_fits(model, config, state, path)  # before anything is truncated: a misfit changes nothing
-        observed = base_fingerprint(targets)
+        observed = base_fingerprint(targets, model)
         check_same_base(recorded, observed, path, this_base, allow_other_base=allow_other_base)
         report = apply_kasa(model, config, show_progress=show_progress, fingerprint=observed)
     else:
@@ -239,7 +240,7 @@ def check_fits(model: nn.Module, config: KaSAConfig, state: dict[str, torch.Tens
     expected = {}
     for t in targets:
         m, n = t.shape
-        key = f"{PREFIX}{t.name}."
+        key = f"{PREFIX}{adapter_module_name(model, t.name)}."
         expected.update({key + "lora_A.weight": (config.r, n), key + "lora_B.weight": (m, config.r),
                          key + "lora_diag": (config.r,)})
     for t in find_expert_targets(model, config):
@@ -321,6 +322,6 @@ def _infer_task_type(model: nn.Module) -> Optional[str]:
     cls = type(model).__name__
     if cls.endswith("ForSequenceClassification"):
         return "SEQ_CLS"
-    if cls.endswith("ForCausalLM"):
+    if cls.endswith("CausalLM"):  # HF's *ForCausalLM, and kasa_ds's MegatronCausalLM
         return "CAUSAL_LM"
     return None

@@ -10,9 +10,7 @@ vLLM's does.
 
 import json
 import os
-import shutil
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path

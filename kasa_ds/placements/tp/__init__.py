@@ -20,8 +20,8 @@ from ..base import Placement
 from .autotp import autotp_spec
 from .layer import KaSAParallelLinear
 from .megatron import megatron_spec
-from .spec import ShardSpec, full_indices, join_factor, sharded_factor, split_factor
-from .truncate import local_rows, truncate_tensor_parallel
+from .spec import ShardSpec, full_indices, join_factor, local_rows, sharded_factor, split_factor, subtract_local
+from .truncate import truncate_tensor_parallel
 
 
 def shard_spec(module: nn.Module, name: str = "module") -> Optional[ShardSpec]:
@@ -77,6 +77,8 @@ class TPPlacement(Placement):
         held = where >= 0
         if held.any():
             r, c = (where[held], cols[held]) if spec.dim == 0 else (rows[held], where[held])
+            if spec.rows is not None:  # a projection of a fused linear: its rows within the fused shard
+                r = spec.rows.cpu()[r]
             values[held.to(weight.device)] = weight.detach()[r.to(weight.device), c.to(weight.device)].float()
         if spec.tp_size > 1:
             torch.distributed.all_reduce(values, group=spec.group)
@@ -85,10 +87,11 @@ class TPPlacement(Placement):
     @torch.no_grad()
     def subtract(self, target: Target, left: torch.Tensor, right: torch.Tensor) -> None:
         """This rank's rows (dim 0) or columns (dim 1) of W − left·right, in the TP=1 layout of left/right."""
-        spec, weight = target.spec, target.module.weight
+        spec = target.spec
         index = full_indices(spec, spec.tp_rank).to(left.device)
         left, right = (left[index], right) if spec.dim == 0 else (left, right[:, index])
-        weight.sub_((left.float() @ right.float()).to(weight.device, weight.dtype))
+        delta = left.float() @ right.float()
+        subtract_local(target.module.weight, spec, delta if spec.dim == 0 else delta.T)
 
     def wrap(self, target: Target, config: KaSAConfig) -> KaSAParallelLinear:
         return KaSAParallelLinear(target.module, target.spec, config.r, config.alpha, config.dropout, config.beta,

@@ -7,15 +7,24 @@ from typing import Optional
 import torch.distributed as dist
 from torch import nn
 
+from .fused import ProjectionView
 from .spec import ShardSpec
 
 
 def megatron_spec(module: nn.Module, name: str) -> Optional[ShardSpec]:
     """The layer's sharding, None for a module that is not a megatron TP linear; ValueError naming the fix for a
-    layout KaSA cannot adapt."""
+    layout KaSA cannot adapt. A :class:`~.fused.ProjectionView` gets its projection's sharding: rows
+    ``full_rows`` × n split evenly over the TP ranks, picked out of the fused shard by ``rows``."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
+    if isinstance(module, ProjectionView):
+        spec = megatron_spec(module.fused, name)
+        if spec is None or module.rows is None:
+            return spec
+        tp = spec.tp_size
+        return ShardSpec(0, (module.full_rows, spec.full_shape[1]), (len(module.rows),) * tp, spec.group,
+                         returns_bias=True, dp_group=spec.dp_group, rows=module.rows)
     if not isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
         return None
     if module.weight is None:

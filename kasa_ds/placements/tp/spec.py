@@ -36,6 +36,9 @@ class ShardSpec:
     returns_bias: bool = False  # megatron layers return (output, bias)
     dp_group: Optional[dist.ProcessGroup] = None  # ranks holding the same shard (data-parallel replicas)
     chunks: int = 1
+    #: one projection of a fused column-parallel linear (kasa_ds.placements.tp.fused): which rows of the local
+    #: weight shard are this projection's, in its own row order (None: the whole shard)
+    rows: Optional[torch.Tensor] = None
 
     @property
     def tp_size(self) -> int:
@@ -48,6 +51,24 @@ class ShardSpec:
     def local_slice(self) -> slice:
         """This rank's slice of the split dimension in rank order."""
         return local_slice(self.sizes, self.group) if self.tp_size > 1 else slice(0, self.sizes[0])
+
+
+def local_rows(weight: torch.Tensor, spec: ShardSpec) -> torch.Tensor:
+    """The shard as a row shard of W (dim 0) or of Wᵀ (dim 1): (rows_i × d); a view, or a copy for a projection of
+    a fused linear (write through :func:`subtract_local`)."""
+    if spec.rows is not None:
+        return weight.index_select(0, spec.rows.to(weight.device))
+    return weight if spec.dim == 0 else weight.T
+
+
+@torch.no_grad()
+def subtract_local(weight: torch.Tensor, spec: ShardSpec, delta: torch.Tensor) -> None:
+    """weight's shard (in the :func:`local_rows` layout) −= delta, in place."""
+    delta = delta.to(weight.device, weight.dtype)
+    if spec.rows is not None:
+        weight.index_add_(0, spec.rows.to(weight.device), delta, alpha=-1)
+    else:
+        local_rows(weight, spec).sub_(delta)
 
 
 def sharded_factor(spec: ShardSpec) -> str:

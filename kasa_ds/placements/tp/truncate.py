@@ -33,7 +33,7 @@ from ...core.types import LayerReport, Target
 from ...comm.collectives import broadcast_from_owner, gather_to_owner
 from ...comm.schedule import WorkItem, assign_owners
 from ...progress import progress
-from .spec import ShardSpec
+from .spec import ShardSpec, local_rows, subtract_local
 
 
 @dataclass
@@ -65,11 +65,6 @@ def use_gram(spec: ShardSpec) -> bool:
     m, n = spec.full_shape
     unsplit = n if spec.dim == 0 else m
     return unsplit * unsplit <= m * n
-
-
-def local_rows(weight: torch.Tensor, spec: ShardSpec) -> torch.Tensor:
-    """The shard as a row shard of W (dim 0) or of Wᵀ (dim 1): (rows_i × d), a view."""
-    return weight if spec.dim == 0 else weight.T
 
 
 def truncate_tensor_parallel(targets: list[Target], config: KaSAConfig, *,
@@ -114,7 +109,7 @@ def _truncate_by_gram(target: Target, config: KaSAConfig, layout: _Layout, owner
             solved = (basis, torch.tensor([energy], dtype=torch.float64))
     d = local.shape[1]
     basis, energy = broadcast_from_owner(solved, [(d, config.r), (1,)], owner, device=weight.device)
-    local_rows(weight, spec).sub_(((local @ basis) @ basis.T).to(weight.dtype))
+    subtract_local(weight, spec, (local @ basis) @ basis.T)
     return energy.item()
 
 
@@ -132,6 +127,6 @@ def _truncate_by_gather(target: Target, config: KaSAConfig, layout: _Layout, own
     total, d = sum(spec.sizes), rows.shape[1]
     left, right, energy = broadcast_from_owner(solved, [(total, config.r), (config.r, d), (1,)], owner,
                                                device=weight.device)
-    rows.sub_((left[spec.local_slice()] @ right).to(weight.dtype))
+    subtract_local(weight, spec, left[spec.local_slice()] @ right)
     return energy.item()
 

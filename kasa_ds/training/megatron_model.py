@@ -1,0 +1,249 @@
+"""A Hugging Face dense decoder as a megatron-core GPTModel, behind the causal-LM calls the recipe makes.
+
+:func:`load_megatron_lm` reads the HF config, builds this rank's tensor-parallel shards of a GPTModel from
+megatron-core's local layer spec (RoPE with the checkpoint's theta, GQA, RMSNorm, SwiGLU, Qwen2's q/k/v biases,
+Qwen3's q/k norms, tied or untied embeddings), fills them slice by slice from the safetensors files
+(kasa_ds.io.megatron_checkpoint) and exposes each fused linear's HF projections for KaSA. megatron-core's modules run
+as they are on CUDA; on a CPU device two of them are replaced, because they allocate on CUDA: the core attention
+(:class:`SDPACoreAttention`, torch SDPA behind megatron's interface) and RoPE's frequency table (computed where it is).
+
+:class:`MegatronCausalLM` takes HF batches (input_ids, labels with −100, attention_mask or packed position_ids) and
+returns HF's loss (the shift, the mean over label tokens; vocabulary-parallel cross-entropy, padded vocabulary
+entries masked); ``generate`` decodes greedily for the recipe's samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..comm.mappings import gather_last_dim
+from ..io.megatron_checkpoint import (Family, Layout, MegatronCheckpointError, family_of, hf_module_name,
+                                      load_hf_checkpoint)
+from ..placements.tp.fused import ProjectionView, Projections
+
+#: HF RoPE scalings megatron-core computes the same way (Llama-3.1's, with megatron's fixed factors)
+LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+
+
+class SDPACoreAttention(nn.Module):
+    """Attention of one TP rank's heads: q [s, b, heads_local, d], k/v [s, b, groups_local, d] → [s, b, heads_local·d]
+    (megatron's DotProductAttention interface, torch SDPA inside). ``attention_mask`` [b, 1, s, s], True = masked
+    (megatron's convention), replaces the causal mask (packed rows: block-causal)."""
+
+    def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str, attention_dropout=None,
+                 softmax_scale=None, cp_comm_type=None, pg_collection=None):
+        super().__init__()
+        self.config = config
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.softmax_scale = softmax_scale
+
+    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if packed_seq_params is not None or attention_bias is not None:
+            raise NotImplementedError("SDPACoreAttention: packed_seq_params and attention bias are not supported")
+        if key.shape[2] != query.shape[2]:  # grouped-query attention: each KV head serves several query heads
+            rep = query.shape[2] // key.shape[2]
+            key, value = key.repeat_interleave(rep, dim=2), value.repeat_interleave(rep, dim=2)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
+        mask = None if attention_mask is None else ~attention_mask
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                             scale=self.softmax_scale,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        s, b = query.shape[0], query.shape[1]
+        return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+
+def rope_settings(hf_config) -> dict:
+    """GPTModel's RoPE arguments for the checkpoint; an HF RoPE scaling megatron-core does not compute is refused."""
+    params = dict(getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {})
+    theta = params.get("rope_theta", getattr(hf_config, "rope_theta", None)) or 10000.0
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return {"rotary_base": theta}
+    if kind == "llama3" and all(params.get(k) == v for k, v in LLAMA3_ROPE.items()):
+        return {"rotary_base": theta, "rope_scaling": True, "rope_scaling_factor": params["factor"]}
+    raise MegatronCheckpointError(f"rope scaling {params} is not computed by megatron-core's RoPE (supported: none, "
+                                  f"and llama3 with {LLAMA3_ROPE}); train this model on the Hugging Face road")
+
+
+def check_supported(hf_config, family: Family, tp: int) -> None:
+    """One error naming every setting of the checkpoint the Megatron road would compute differently."""
+    problems = []
+    if getattr(hf_config, "hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act={hf_config.hidden_act} (megatron's gated MLP here is SwiGLU)")
+    if family.name == "llama" and (getattr(hf_config, "attention_bias", False) or getattr(hf_config, "mlp_bias", False)):
+        problems.append("attention_bias/mlp_bias (biases on o_proj and the MLP are not mapped)")
+    if getattr(hf_config, "use_sliding_window", False) or (family.name == "llama" and
+                                                          getattr(hf_config, "sliding_window", None)):
+        problems.append(f"sliding-window attention (sliding_window={getattr(hf_config, 'sliding_window', None)})")
+    layout = Layout.of(hf_config)
+    if layout.groups % tp or layout.heads % tp:
+        problems.append(f"tensor_parallel={tp} must divide the {layout.heads} attention heads and {layout.groups} "
+                        "key/value heads")
+    if layout.ffn % tp:
+        problems.append(f"tensor_parallel={tp} must divide intermediate_size={layout.ffn}")
+    rope_settings(hf_config)
+    if problems:
+        raise MegatronCheckpointError(f"{getattr(hf_config, '_name_or_path', 'the model')}: " + "; ".join(problems))
+
+
+def _rope_where_it_is(rope) -> None:
+    """megatron's RotaryEmbedding.get_emb moves its frequencies to the current CUDA device; on a CPU run they stay."""
+    def get_emb(max_seq_len: int, offset: int = 0) -> torch.Tensor:
+        freqs = rope.get_freqs_non_repeated(max_seq_len, offset)
+        return torch.cat((freqs, freqs), dim=-1)[:, None, None, :]  # not interleaved, as HF's rotate_half
+
+    rope.get_emb = get_emb
+
+
+def build_gpt(hf_config, family: Family, layout: Layout, *, dtype: torch.dtype, device: torch.device):
+    """This rank's (uninitialized) TP shards of the GPTModel for ``hf_config``; megatron parallel_state must be set."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_model import GPTModel
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    config = TransformerConfig(
+        num_layers=layout.layers, hidden_size=layout.hidden, num_attention_heads=layout.heads,
+        num_query_groups=layout.groups, kv_channels=layout.head_dim, ffn_hidden_size=layout.ffn,
+        tensor_model_parallel_size=layout.tp_size, normalization="RMSNorm",
+        layernorm_epsilon=getattr(hf_config, "rms_norm_eps", 1e-6), gated_linear_unit=True, activation_func=F.silu,
+        add_bias_linear=False, add_qkv_bias=family.qkv_bias, qk_layernorm=family.qk_norm, hidden_dropout=0.0,
+        attention_dropout=0.0, bias_activation_fusion=False, persist_layer_norm=False, apply_rope_fusion=False,
+        masked_softmax_fusion=False, gradient_accumulation_fusion=False, use_cpu_initialization=True,
+        perform_initialization=False, params_dtype=dtype, bf16=dtype == torch.bfloat16)
+    spec = get_gpt_layer_local_spec(qk_layernorm=family.qk_norm, normalization="RMSNorm")
+    on_cpu = device.type != "cuda"
+    if on_cpu:
+        spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    model = GPTModel(config, spec, vocab_size=layout.padded_vocab,
+                     max_sequence_length=getattr(hf_config, "max_position_embeddings", 4096),
+                     position_embedding_type="rope", parallel_output=True,
+                     share_embeddings_and_output_weights=layout.tied, **rope_settings(hf_config))
+    if on_cpu:
+        _rope_where_it_is(model.rotary_pos_emb)
+    return model
+
+
+def expose_projections(gpt: nn.Module, layout: Layout) -> None:
+    """Wrap each layer's linear_qkv, linear_proj, linear_fc1 and linear_fc2 in a :class:`Projections` whose children
+    are the HF projections (q_proj … down_proj). The wrappers are re-registered in HF order (q, k, v, o, gate, up,
+    down), so per-layer adapter seeds follow the HF model's module order."""
+    projections = layout.projection_rows()
+    for layer in gpt.decoder.layers:
+        for fused in ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2"):
+            parent_name, attr = fused.rsplit(".", 1)
+            parent, linear = layer.get_submodule(parent_name), layer.get_submodule(fused)
+            views = {p: ProjectionView(linear, rows, width) for p, (where, rows, width) in projections.items()
+                     if where == fused}
+            delattr(parent, attr)  # re-added last: HF order within the layer
+            setattr(parent, attr, Projections(linear, views))
+
+
+@dataclass
+class CausalLMOutput:
+    loss: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None
+
+
+class MegatronCausalLM(nn.Module):
+    """``gpt`` (a GPTModel, this rank's TP shards) with the HF causal-LM interface. Every TP rank calls it with the
+    same batch (forward and generate are collective over the TP group)."""
+
+    def __init__(self, gpt: nn.Module, layout: Layout, family: Family, hf_config, tp_group) -> None:
+        super().__init__()
+        self.gpt = gpt
+        self.layout, self.family, self.config, self.tp_group = layout, family, hf_config, tp_group
+        eos = getattr(hf_config, "eos_token_id", None)
+        self.eos_token_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+
+    def adapter_module_name(self, name: str) -> str:
+        """Adapter files name each projection as the HF model does (``gpt.decoder.layers.3.self_attention.linear_qkv.
+        q_proj`` → ``model.layers.3.self_attn.q_proj``): the adapter loads on the HF checkpoint, at any TP size."""
+        return hf_module_name(name.removeprefix("gpt.")) or name
+
+    def _vocab_logits(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """[b, s, V_pad/t] float32 logits of this rank's vocabulary part, padded entries −inf."""
+        logits = self.gpt(input_ids, None, attention_mask).float()
+        layout = self.layout
+        if layout.padded_vocab > layout.vocab:
+            per = layout.padded_vocab // layout.tp_size
+            ids = torch.arange(layout.tp_rank * per, (layout.tp_rank + 1) * per, device=logits.device)
+            logits = logits.masked_fill(ids >= layout.vocab, float("-inf"))
+        return logits
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
+                **unused) -> CausalLMOutput:
+        """loss: mean cross-entropy of labels[:, 1:] (−100 ignored) given logits[:, :-1], as HF computes it;
+        logits ([b, s, V], gathered over TP) only when no labels are given."""
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+        mask = self._attention_mask(attention_mask, position_ids)
+        logits = self._vocab_logits(input_ids, mask)
+        if labels is None:
+            full = logits if self.layout.tp_size == 1 else gather_last_dim(
+                logits, [logits.shape[-1]] * self.layout.tp_size, self.tp_group)
+            return CausalLMOutput(logits=full[..., : self.layout.vocab])
+        targets = labels[:, 1:]
+        valid = targets != -100
+        per_token = vocab_parallel_cross_entropy(logits[:, :-1].contiguous(), targets.masked_fill(~valid, 0))
+        return CausalLMOutput(loss=(per_token * valid).sum() / valid.sum().clamp(min=1))
+
+    @staticmethod
+    def _attention_mask(attention_mask, position_ids) -> Optional[torch.Tensor]:
+        """None (causal) for unpadded or right-padded rows; block-causal [b, 1, s, s] (True = masked) for packed rows
+        (position_ids restarting at 0 per example). Left padding is refused."""
+        if attention_mask is not None and (attention_mask[:, 1:] > attention_mask[:, :-1]).any():
+            raise ValueError("MegatronCausalLM: left-padded rows are not supported (pad on the right)")
+        if position_ids is None or not (position_ids[:, 1:] == 0).any():
+            return None
+        doc = (position_ids == 0).cumsum(dim=1)
+        s = position_ids.shape[1]
+        causal = torch.ones(s, s, dtype=torch.bool, device=position_ids.device).tril()
+        return ~((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                 max_new_tokens: int = 32, do_sample: bool = False, stopping_criteria=None, **unused) -> torch.Tensor:
+        """Greedy decoding of one or more unpadded prompts (no KV cache: each token re-reads the prefix)."""
+        if do_sample:
+            raise ValueError("MegatronCausalLM.generate decodes greedily only (do_sample=False)")
+        ids = input_ids
+        for _ in range(max_new_tokens):
+            logits = self.forward(ids).logits[:, -1]
+            ids = torch.cat([ids, logits.argmax(dim=-1, keepdim=True)], dim=1)
+            for criterion in stopping_criteria or []:
+                criterion(ids, None)
+            if all(int(t) in self.eos_token_ids for t in ids[:, -1]):
+                break
+        return ids
+
+
+def load_megatron_lm(model_dir: str | Path, *, dtype: torch.dtype, device: torch.device) -> MegatronCausalLM:
+    """The HF checkpoint at ``model_dir`` as this rank's shards of a GPTModel, projections exposed for KaSA.
+    megatron parallel_state must be initialized (its TP group splits the model)."""
+    from megatron.core import parallel_state as ps
+    from transformers import AutoConfig
+
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    family = family_of(hf_config)
+    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    check_supported(hf_config, family, tp)
+    layout = Layout.of(hf_config, tp, tp_rank)
+    gpt = build_gpt(hf_config, family, layout, dtype=dtype, device=device)
+    load_hf_checkpoint(gpt, model_dir, family, layout)
+    expose_projections(gpt, layout)
+    model = MegatronCausalLM(gpt.to(device), layout, family, hf_config, ps.get_tensor_model_parallel_group())
+    model.config._name_or_path = str(model_dir)
+    return model
+
+
+__all__ = ["MegatronCausalLM", "SDPACoreAttention", "build_gpt", "load_megatron_lm", "rope_settings",
+           "CausalLMOutput"]

@@ -1,0 +1,142 @@
+"""Worker for tests/placements/test_megatron_hf.py: HF checkpoints through megatron-core at TP=t, against the HF road.
+
+    torchrun --nproc_per_node t tests/placements/megatron_hf_worker.py --ckpts DIR --out DIR [--resume DIR]
+
+For each family checkpoint under --ckpts (llama, qwen2, qwen3; written by the test):
+    logits        HF model vs the megatron GPTModel built from the same files (float32), relative to max |logit|
+    roundtrip     the megatron shards gathered back to HF tensors vs the stored ones (bit-exact expected)
+    truncated     each projection's truncated weight (HF names, gathered) vs the float64 SVD reference
+    init          adapter tensors (HF names, gathered) vs the HF road's KaSA model with the same config
+    steps         3 SGD steps (momentum) of the same batch on both: logits, and each adapter tensor's ‖Δ‖/‖tensor‖
+    exported      rank 0: the adapter written from megatron, loaded with load_adapter on the HF checkpoint: logits
+                  vs megatron's; and exported as the rank-2r LoRA (export_lora_files), loaded by PEFT
+With --resume (a TP=1 run after a TP=2 one): the adapter the TP=2 run wrote is loaded into this run's megatron model;
+its logits vs the TP=2 run's (written to <resume>/<family>_logits.safetensors). Writes <out>/rank<R>.json.
+"""
+
+import argparse
+import json
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
+
+from kasa_ds import KaSAConfig, apply_kasa, kasa_regularization, load_adapter, save_adapter  # noqa: E402
+from kasa_ds.comm.processes import exit_now  # noqa: E402
+from kasa_ds.io.adapter import adapter_state_dict, gathered_adapter_state  # noqa: E402
+from kasa_ds.io.hf_checkpoint import iter_tensors  # noqa: E402
+from kasa_ds.io.lora import export_lora_files  # noqa: E402
+from kasa_ds.io.megatron_checkpoint import hf_state  # noqa: E402
+from kasa_ds.training.megatron_model import load_megatron_lm  # noqa: E402
+
+PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+CONFIG = dict(r=4, alpha=8, target_modules=PROJ, init_seed=5, beta=1e-2, gamma=1e-2)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / a.abs().max()).item()
+
+
+def reference_world(w: torch.Tensor, r: int) -> torch.Tensor:
+    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    return w.double() - (u[:, -r:] * s[-r:]) @ vh[-r:]
+
+
+def hf_model(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def run_family(path: Path, out: Path, tp_group, resume) -> dict:
+    from peft import PeftModel
+
+    family = path.name
+    rank = dist.get_rank()
+    ids = torch.randint(0, 250, (2, 12), generator=torch.Generator().manual_seed(1))
+    hf, mg = hf_model(path), load_megatron_lm(path, dtype=torch.float32, device=torch.device("cpu")).eval()
+    with torch.no_grad():
+        result = {"logits": rel(hf(ids).logits, mg(ids).logits)}
+        stored = dict(iter_tensors(path))
+        gathered = hf_state(mg.gpt, mg.family, mg.layout, tp_group)
+        result["roundtrip_keys"] = sorted(gathered) == sorted(stored)
+        result["roundtrip"] = max((gathered[k] - stored[k]).abs().max().item() for k in stored)
+    if resume is not None:  # the adapter written at another TP size, loaded here
+        load_adapter(mg, resume / f"adapter_{family}", show_progress=False)
+        with torch.no_grad():
+            result["resumed"] = rel(load_file(str(resume / f"{family}_logits.safetensors"))["logits"], mg(ids).logits)
+        return result
+
+    config = KaSAConfig(**CONFIG)
+    apply_kasa(hf, config, show_progress=False)
+    apply_kasa(mg, config, show_progress=False)
+    truncated = hf_state(mg.gpt, mg.family, mg.layout, tp_group)
+    result["truncated"] = max((truncated[k].double() - reference_world(stored[k], config.r)).abs().max().item()
+                              for k in stored if any(f".{p}.weight" in k for p in PROJ))
+    mine, theirs = {k: v for k, v in gathered_adapter_state(mg).items()}, adapter_state_dict(hf)
+    result["adapter_keys"] = sorted(mine) == sorted(theirs)
+    result["init"] = max((mine[k] - theirs[k]).abs().max().item() for k in theirs)
+
+    hf.train(), mg.train()
+    # SGD with momentum: Adam divides by √v, so an element whose gradient is at rounding level takes a ±lr step in
+    # either run, and comparing elements after Adam would measure rounding, not the method
+    optimizers = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
+                  for m in (hf, mg)]
+    losses = {"hf": [], "megatron": []}
+    for _ in range(3):
+        for name, model, opt in (("hf", hf, optimizers[0]), ("megatron", mg, optimizers[1])):
+            loss = model(ids, labels=ids).loss
+            (loss + kasa_regularization(model)).backward()
+            opt.step(), opt.zero_grad()
+            losses[name].append(loss.item())
+    hf.eval(), mg.eval()
+    with torch.no_grad():
+        mg_logits = mg(ids).logits
+        result["steps_logits"] = rel(hf(ids).logits, mg_logits)
+    mine, theirs = gathered_adapter_state(mg), adapter_state_dict(hf)
+    result["steps_adapter"] = max(((mine[k] - theirs[k]).norm() / theirs[k].norm()).item() for k in theirs)
+    result["losses"] = losses
+
+    adapter = out / f"adapter_{family}"
+    save_adapter(mg, adapter)  # collective: gathered over TP, written by rank 0
+    if rank == 0:
+        save_file({"logits": mg_logits.contiguous()}, str(out / f"{family}_logits.safetensors"))
+        fresh = hf_model(path)
+        load_adapter(fresh, adapter, show_progress=False)
+        with torch.no_grad():
+            result["exported"] = rel(mg_logits, fresh(ids).logits)
+        export_lora_files(adapter, out / f"lora_{family}", path)
+        peft = PeftModel.from_pretrained(hf_model(path), out / f"lora_{family}").eval()
+        with torch.no_grad():
+            result["exported_lora"] = rel(mg_logits, peft(input_ids=ids).logits)
+        result["adapter_config"] = json.loads((adapter / "adapter_config.json").read_text())
+    dist.barrier()
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--ckpts", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--resume", type=Path)
+    a = p.parse_args()
+    dist.init_process_group("gloo")
+    from megatron.core import parallel_state as ps
+
+    ps.initialize_model_parallel(tensor_model_parallel_size=dist.get_world_size())
+    torch.manual_seed(0)
+    results = {path.name: run_family(path, a.out, ps.get_tensor_model_parallel_group(), a.resume)
+               for path in sorted(a.ckpts.iterdir())}
+    results["tp_rank"] = ps.get_tensor_model_parallel_rank()
+    (a.out / f"rank{dist.get_rank()}.json").write_text(json.dumps(results))
+    ps.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
+    exit_now(0)
