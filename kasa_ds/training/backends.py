@@ -1,4 +1,5 @@
-"""How the recipe runs its model: a plain process, or a DeepSpeed engine (ZeRO 0–3, optionally AutoTP).
+"""How the recipe runs its model: a plain process, a DeepSpeed engine (ZeRO 0–3, optionally AutoTP), or megatron-core
+tensor parallelism on a Hugging Face checkpoint (``backend: megatron``).
 
 One backend object per run answers what was an if-chain at each site of the training script:
     before_loading  ZeRO-3: the model is then built partitioned (HfDeepSpeedConfig); no rank ever holds it whole
@@ -18,12 +19,19 @@ from functools import partial
 from typing import Optional
 
 import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..core.types import AdapterTensor
+from ..io.adapter import adapter_tensors
 from ..placements.tp.autotp import autotp_shard
+from ..placements.tp.spec import sharded_factor
+from ..registry import by_placement, placement_of
 from .checkpoint import DEEPSPEED_DIR
 from .config import ConfigError, TrainConfig
-from .models import load_model
+from .megatron_model import load_megatron_lm
+from .models import load_model, model_dir
 from .precision import MemoryGuard, autocast, build_optimizer, grad_scaler, lr_factor
 from .processes import ProcessEnv
 
@@ -194,6 +202,106 @@ class DeepSpeedBackend(PlainBackend):
         self.forward.load_checkpoint(str(directory), tag=DEEPSPEED_DIR, load_module_strict=False)
 
 
+class MegatronBackend(PlainBackend):
+    """megatron-core tensor parallelism on a Hugging Face checkpoint (kasa_ds.training.megatron_model): groups of
+    ``tensor_parallel`` consecutive ranks hold one model's shards, data parallel across the groups. Adapter gradients
+    are averaged over the data-parallel replicas and clipped by the TP=1 norm (a sharded factor's squares summed over
+    its TP group). The optimizer state is saved in the TP=1 layout, like the adapter: a checkpoint resumes at any TP
+    size (with the same data-parallel size: the global batch)."""
+
+    OPTIMIZER_FILE, SCHEDULER_FILE = "optimizer_moments.safetensors", "scheduler.json"
+    MOMENTS = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, cfg: TrainConfig, env: ProcessEnv) -> None:
+        from megatron.core import parallel_state
+
+        super().__init__(cfg, env)
+        if env.world % cfg.tensor_parallel:
+            raise ConfigError(f"tensor_parallel={cfg.tensor_parallel} does not divide the {env.world} ranks")
+        if not parallel_state.model_parallel_is_initialized():
+            parallel_state.initialize_model_parallel(tensor_model_parallel_size=cfg.tensor_parallel)
+        self.dp_group = parallel_state.get_data_parallel_group()
+        self.dp_rank, self.dp_world = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+
+    def load(self, section, pad_token_id: int, keep) -> nn.Module:
+        return load_megatron_lm(model_dir(section), dtype=getattr(torch, section.dtype), device=self.env.device)
+
+    def place(self, model: nn.Module) -> nn.Module:
+        return model  # built on its device, already split
+
+    def step(self) -> float:
+        """Average over the data-parallel replicas, clip by the global norm, step; a non-finite norm skips the step
+        (the same decision on every rank: the norm is the same everywhere)."""
+        for p in self.params:
+            if p.grad is not None and self.dp_world > 1:
+                dist.all_reduce(p.grad, group=self.dp_group)
+                p.grad /= self.dp_world
+        norm = tp_grad_norm(self.model)
+        self.loss_scale_skipped = False
+        if not math.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            return norm
+        clip = self.cfg.train.max_grad_norm
+        if clip and norm > clip:
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad.mul_(clip / (norm + 1e-6))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def save_state(self, directory) -> None:
+        """AdamW's moments gathered to the TP=1 layout (collective over each TP group), written by rank 0 with the
+        step count and the schedule."""
+        state, items = self.optimizer.state, adapter_tensors(self.model)
+        moments: dict[str, torch.Tensor] = {}
+        for kind in self.MOMENTS:
+            views = [AdapterTensor(item.key, state[item.param][kind], item.layer, item.name) for item in items]
+            for placement, group in by_placement(views):
+                moments.update({f"{key}:{kind}": value for key, value in placement.gather_adapter(group).items()})
+        if dist.get_rank() == 0:
+            save_file(moments, str(directory / self.OPTIMIZER_FILE))
+            steps = {state[item.param]["step"].item() for item in items}
+            (directory / self.SCHEDULER_FILE).write_text(json.dumps(
+                {"optimizer_step": steps.pop(), "lr": [g["lr"] for g in self.optimizer.param_groups],
+                 "scheduler": self.scheduler.state_dict()}))
+
+    def restore_state(self, directory) -> None:
+        """Each moment cut to this rank's shard by its placement (the checkpoint's TP size does not matter)."""
+        moments = load_file(str(directory / self.OPTIMIZER_FILE))
+        saved = json.loads((directory / self.SCHEDULER_FILE).read_text())
+        for item in adapter_tensors(self.model):
+            place = placement_of(item)
+            self.optimizer.state[item.param] = {
+                "step": torch.tensor(float(saved["optimizer_step"])),
+                **{kind: place.load_adapter_tensor(item, moments[f"{item.key}:{kind}"]).to(item.param)
+                   for kind in self.MOMENTS}}
+        for group, lr in zip(self.optimizer.param_groups, saved["lr"]):
+            group["lr"] = lr  # the scheduler sets it at its next step only
+        self.scheduler.load_state_dict(saved["scheduler"])
+
+
+@torch.no_grad()
+def tp_grad_norm(model: nn.Module) -> float:
+    """The L2 norm of the adapter gradients as one unsplit model has them: TP-sharded factors' squares are summed
+    over the TP group (one all-reduce), replicated ones counted once; the same value on every rank."""
+    grads = [(item, item.param.grad) for item in adapter_tensors(model) if item.param.grad is not None]
+    device = grads[0][1].device if grads else torch.device("cpu")
+    sharded, replicated = (torch.zeros((), dtype=torch.float64, device=device) for _ in range(2))
+    group = None
+    for item, grad in grads:
+        spec = getattr(item.layer, "spec", None)
+        if spec is not None and spec.tp_size > 1 and item.name == sharded_factor(spec):
+            sharded += grad.double().square().sum()
+            group = spec.group
+        else:
+            replicated += grad.double().square().sum()
+    if group is not None:  # every rank holds the same layers: all of them take part
+        dist.all_reduce(sharded, group=group)
+    return float((sharded + replicated).sqrt())
+
+
 @torch.no_grad()
 def grad_norm(params: list[torch.Tensor]) -> Optional[float]:
     """The L2 norm of the parameters' gradients (None when none has one)."""
@@ -202,6 +310,8 @@ def grad_norm(params: list[torch.Tensor]) -> Optional[float]:
 
 
 def make_backend(cfg: TrainConfig, env: ProcessEnv) -> PlainBackend:
+    if cfg.backend == "megatron":
+        return MegatronBackend(cfg, env)
     return DeepSpeedBackend(cfg, env) if cfg.ds_config else PlainBackend(cfg, env)
 
 

@@ -132,7 +132,8 @@ class TrainConfig:
     train: TrainSection = field(default_factory=TrainSection)
     output_dir: str = "outputs/run"
     ds_config: Optional[str] = None  # DeepSpeed JSON; set by --ds_config
-    tensor_parallel: int = 1  # > 1: DeepSpeed AutoTP of this size (HF models), KaSA adapters sharded with the base
+    tensor_parallel: int = 1  # > 1: TP of this size (AutoTP under DeepSpeed, or megatron-core), adapters sharded too
+    backend: str = "auto"  # auto (DeepSpeed with --ds_config, else one process) | megatron (megatron-core TP)
     distributed_timeout_minutes: int = 30  # a collective waiting longer than this fails the run (no silent hang)
     resume: str = "auto"  # auto (newest complete checkpoint in output_dir, if any) | none | <checkpoint dir>
     trust_checkpoint: bool = False  # resume from a checkpoint holding pickles that no run of this user sealed
@@ -271,12 +272,31 @@ def check_train(c: TrainConfig) -> None:
          f"resume={c.resume!r}: use auto, none or an existing checkpoint directory")
 
 
+def check_megatron(c: TrainConfig) -> None:
+    """backend: megatron runs HF causal LMs with megatron-core TP; what it does not do yet is refused by name."""
+    t, m = c.train, c.model
+    need(c.ds_config is None, "backend: megatron runs megatron-core's own parallelism: drop --ds_config")
+    need(m.task == "causal_lm", "backend: megatron trains causal LMs (model.task=causal_lm)")
+    need(m.quantize is None, "backend: megatron with model.quantize: 4-bit bases (QKaSA) run on the default backend")
+    need(not m.gradient_checkpointing, "model.gradient_checkpointing is not wired to megatron-core's recompute yet: "
+         "drop it with backend: megatron")
+    need(t.optimizer == "adamw", f"train.optimizer={t.optimizer} with backend: megatron: use adamw")
+    need(t.autocast is None, "train.autocast with backend: megatron: set model.dtype (bfloat16) instead")
+    need(t.max_memory_gib is None, "train.max_memory_gib with backend: megatron: plan with tools/plan_memory.py")
+    need(c.kasa.svd_cache is None, "kasa.svd_cache with backend: megatron: the TP truncation reduces Grams "
+         "across ranks instead; drop kasa.svd_cache")
+
+
 def check_parallel(c: TrainConfig) -> None:
     """DeepSpeed, tensor parallelism and what they exclude."""
     t = c.train
     need(c.distributed_timeout_minutes >= 1,
          f"distributed_timeout_minutes={c.distributed_timeout_minutes}: must be >= 1")
     need(c.tensor_parallel >= 1, f"tensor_parallel={c.tensor_parallel}: must be >= 1")
+    need(c.backend in ("auto", "megatron"), f"backend={c.backend!r}: choose auto or megatron")
+    if c.backend == "megatron":
+        check_megatron(c)
+        return
     if c.tensor_parallel > 1:
         need(c.ds_config is not None, f"tensor_parallel={c.tensor_parallel} needs the DeepSpeed launcher and "
              "--ds_config (AutoTP runs inside DeepSpeed), e.g. ds_configs/zero2.json")

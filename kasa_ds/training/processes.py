@@ -19,11 +19,12 @@ class ProcessEnv:
 
 
 def setup_distributed(cfg: TrainConfig) -> ProcessEnv:
-    """Initialize torch.distributed (through DeepSpeed) when launched with several ranks or DeepSpeed; pick CUDA
-    when present."""
+    """Initialize torch.distributed (through DeepSpeed, except for the megatron backend, which always needs it) when
+    launched with several ranks, DeepSpeed or megatron; pick CUDA when present."""
     rank, world = 0, 1
-    if cfg.ds_config or launcher_world_size() > 1:
-        rank, world = init_processes(deepspeed=True, timeout_minutes=cfg.distributed_timeout_minutes)
+    megatron = cfg.backend == "megatron"
+    if cfg.ds_config or launcher_world_size() > 1 or megatron:
+        rank, world = init_processes(deepspeed=not megatron, timeout_minutes=cfg.distributed_timeout_minutes)
     return ProcessEnv(rank, world, local_device())
 
 

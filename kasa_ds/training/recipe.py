@@ -70,7 +70,7 @@ class Recipe:
         Checks that write nothing come first; then rank 0 takes the directory (and, with resume=none, moves an
         earlier run's files aside)."""
         ranks = launcher_world_size()
-        if ranks > 1 and self.cfg.ds_config is None:
+        if ranks > 1 and self.cfg.ds_config is None and self.cfg.backend != "megatron":
             raise ConfigError(f"{ranks} ranks without --ds_config: nothing would synchronize their gradients; pass "
                               "--ds_config ds_configs/zero0.json (data parallel) or zero2/zero3")
         if self.cfg.train.max_memory_gib is not None and self.cfg.ds_config is None:
@@ -167,7 +167,8 @@ class Recipe:
         model = backend.load(cfg.model, self.tokenizer.pad_token_id, keep)
         self.model = backend.place(model)
         if backend.dp_world != self.env.world:
-            self.say(f"tensor parallel: {cfg.tensor_parallel}-way AutoTP × {backend.dp_world} data-parallel replicas")
+            self.say(f"tensor parallel: {cfg.tensor_parallel}-way {'megatron-core' if cfg.backend == 'megatron' else 'AutoTP'} "
+                     f"× {backend.dp_world} data-parallel replicas")
         truncate = None
         if cfg.kasa.svd_cache:
             cache = SVDCache(cfg.kasa.svd_cache, model_dir(cfg.model), self.kasa_config)
@@ -205,6 +206,7 @@ class Recipe:
                                sum(b["input_ids"].numel() for b in batches)], dtype=torch.float64, device=self.device)
         if self.env.world > 1:
             torch.distributed.all_reduce(tokens)  # every rank's tokens
+            tokens /= self.env.world // self.backend.dp_world  # a replica's TP ranks read the same batch
         seconds = time.perf_counter() - tic
         record = {"loss": loss, "kasa_reg": reg_value, "lr": backend.lr(),
                   **({"grad_norm": grad_norm} if grad_norm is not None else {}), "step_time": seconds, "tokens_per_s": tokens[0].item() / seconds,

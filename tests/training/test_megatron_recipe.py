@@ -1,0 +1,81 @@
+"""The recipe on the megatron backend (`backend: megatron`): a Hugging Face checkpoint split by megatron-core tensor
+parallelism on 2 CPU ranks (torchrun, gloo) trains exactly as the HF road in one process, and its checkpoint resumes
+at TP=1.
+
+Same batches, packing (block-causal attention from position_ids), eval, samples, checkpoints; losses, gradient norms
+and eval losses agree to float32 rounding (1e-5 relative: the fused q/k/v and gate/up matmuls and the
+vocabulary-parallel cross-entropy sum in another order), the adapter files hold the HF module names with the same
+tensors (‖Δ‖ ≤ 1e-5·‖tensor‖, measured ≤ 6e-6: per element, AdamW's division by √v turns a gradient at rounding level
+into a ±lr step either way, so elements are not compared one by one after Adam).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import free_port
+
+pytest.importorskip("megatron.core", reason="megatron-core is a [dev] dependency (pip install -e .[dev])")
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+def train(args: list[str], tmp: Path, nproc: int = 1) -> str:
+    runner = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                                                  str(nproc), "--master_port", str(free_port())]
+    proc = subprocess.run([*runner, str(REPO / "launch/train.py"), *args], cwd=tmp, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc.stdout
+
+
+def records(out: Path, split: str) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["split"] == split]
+
+
+def test_megatron_tp2_trains_as_the_hf_road_and_resumes_at_tp1(tmp_path, tiny_llama_dir):
+    base = ["--config", str(REPO / "configs/tiny_llama_instruct.yaml"), f"model.path={tiny_llama_dir}",
+            "kasa.dropout=0.0", "data.max_eval_examples=16", "data.packing=true", "train.max_steps=4",
+            "train.save_every=2", "train.eval_every=4", "train.micro_batch_size=4", "train.log_every=1",
+            "train.sample_prompts=1", "train.sample_max_new_tokens=6"]
+    hf_out = train([*base, "--output_dir", str(tmp_path / "hf")], tmp_path)
+    mg_out = train([*base, "backend=megatron", "tensor_parallel=2", "--output_dir", str(tmp_path / "tp2")], tmp_path,
+                   nproc=2)
+    assert "tensor parallel: 2-way megatron-core × 1 data-parallel replicas" in mg_out
+    hf, tp2 = records(tmp_path / "hf", "train"), records(tmp_path / "tp2", "train")
+    for key in ("loss", "grad_norm", "kasa_reg"):
+        assert [r[key] for r in tp2] == pytest.approx([r[key] for r in hf], rel=1e-5), key
+    assert [r["loss"] for r in records(tmp_path / "tp2", "eval")] == pytest.approx(
+        [r["loss"] for r in records(tmp_path / "hf", "eval")], rel=1e-5)
+    assert records(tmp_path / "tp2", "sample")[-1]["samples"] == records(tmp_path / "hf", "sample")[-1]["samples"]
+
+    a = load_file(str(tmp_path / "hf" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "tp2" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and "base_model.model.model.layers.1.self_attn.k_proj.lora_A.weight" in b
+    for k in a:
+        assert (a[k] - b[k]).norm() <= 1e-5 * a[k].norm(), k
+
+    # the TP=2 run's step-2 checkpoint continued on one rank: the same steps 3 and 4
+    train([*base, "backend=megatron", f"resume={tmp_path / 'tp2' / 'checkpoints' / 'step-0000002'}", "--output_dir",
+           str(tmp_path / "tp1")], tmp_path)
+    tp1 = records(tmp_path / "tp1", "train")
+    assert [r["step"] for r in tp1] == [3, 4]
+    assert [r["loss"] for r in tp1] == pytest.approx([r["loss"] for r in tp2[2:]], rel=1e-5)
+    assert "eval after" in hf_out
+
+
+def test_megatron_backend_refuses_what_it_does_not_run(tmp_path, tiny_llama_dir):
+    """Settings the megatron backend does not support yet are one error line naming the fix, before any work."""
+    proc = subprocess.run([sys.executable, str(REPO / "launch/train.py"), "--config",
+                           str(REPO / "configs/tiny_llama_instruct.yaml"), f"model.path={tiny_llama_dir}",
+                           "backend=megatron", "model.gradient_checkpointing=true"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: model.gradient_checkpointing is not wired")
