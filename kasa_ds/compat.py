@@ -30,7 +30,7 @@ _MOVED: dict[str, dict[str, str]] = {
     "hf_checkpoint": {n: "io.hf_checkpoint" for n in (
         "TensorInfo weight_files list_tensors read_tensor iter_tensors fingerprint ShardWriter module_key").split()},
     "layer": {n: "core.layer" for n in "KaSALinear AdapterFactor kasa_layers".split()},
-    "megatron_gpt": {n: "training.megatron_gpt" for n in "SDPACoreAttention build_gpt".split()},
+    "megatron_gpt": {n: "training.megatron_model" for n in "SDPACoreAttention build_gpt".split()},
     "memory_plan": {n: "training.memory_plan" for n in (
         "GiB RunShape ModelShape model_shape shape_of plan format_plan recipe_estimate recipe_run").split()},
     "metrics": {"MetricsLogger": "training.metrics"},

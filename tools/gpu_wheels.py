@@ -32,7 +32,7 @@ from packaging.tags import compatible_tags, cpython_tags
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
 REPO = Path(__file__).resolve().parents[1]
-ROOTS = ["bitsandbytes", "deepspeed", "trl", "datasets"]
+ROOTS = ["bitsandbytes", "deepspeed", "trl", "datasets", "megatron-core"]
 NO_WHEEL = {"deepspeed"}  # built here from the sdist
 # The device image's packages (device tool, KINDS.md, read 2026-11-17); kasa_ds's own needs are among them.
 IMAGE = set(map(canonicalize_name, """

@@ -90,7 +90,8 @@ def test_a_toy_placement_is_one_class_and_one_registry_line(tmp_path, monkeypatc
 
 def test_the_modules_that_name_concrete_placements():
     """Who must change when a placement is added: the registry (its one line) and the backends that build such a
-    model (training/, integrations/); the placements package itself. Nothing else."""
+    model (training/: the backends and the Megatron model builder, which exposes fused linears' projections;
+    integrations/); the placements package itself. Nothing else."""
     concrete = {"kasa_ds.placements.local", "kasa_ds.placements.zero3", "kasa_ds.placements.tp",
                 "kasa_ds.placements.scheduled"}
     naming = set()
@@ -106,4 +107,5 @@ def test_the_modules_that_name_concrete_placements():
                 target = ".".join(anchor + [node.module or ""]).strip(".")
                 if any(target == c or target.startswith(c + ".") for c in concrete):
                     naming.add(me)
-    assert naming == {"kasa_ds.registry", "kasa_ds.training.backends", "kasa_ds.integrations.transformers"}, naming
+    assert naming == {"kasa_ds.registry", "kasa_ds.training.backends", "kasa_ds.training.megatron_model",
+                      "kasa_ds.integrations.transformers"}, naming

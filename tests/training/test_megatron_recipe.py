@@ -79,3 +79,13 @@ def test_megatron_backend_refuses_what_it_does_not_run(tmp_path, tiny_llama_dir)
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: model.gradient_checkpointing is not wired")
+
+
+def test_former_megatron_demo_config_is_refused_by_the_alias(tmp_path):
+    """launch/megatron/train_gpt.py runs the recipe with backend=megatron; the former byte-level demo config is one
+    error line naming the road that replaced it (no training starts)."""
+    config = tmp_path / "old.yaml"
+    config.write_text("model:\n  num_layers: 2\n  checkpoint: /somewhere/megatron-lm\ntensor_parallel: 2\n")
+    proc = subprocess.run([sys.executable, str(REPO / "launch/megatron/train_gpt.py"), "--config", str(config)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "error: launch/megatron/train_gpt.py now runs the recipe" in proc.stderr
