@@ -50,7 +50,7 @@ def apply_kasa(model: nn.Module, config: KaSAConfig, *, truncate: Optional[Trunc
     start = time.perf_counter()
     targets, experts = find_targets(model, config), find_expert_targets(model, config)
     warn_left_out_experts(model, config)
-    fingerprint = fingerprint if fingerprint is not None else base_fingerprint(targets, model)
+    fingerprint = fingerprint if fingerprint is not None else base_fingerprint(targets, model, experts)
     if truncate is not None:
         layer_reports = truncate(targets, config) if targets else []
     else:
@@ -86,11 +86,21 @@ def adapter_module_name(model: Optional[nn.Module], name: str) -> str:
     return rename(name) if rename is not None else name
 
 
-def base_fingerprint(targets: list[Target], model: Optional[nn.Module] = None) -> dict[str, dict]:
+def base_fingerprint(targets: list[Target], model: Optional[nn.Module] = None,
+                     experts: list[ExpertsTarget] = ()) -> dict[str, dict]:
     """{target name (as adapter files name it): its sampled values and dtype} of the weights as they are now (before
-    truncation), on every rank; collective where a placement is sharded (every rank, same targets, same order)."""
-    return {adapter_module_name(model, t.name): fingerprint.record(t.placement.sample_weight(t, fingerprint.sample_positions(t.shape)),
-                                       t.format.sample_dtype(t.module)) for t in targets}
+    truncation), on every rank; collective where a placement is sharded (every rank, same targets, same order).
+    An experts module's projection is one entry, its experts stacked ((E·m) × n)."""
+    layers = {adapter_module_name(model, t.name): fingerprint.record(
+        t.placement.sample_weight(t, fingerprint.sample_positions(t.shape)), t.format.sample_dtype(t.module))
+        for t in targets}
+    for t in experts:
+        for p in t.projections:
+            (m, n), e = t.layout.shape(p), t.layout.num_experts
+            values = t.placement.sample_experts(t, p, fingerprint.sample_positions((e * m, n)))
+            layers[f"{adapter_module_name(model, t.name)}.{p}"] = fingerprint.record(
+                values, t.module.down_proj.dtype)
+    return layers
 
 
 def find_targets(model: nn.Module, config: KaSAConfig) -> list[Target]:

@@ -217,7 +217,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, svd_solver: Optio
     report = None
     if getattr(model, CONFIG_ATTR, None) is None:
         targets = check_fits(model, config, state, path)  # before anything is truncated: a misfit changes nothing
-        observed = base_fingerprint(targets, model)
+        observed = base_fingerprint(targets, model, find_expert_targets(model, config))
         check_same_base(recorded, observed, path, this_base, allow_other_base=allow_other_base)
         report = apply_kasa(model, config, show_progress=show_progress, fingerprint=observed)
     else:

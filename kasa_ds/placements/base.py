@@ -58,6 +58,11 @@ class Placement(ABC):
         (module, projection). Placements that do not hold experts never get one (the registry refuses first)."""
         raise RuntimeError(f"the {self.name} placement holds no experts: the registry refuses them before truncation")
 
+    def sample_experts(self, target: ExpertsTarget, projection: str, positions: torch.Tensor) -> torch.Tensor:
+        """The float32 values at flat ``positions`` of ``projection``'s weights, all experts stacked ((E·m) × n), on
+        every rank (kasa_ds.core.fingerprint)."""
+        raise RuntimeError(f"the {self.name} placement holds no experts: the registry refuses them before sampling")
+
     def sample_weight(self, target: Target, positions: torch.Tensor, group=None) -> torch.Tensor:
         """The float32 values of the whole weight at flat ``positions``, on every rank (kasa_ds.core.fingerprint).
         By default the weight is brought whole to rank 0 of ``group`` and the values broadcast; collective where

@@ -64,6 +64,11 @@ class LocalPlacement(Placement):
             reports.append(LayerReport(f"{t.name}.{p}", t.layout.shape(p), energy, time.perf_counter() - tic))
         return reports
 
+    @torch.no_grad()
+    def sample_experts(self, target: ExpertsTarget, projection: str, positions: torch.Tensor) -> torch.Tensor:
+        view = projection_weight(target.module, target.layout, projection)
+        return view.reshape(-1, view.shape[-1]).flatten()[positions.to(view.device)].float().cpu()
+
     def read_on_owner(self, target: Target, owner: int, group) -> Optional[torch.Tensor]:
         """The float32 weight on ``owner`` (every rank holds it; no communication), None elsewhere."""
         return target.format.read(target.module) if rank(group) == owner else None

@@ -201,3 +201,17 @@ def test_streamed_merge_refuses_a_fused_experts_checkpoint(tmp_path, capsys):
     with pytest.raises(SystemExit):
         merge_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged", dtype=torch.float32)
     assert "stores its experts fused" in capsys.readouterr().err and not (tmp_path / "merged").exists()
+
+
+def test_an_experts_only_adapter_is_bound_to_its_base(tmp_path):
+    """The experts' weights are in the recorded base fingerprint: an adapter of the experts alone loads on its own
+    base and is refused, naming the fix, on a model whose experts hold other weights."""
+    model = adapted("mixtral", targets=["gate_proj", "up_proj", "down_proj"])
+    save_adapter(model, tmp_path / "adapter")
+    load_adapter(tiny("mixtral"), tmp_path / "adapter", show_progress=False)
+    other = tiny("mixtral")
+    with torch.no_grad():
+        other.model.layers[1].mlp.experts.down_proj.mul_(1.01)
+    with pytest.raises(ValueError, match=r"belongs to another base.*layers.1.mlp.experts.down_proj"):
+        load_adapter(other, tmp_path / "adapter", show_progress=False)
+    assert not isinstance(other.model.layers[1].mlp.experts, KaSAExperts)  # refused before anything changed
