@@ -240,17 +240,22 @@ def check_megatron(a, device) -> dict:
     hf = llama(a.hidden, 2, device, dtype).eval()
     hf.save_pretrained(path)
     os.environ.setdefault("MASTER_PORT", "29533")
+    created = not torch.distributed.is_initialized()
     init_processes()
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
-    model = load_megatron_lm(path, dtype=dtype, device=device).eval()
-    tokens = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(1)).to(device)
-    with torch.no_grad():
-        want, got = hf(input_ids=tokens).logits.float(), model(tokens).logits.float()
-    error = ((want - got).abs().max() / want.abs().max()).item()
-    attention = type(model.gpt.decoder.layers[0].self_attention.core_attention).__name__
-    apply_kasa(model, KaSAConfig(r=8, alpha=16, target_modules=TARGETS), show_progress=False)
-    losses = train(model.train(), device, a.steps)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
+    try:
+        model = load_megatron_lm(path, dtype=dtype, device=device).eval()
+        tokens = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(1)).to(device)
+        with torch.no_grad():
+            want, got = hf(input_ids=tokens).logits.float(), model(tokens).logits.float()
+        error = ((want - got).abs().max() / want.abs().max()).item()
+        attention = type(model.gpt.decoder.layers[0].self_attention.core_attention).__name__
+        apply_kasa(model, KaSAConfig(r=8, alpha=16, target_modules=TARGETS), show_progress=False)
+        losses = train(model.train(), device, a.steps)
+    finally:  # leave the process as it was: later checks (and the tests' process) see no process group
+        parallel_state.destroy_model_parallel()
+        if created:
+            torch.distributed.destroy_process_group()
     ok = error <= 3e-2 and losses[-1] < losses[0] and (device.type != "cuda" or attention == "DotProductAttention")
     return {"pass": ok, "logits_vs_hf": error, "core_attention": attention, "dtype": str(dtype),
             "loss_first": losses[0], "loss_last": losses[-1]}
