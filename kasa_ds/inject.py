@@ -68,7 +68,7 @@ def apply_kasa(model: nn.Module, config: KaSAConfig, *, truncate: Optional[Trunc
     wrap_experts(model, experts, config)
     saved = set_trainable(model, config)
     setattr(model, CONFIG_ATTR, config)
-    setattr(model, FINGERPRINT_ATTR, fingerprint)
+    setattr(model, FINGERPRINT_ATTR, across_stages(model, fingerprint))  # an adapter names every stage's base
     if hasattr(model, "save_pretrained"):
         model.save_pretrained = refuse_save_pretrained  # this instance only; merge_kasa removes it
     numel = lambda p: math.prod(full_shape(p))  # noqa: E731  (ZeRO-3 partitions: the size they were cut from)
@@ -84,6 +84,14 @@ def adapter_module_name(model: Optional[nn.Module], name: str) -> str:
     kasa_ds.training.megatron_model.MegatronCausalLM.adapter_module_name)."""
     rename = getattr(model, "adapter_module_name", None)
     return rename(name) if rename is not None else name
+
+
+def across_stages(model: Optional[nn.Module], tensors: dict) -> dict:
+    """``tensors`` (keyed by adapter names) of every pipeline stage of ``model``, merged on every rank: collective over
+    the pipeline group for a model split into stages (its ``gather_stages``, kasa_ds.training.megatron_model); the
+    input itself for any other model."""
+    merge = getattr(model, "gather_stages", None)
+    return merge(tensors) if merge is not None else tensors
 
 
 def base_fingerprint(targets: list[Target], model: Optional[nn.Module] = None,
@@ -180,8 +188,12 @@ def wrap_experts(model: nn.Module, targets: list[ExpertsTarget], config: KaSACon
 
 
 def wrap_targets(model: nn.Module, targets: list[Target], config: KaSAConfig) -> None:
-    """Step 3: replace each target by its placement's KaSA layer; adapter init is seeded per layer if asked."""
-    for index, t in enumerate(targets):
+    """Step 3: replace each target by its placement's KaSA layer; adapter init is seeded per layer if asked (by the
+    target's index in the whole model: a pipeline stage's model says where its targets start, ``adapter_index_offset``
+    (kasa_ds.training.megatron_model))."""
+    offset = getattr(model, "adapter_index_offset", None)
+    first = offset(len(targets)) if offset is not None else 0
+    for index, t in enumerate(targets, start=first):
         layer = t.placement.wrap(t, config)
         layer.placement = t.placement  # the one decision, remembered: io/ asks the layer's placement
         if config.init_seed is not None:

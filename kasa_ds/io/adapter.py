@@ -30,7 +30,7 @@ from ..core.experts import expert_layers
 from ..core.layer import kasa_layers
 from ..core.types import AdapterTensor, KaSAReport
 from ..core import fingerprint
-from ..inject import (CONFIG_ATTR, FINGERPRINT_ATTR, adapter_module_name, apply_kasa, base_fingerprint,
+from ..inject import (CONFIG_ATTR, FINGERPRINT_ATTR, across_stages, adapter_module_name, apply_kasa, base_fingerprint,
                       find_expert_targets, find_targets, get_config, modules_to_save)
 from ..registry import by_placement, format_of, full_shape, placement_of
 from .files import atomic_directory, check_output_dir
@@ -72,7 +72,7 @@ def gathered_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for placement, group in by_placement(items):  # the registry's order on every rank
         state.update(placement.gather_adapter(group))
-    return {PREFIX + item.key: state[item.key] for item in items if item.key in state}
+    return across_stages(model, {PREFIX + item.key: state[item.key] for item in items if item.key in state})
 
 
 def adapter_metadata(model: nn.Module) -> dict:
@@ -252,7 +252,7 @@ def check_fits(model: nn.Module, config: KaSAConfig, state: dict[str, torch.Tens
         expected.update({f"{PREFIX}{name}.{p}": full_shape(v)
                          for p, v in model.get_submodule(name).named_parameters()})
     missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    unexpected = sorted(set(state) - set(across_stages(model, expected)))  # another pipeline stage's are expected
     wrong = [k for k in expected if k in state and tuple(state[k].shape) != expected[k]]
     if missing or unexpected or wrong:
         raise ValueError(f"{path}: the adapter does not fit this model ({len(missing)} missing keys, e.g. "
@@ -300,7 +300,8 @@ def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None
     trained at any TP size (or on one process, or by PEFT) loads at any other."""
     items = {PREFIX + item.key: item for item in adapter_tensors(model)}
     expected = set(items)
-    unexpected = [k for k in state if k not in expected]
+    every_stage = across_stages(model, dict.fromkeys(expected))  # another pipeline stage's keys are expected too
+    unexpected = [k for k in state if k not in every_stage]
     missing = [k for k in expected if k not in state]
     if unexpected or missing:
         raise ValueError(f"adapter does not fit this model: {len(missing)} missing keys (e.g. {missing[:2]}), "
@@ -309,7 +310,9 @@ def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None
     check_finite(state, "adapter state")
     with torch.no_grad():
         for key, value in state.items():
-            item = items[key]
+            item = items.get(key)
+            if item is None:
+                continue  # another pipeline stage's tensor
             param = item.param
             value = placement_of(item).load_adapter_tensor(item, value)
             if tuple(param.shape) != tuple(value.shape):

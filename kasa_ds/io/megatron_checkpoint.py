@@ -100,7 +100,8 @@ def family_of(hf_config) -> Family:
 
 @dataclass(frozen=True)
 class Layout:
-    """The shapes of one HF model as megatron-core splits them over ``tp_size`` ranks (this rank: ``tp_rank``)."""
+    """The shapes of one HF model as megatron-core splits them over ``tp_size`` TP ranks and ``pp_size`` pipeline
+    stages (this rank: ``tp_rank`` of stage ``pp_rank``, which holds the layers :attr:`stage_layers`)."""
 
     hidden: int
     heads: int
@@ -112,14 +113,22 @@ class Layout:
     tied: bool
     tp_size: int = 1
     tp_rank: int = 0
+    pp_size: int = 1
+    pp_rank: int = 0
 
     @classmethod
-    def of(cls, hf_config, tp_size: int = 1, tp_rank: int = 0) -> "Layout":
+    def of(cls, hf_config, tp_size: int = 1, tp_rank: int = 0, pp_size: int = 1, pp_rank: int = 0) -> "Layout":
         heads = hf_config.num_attention_heads
         head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
         return cls(hf_config.hidden_size, heads, getattr(hf_config, "num_key_value_heads", None) or heads, head_dim,
                    hf_config.intermediate_size, hf_config.vocab_size, hf_config.num_hidden_layers,
-                   bool(getattr(hf_config, "tie_word_embeddings", False)), tp_size, tp_rank)
+                   bool(getattr(hf_config, "tie_word_embeddings", False)), tp_size, tp_rank, pp_size, pp_rank)
+
+    @property
+    def stage_layers(self) -> range:
+        """The decoder layers (global indices) of this pipeline stage: megatron's even split."""
+        per = self.layers // self.pp_size
+        return range(self.pp_rank * per, (self.pp_rank + 1) * per)
 
     @property
     def padded_vocab(self) -> int:
@@ -228,25 +237,26 @@ def _shard(kind: str, hf: tuple[str, ...], read: _Reader, layout: Layout) -> tor
     raise AssertionError(kind)
 
 
-def megatron_names(family: Family, layout: Layout, layers: range) -> dict[str, tuple[str, tuple[str, ...]]]:
-    """megatron name (GPTModel, layers numbered from 0 on this stage) → (kind, HF names) for the stage holding
-    ``layers`` (global indices); the output layer is left out when the embeddings are tied."""
+def megatron_names(family: Family, layout: Layout) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """megatron name (GPTModel, layers numbered from 0 on this stage) → (kind, HF names) for this rank's stage; the
+    embedding and output layer wherever a stage may hold them (the output layer of a tied model is the embedding:
+    megatron keeps a copy on the last stage when there are several)."""
     names = {}
-    for local, layer in enumerate(layers):
+    for local, layer in enumerate(layout.stage_layers):
         for m, (kind, hf) in family.layer.items():
             names[f"decoder.layers.{local}.{m}"] = (kind, tuple(f"model.layers.{layer}.{h}" for h in hf))
-    names.update({k: v for k, v in OUTER.items() if not (layout.tied and k == "output_layer.weight")})
+    names.update(OUTER)
+    if layout.tied:
+        names["output_layer.weight"] = OUTER["embedding.word_embeddings.weight"]
     return names
 
 
 @torch.no_grad()
-def load_hf_checkpoint(model: nn.Module, model_dir: str | Path, family: Family, layout: Layout,
-                       layers: Optional[range] = None) -> None:
-    """Fill a GPTModel (this rank's TP shards of ``layers``, all by default) from the HF checkpoint, slice by slice.
-    Every parameter must be written with its exact shape, else MegatronCheckpointError naming it."""
+def load_hf_checkpoint(model: nn.Module, model_dir: str | Path, family: Family, layout: Layout) -> None:
+    """Fill a GPTModel (this rank's TP shards of its stage's layers) from the HF checkpoint, slice by slice. Every
+    parameter must be written with its exact shape, else MegatronCheckpointError naming it."""
     check_checkpoint(model_dir, family, layout)
-    layers = range(layout.layers) if layers is None else layers
-    table = megatron_names(family, layout, layers)
+    table = megatron_names(family, layout)
     params = dict(model.named_parameters())
     left_out = sorted(set(params) - set(table))
     if left_out:
@@ -264,15 +274,21 @@ def load_hf_checkpoint(model: nn.Module, model_dir: str | Path, family: Family, 
 
 @torch.no_grad()
 def hf_state(model: nn.Module, family: Family, layout: Layout, group=None) -> dict[str, torch.Tensor]:
-    """The HF-named full tensors of a (TP=t, one stage) GPTModel, on every rank of its TP group: each parameter is
+    """The HF-named full tensors of this rank's stage of a GPTModel, on every rank of its TP group: each parameter is
     all-gathered over ``group`` and put back in the HF layout (inverse of :func:`load_hf_checkpoint`). For checks
-    and small models: every rank ends up holding the whole stage."""
+    and small models: every rank ends up holding its whole stage."""
     t = layout.tp_size
     out = {}
-    for name, (kind, hf) in megatron_names(family, layout, range(layout.layers)).items():
+    for name, (kind, hf) in megatron_names(family, layout).items():
         module_name, _, param = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        local = getattr(getattr(module, "base_layer", module), param).detach()  # also once wrapped for KaSA
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            continue  # held by another pipeline stage
+        local = getattr(getattr(module, "base_layer", module), param, None)  # also once wrapped for KaSA
+        if not isinstance(local, torch.Tensor):
+            continue  # the output layer of a tied model on one stage: the embedding itself
+        local = local.detach()
         parts = [local] if t == 1 else [torch.empty_like(local) for _ in range(t)]
         if t > 1:
             dist.all_gather(parts, local.contiguous(), group=group)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -73,7 +74,7 @@ def rope_settings(hf_config) -> dict:
                                   f"and llama3 with {LLAMA3_ROPE}); train this model on the Hugging Face road")
 
 
-def check_supported(hf_config, family: Family, tp: int) -> None:
+def check_supported(hf_config, family: Family, tp: int, pp: int = 1) -> None:
     """One error naming every setting of the checkpoint the Megatron road would compute differently."""
     problems = []
     if getattr(hf_config, "hidden_act", "silu") != "silu":
@@ -84,6 +85,8 @@ def check_supported(hf_config, family: Family, tp: int) -> None:
                                                           getattr(hf_config, "sliding_window", None)):
         problems.append(f"sliding-window attention (sliding_window={getattr(hf_config, 'sliding_window', None)})")
     layout = Layout.of(hf_config)
+    if layout.layers % pp:
+        problems.append(f"pipeline_parallel={pp} must divide the {layout.layers} decoder layers")
     if layout.groups % tp or layout.heads % tp:
         problems.append(f"tensor_parallel={tp} must divide the {layout.heads} attention heads and {layout.groups} "
                         "key/value heads")
@@ -112,7 +115,8 @@ def build_gpt(hf_config, family: Family, layout: Layout, *, dtype: torch.dtype, 
     config = TransformerConfig(
         num_layers=layout.layers, hidden_size=layout.hidden, num_attention_heads=layout.heads,
         num_query_groups=layout.groups, kv_channels=layout.head_dim, ffn_hidden_size=layout.ffn,
-        tensor_model_parallel_size=layout.tp_size, normalization="RMSNorm",
+        tensor_model_parallel_size=layout.tp_size, pipeline_model_parallel_size=layout.pp_size, pipeline_dtype=dtype,
+        normalization="RMSNorm",
         layernorm_epsilon=getattr(hf_config, "rms_norm_eps", 1e-6), gated_linear_unit=True, activation_func=F.silu,
         add_bias_linear=False, add_qkv_bias=family.qkv_bias, qk_layernorm=family.qk_norm, hidden_dropout=0.0,
         attention_dropout=0.0, bias_activation_fusion=False, persist_layer_norm=False, apply_rope_fusion=False,
@@ -122,13 +126,38 @@ def build_gpt(hf_config, family: Family, layout: Layout, *, dtype: torch.dtype, 
     on_cpu = device.type != "cuda"
     if on_cpu:
         spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
-    model = GPTModel(config, spec, vocab_size=layout.padded_vocab,
+    model = GPTModel(config, spec, vocab_size=layout.padded_vocab, pre_process=layout.pp_rank == 0,
+                     post_process=layout.pp_rank == layout.pp_size - 1,
                      max_sequence_length=getattr(hf_config, "max_position_embeddings", 4096),
                      position_embedding_type="rope", parallel_output=True,
-                     share_embeddings_and_output_weights=layout.tied, **rope_settings(hf_config))
+                     # with pipeline stages the last one holds its own copy of a tied (frozen) embedding, loaded
+                     # from the same tensor: megatron's shared-weight sync moves it to CUDA and trains nothing here
+                     share_embeddings_and_output_weights=layout.tied and layout.pp_size == 1,
+                     **rope_settings(hf_config))
     if on_cpu:
         _rope_where_it_is(model.rotary_pos_emb)
     return model
+
+
+class _PipelineLoss(torch.autograd.Function):
+    """A stage before the last one: its handle on the pipeline's loss. Forward returns the loss the last stage
+    broadcast (``loss``); backward receives from the next stage the gradient of this stage's output ``out`` (already
+    scaled as the last stage's loss was: one weight per micro-batch on every stage) and passes it into this stage."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, loss: torch.Tensor, next_rank: int) -> torch.Tensor:
+        ctx.shape, ctx.dtype, ctx.device, ctx.next_rank = out.shape, out.dtype, out.device, next_rank
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        received = torch.empty(ctx.shape, dtype=ctx.dtype, device=ctx.device)
+        dist.recv(received, src=ctx.next_rank)
+        return received, None, None
+
+
+def _send_back(grad: torch.Tensor, to: int) -> None:
+    dist.send(grad.contiguous(), dst=to)
 
 
 def expose_projections(gpt: nn.Module, layout: Layout) -> None:
@@ -156,21 +185,55 @@ class MegatronCausalLM(nn.Module):
     """``gpt`` (a GPTModel, this rank's TP shards) with the HF causal-LM interface. Every TP rank calls it with the
     same batch (forward and generate are collective over the TP group)."""
 
-    def __init__(self, gpt: nn.Module, layout: Layout, family: Family, hf_config, tp_group) -> None:
+    def __init__(self, gpt: nn.Module, layout: Layout, family: Family, hf_config, tp_group, pipeline=None) -> None:
+        """``pipeline``: (group, previous stage's rank, next stage's rank, last stage's rank) in global ranks, for
+        pipeline parallelism (None: one stage)."""
         super().__init__()
         self.gpt = gpt
         self.layout, self.family, self.config, self.tp_group = layout, family, hf_config, tp_group
+        self.pipeline = pipeline
+        self.first_stage, self.last_stage = layout.pp_rank == 0, layout.pp_rank == layout.pp_size - 1
         eos = getattr(hf_config, "eos_token_id", None)
         self.eos_token_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+
+    def gather_stages(self, tensors: dict) -> dict:
+        """Every pipeline stage's ``tensors`` (keyed by HF names: adapter tensors, fingerprints) merged, on every rank
+        (collective over the pipeline group; the input itself without pipeline parallelism)."""
+        if self.pipeline is None:
+            return tensors
+        parts = [None] * self.layout.pp_size
+        dist.all_gather_object(parts, {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in tensors.items()},
+                               group=self.pipeline[0])
+        return {k: v for part in parts for k, v in part.items()}
+
+    def adapter_index_offset(self, targets_here: int) -> int:
+        """The index in the whole model of this stage's first KaSA target (every stage holds as many layers, so as
+        many targets): per-layer adapter seeds then match the HF model's."""
+        return self.layout.pp_rank * targets_here
 
     def adapter_module_name(self, name: str) -> str:
         """Adapter files name each projection as the HF model does (``gpt.decoder.layers.3.self_attention.linear_qkv.
         q_proj`` → ``model.layers.3.self_attn.q_proj``): the adapter loads on the HF checkpoint, at any TP size."""
-        return hf_module_name(name.removeprefix("gpt.")) or name
+        return hf_module_name(name.removeprefix("gpt."), self.layout.stage_layers.start) or name
 
-    def _vocab_logits(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """[b, s, V_pad/t] float32 logits of this rank's vocabulary part, padded entries −inf."""
-        logits = self.gpt(input_ids, None, attention_mask).float()
+    def _stage(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """This stage's output: hidden states [s, b, h] (a stage before the last), or the last stage's [b, s, V_pad/t]
+        float32 logits of this rank's vocabulary part, padded entries −inf. A later stage receives its input from
+        the previous one (and, when gradients are on, sends that input's gradient back during backward)."""
+        if not self.first_stage:
+            _, prev, _, _ = self.pipeline
+            dtype = next(self.gpt.parameters()).dtype
+            hidden = torch.empty(input_ids.shape[1], input_ids.shape[0], self.layout.hidden, dtype=dtype,
+                                 device=input_ids.device)
+            dist.recv(hidden, src=prev)
+            if torch.is_grad_enabled():
+                hidden.requires_grad_()
+                hidden.register_hook(lambda grad: _send_back(grad, prev))
+            self.gpt.set_input_tensor(hidden)
+        out = self.gpt(input_ids, None, attention_mask)
+        if not self.last_stage:
+            return out
+        logits = out.float()
         layout = self.layout
         if layout.padded_vocab > layout.vocab:
             per = layout.padded_vocab // layout.tp_size
@@ -186,15 +249,31 @@ class MegatronCausalLM(nn.Module):
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
         mask = self._attention_mask(attention_mask, position_ids)
-        logits = self._vocab_logits(input_ids, mask)
+        out = self._stage(input_ids, mask)
+        if not self.last_stage:  # send this stage's output on; the last stage's result comes back
+            group, _, following, last = self.pipeline
+            dist.send(out.detach().contiguous(), dst=following)
+            if labels is None:
+                logits = torch.empty(*input_ids.shape, self.layout.vocab, device=input_ids.device)
+                dist.broadcast(logits, src=last, group=group)
+                return CausalLMOutput(logits=logits)
+            loss = torch.empty((), device=input_ids.device)
+            dist.broadcast(loss, src=last, group=group)
+            return CausalLMOutput(loss=_PipelineLoss.apply(out, loss, following))
         if labels is None:
-            full = logits if self.layout.tp_size == 1 else gather_last_dim(
-                logits, [logits.shape[-1]] * self.layout.tp_size, self.tp_group)
-            return CausalLMOutput(logits=full[..., : self.layout.vocab])
+            full = out if self.layout.tp_size == 1 else gather_last_dim(
+                out, [out.shape[-1]] * self.layout.tp_size, self.tp_group)
+            logits = full[..., : self.layout.vocab].contiguous()
+            if self.pipeline is not None:
+                dist.broadcast(logits.detach(), src=self.pipeline[3], group=self.pipeline[0])
+            return CausalLMOutput(logits=logits)
         targets = labels[:, 1:]
         valid = targets != -100
-        per_token = vocab_parallel_cross_entropy(logits[:, :-1].contiguous(), targets.masked_fill(~valid, 0))
-        return CausalLMOutput(loss=(per_token * valid).sum() / valid.sum().clamp(min=1))
+        per_token = vocab_parallel_cross_entropy(out[:, :-1].contiguous(), targets.masked_fill(~valid, 0))
+        loss = (per_token * valid).sum() / valid.sum().clamp(min=1)
+        if self.pipeline is not None:
+            dist.broadcast(loss.detach().clone(), src=self.pipeline[3], group=self.pipeline[0])
+        return CausalLMOutput(loss=loss)
 
     @staticmethod
     def _attention_mask(attention_mask, position_ids) -> Optional[torch.Tensor]:
@@ -235,12 +314,18 @@ def load_megatron_lm(model_dir: str | Path, *, dtype: torch.dtype, device: torch
     hf_config = AutoConfig.from_pretrained(model_dir)
     family = family_of(hf_config)
     tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-    check_supported(hf_config, family, tp)
-    layout = Layout.of(hf_config, tp, tp_rank)
+    pp, pp_rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
+    check_supported(hf_config, family, tp, pp)
+    layout = Layout.of(hf_config, tp, tp_rank, pp, pp_rank)
     gpt = build_gpt(hf_config, family, layout, dtype=dtype, device=device)
     load_hf_checkpoint(gpt, model_dir, family, layout)
     expose_projections(gpt, layout)
-    model = MegatronCausalLM(gpt.to(device), layout, family, hf_config, ps.get_tensor_model_parallel_group())
+    pipeline = None
+    if pp > 1:
+        pipeline = (ps.get_pipeline_model_parallel_group(), ps.get_pipeline_model_parallel_prev_rank(),
+                    ps.get_pipeline_model_parallel_next_rank(), ps.get_pipeline_model_parallel_last_rank())
+    model = MegatronCausalLM(gpt.to(device), layout, family, hf_config, ps.get_tensor_model_parallel_group(),
+                             pipeline)
     model.config._name_or_path = str(model_dir)
     return model
 

@@ -1,6 +1,8 @@
 """Worker for tests/placements/test_megatron_hf.py: HF checkpoints through megatron-core at TP=t, against the HF road.
 
-    torchrun --nproc_per_node t tests/placements/megatron_hf_worker.py --ckpts DIR --out DIR [--resume DIR]
+    torchrun --nproc_per_node N tests/placements/megatron_hf_worker.py --ckpts DIR --out DIR [--pp P] [--resume DIR]
+
+(TP = N / P, P pipeline stages; stage-held tensors are merged over the stages before they are compared.)
 
 For each family checkpoint under --ckpts (llama, qwen2, qwen3; written by the test):
     logits        HF model vs the megatron GPTModel built from the same files (float32), relative to max |logit|
@@ -62,7 +64,7 @@ def run_family(path: Path, out: Path, tp_group, resume) -> dict:
     with torch.no_grad():
         result = {"logits": rel(hf(ids).logits, mg(ids).logits)}
         stored = dict(iter_tensors(path))
-        gathered = hf_state(mg.gpt, mg.family, mg.layout, tp_group)
+        gathered = mg.gather_stages(hf_state(mg.gpt, mg.family, mg.layout, tp_group))
         result["roundtrip_keys"] = sorted(gathered) == sorted(stored)
         result["roundtrip"] = max((gathered[k] - stored[k]).abs().max().item() for k in stored)
     if resume is not None:  # the adapter written at another TP size, loaded here
@@ -74,10 +76,10 @@ def run_family(path: Path, out: Path, tp_group, resume) -> dict:
     config = KaSAConfig(**CONFIG)
     apply_kasa(hf, config, show_progress=False)
     apply_kasa(mg, config, show_progress=False)
-    truncated = hf_state(mg.gpt, mg.family, mg.layout, tp_group)
+    truncated = mg.gather_stages(hf_state(mg.gpt, mg.family, mg.layout, tp_group))
     result["truncated"] = max((truncated[k].double() - reference_world(stored[k], config.r)).abs().max().item()
                               for k in stored if any(f".{p}.weight" in k for p in PROJ))
-    mine, theirs = {k: v for k, v in gathered_adapter_state(mg).items()}, adapter_state_dict(hf)
+    mine, theirs = gathered_adapter_state(mg), adapter_state_dict(hf)  # every TP rank's and stage's part
     result["adapter_keys"] = sorted(mine) == sorted(theirs)
     result["init"] = max((mine[k] - theirs[k]).abs().max().item() for k in theirs)
 
@@ -97,12 +99,12 @@ def run_family(path: Path, out: Path, tp_group, resume) -> dict:
     with torch.no_grad():
         mg_logits = mg(ids).logits
         result["steps_logits"] = rel(hf(ids).logits, mg_logits)
-    mine, theirs = gathered_adapter_state(mg), adapter_state_dict(hf)
+    mine, theirs = gathered_adapter_state(mg), adapter_state_dict(hf)  # every TP rank's and stage's part
     result["steps_adapter"] = max(((mine[k] - theirs[k]).norm() / theirs[k].norm()).item() for k in theirs)
     result["losses"] = losses
 
     adapter = out / f"adapter_{family}"
-    save_adapter(mg, adapter)  # collective: gathered over TP, written by rank 0
+    save_adapter(mg, adapter)  # collective: gathered over TP and the stages, written by rank 0
     if rank == 0:
         save_file({"logits": mg_logits.contiguous()}, str(out / f"{family}_logits.safetensors"))
         fresh = hf_model(path)
@@ -123,11 +125,13 @@ def main() -> None:
     p.add_argument("--ckpts", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--resume", type=Path)
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages (TP = world / pp)")
     a = p.parse_args()
     dist.init_process_group("gloo")
     from megatron.core import parallel_state as ps
 
-    ps.initialize_model_parallel(tensor_model_parallel_size=dist.get_world_size())
+    ps.initialize_model_parallel(tensor_model_parallel_size=dist.get_world_size() // a.pp,
+                                 pipeline_model_parallel_size=a.pp)
     torch.manual_seed(0)
     results = {path.name: run_family(path, a.out, ps.get_tensor_model_parallel_group(), a.resume)
                for path in sorted(a.ckpts.iterdir())}

@@ -1,5 +1,6 @@
 """Hugging Face checkpoints through megatron-core (torchrun, gloo, CPU): the import, per-projection KaSA on the fused
-layers against the HF road, the adapter exported under HF names and loaded at another TP size.
+layers against the HF road at TP=2 and with two pipeline stages, the adapter exported under HF names and loaded at
+another TP size.
 
 Tolerances: the megatron model computes the same float32 arithmetic in another order (fused q/k/v and gate/up
 matmuls, vocabulary-parallel cross-entropy, sums split over TP ranks), so logits agree to float32 rounding, a few
@@ -84,6 +85,20 @@ def test_tp2_matches_the_hf_road(tp2_run):
         assert config["task_type"] == "CAUSAL_LM" and config["base_model_name_or_path"].endswith(family)
         assert sorted(config["target_modules"]) == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                             "up_proj", "down_proj"])
+
+
+def test_pp2_matches_the_hf_road(tp2_run, tmp_path):
+    """Two pipeline stages (megatron's pre_process / post_process, activations and their gradients sent over gloo):
+    the same checks as at TP=2; each stage reads only its own layers, and the export merges both stages."""
+    ckpts, _, _ = tp2_run
+    for rank in torchrun(2, ckpts, tmp_path, "--pp", "2"):
+        for family in FAMILIES:
+            r = rank[family]
+            assert r["logits"] < 1e-5 and r["roundtrip"] == 0.0 and r["truncated"] < 1e-6, (family, r)
+            assert r["adapter_keys"] and r["init"] == 0.0, (family, r)
+            assert r["steps_logits"] < 1e-5 and r["steps_adapter"] < 1e-5, (family, r)
+            if "exported" in r:
+                assert r["exported"] < 1e-5 and r["exported_lora"] < 1e-5, (family, r)
 
 
 def test_tp1_import_and_adapter_saved_at_tp2(tp2_run, tmp_path):

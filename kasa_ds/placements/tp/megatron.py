@@ -24,7 +24,7 @@ def megatron_spec(module: nn.Module, name: str) -> Optional[ShardSpec]:
             return spec
         tp = spec.tp_size
         return ShardSpec(0, (module.full_rows, spec.full_shape[1]), (len(module.rows),) * tp, spec.group,
-                         returns_bias=True, dp_group=spec.dp_group, rows=module.rows)
+                         returns_bias=True, dp_group=spec.dp_group, rows=module.rows, stage_group=spec.stage_group)
     if not isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
         return None
     if module.weight is None:
@@ -37,14 +37,17 @@ def megatron_spec(module: nn.Module, name: str) -> Optional[ShardSpec]:
         raise ValueError(f"{name}: expert-parallel linears are not supported; exclude the MoE experts "
                          "(exclude_modules)")
     tp = dist.get_world_size(module.tp_group) if dist.is_initialized() else 1
-    dp_group = parallel_state.get_data_parallel_group() if parallel_state.model_parallel_is_initialized() else None
+    initialized = parallel_state.model_parallel_is_initialized()
+    dp_group = parallel_state.get_data_parallel_group() if initialized else None
+    stage = (parallel_state.get_tensor_and_data_parallel_group()
+             if initialized and parallel_state.get_pipeline_model_parallel_world_size() > 1 else None)
     if isinstance(module, ColumnParallelLinear):
         # megatron's gated MLP fuses [gate; up] into linear_fc1 and splits each half over the TP ranks
         glu = name.rsplit(".", 1)[-1] == "linear_fc1" and getattr(getattr(module, "config", None),
                                                                   "gated_linear_unit", False)
         return ShardSpec(0, (module.output_size, module.input_size), (module.output_size_per_partition,) * tp,
                          module.tp_group, gather_output=module.gather_output, returns_bias=True, dp_group=dp_group,
-                         chunks=2 if glu else 1)
+                         chunks=2 if glu else 1, stage_group=stage)
     return ShardSpec(1, (module.output_size, module.input_size), (module.input_size_per_partition,) * tp,
                      module.tp_group, input_is_parallel=module.input_is_parallel, returns_bias=True,
-                     dp_group=dp_group)
+                     dp_group=dp_group, stage_group=stage)

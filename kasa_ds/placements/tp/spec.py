@@ -39,6 +39,9 @@ class ShardSpec:
     #: one projection of a fused column-parallel linear (kasa_ds.placements.tp.fused): which rows of the local
     #: weight shard are this projection's, in its own row order (None: the whole shard)
     rows: Optional[torch.Tensor] = None
+    #: the ranks that hold this layer's pipeline stage (DP × TP ranks of one stage; None: the whole world): the
+    #: truncation's schedule and broadcasts run over it
+    stage_group: Optional[dist.ProcessGroup] = None
 
     @property
     def tp_size(self) -> int:

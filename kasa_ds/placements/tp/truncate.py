@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -38,26 +39,31 @@ from .spec import ShardSpec, local_rows, subtract_local
 
 @dataclass
 class _Layout:
-    """Where every rank sits: (dp index, tp index) → global rank, for the world that holds the model."""
+    """Where every rank of the stage sits: (dp index, tp index) → its global rank and its rank in ``group`` (the
+    ranks holding this pipeline stage: the whole world without pipeline parallelism)."""
 
     dp_rank: int
     tp_rank: int
     dp_size: int
     tp_size: int
     global_rank: dict
+    group_rank: dict
+    group: Optional[dist.ProcessGroup]
 
     @classmethod
     def discover(cls, spec: ShardSpec, dp_group) -> "_Layout":
-        world = dist.get_world_size()
+        group = spec.stage_group
+        world = dist.get_world_size(group)
         tp_size = spec.tp_size
         dp_size = dist.get_world_size(dp_group) if dp_group is not None else 1
         if dp_size * tp_size != world:
-            raise ValueError(f"tensor-parallel KaSA truncation needs world = data-parallel × tensor-parallel ranks "
-                             f"(got {world} ≠ {dp_size} × {tp_size}); pipeline or context parallelism is not supported")
+            raise ValueError(f"tensor-parallel KaSA truncation needs a stage of data-parallel × tensor-parallel ranks "
+                             f"(got {world} ≠ {dp_size} × {tp_size}); context parallelism is not supported")
         dp_rank = dist.get_rank(dp_group) if dp_group is not None else 0
         pairs = [None] * world
-        dist.all_gather_object(pairs, (dp_rank, spec.tp_rank))
-        return cls(dp_rank, spec.tp_rank, dp_size, tp_size, {pair: g for g, pair in enumerate(pairs)})
+        dist.all_gather_object(pairs, (dp_rank, spec.tp_rank, dist.get_rank()), group=group)
+        return cls(dp_rank, spec.tp_rank, dp_size, tp_size, {(d, t): g for d, t, g in pairs},
+                   {(d, t): i for i, (d, t, _) in enumerate(pairs)}, group)
 
 
 def use_gram(spec: ShardSpec) -> bool:
@@ -108,7 +114,8 @@ def _truncate_by_gram(target: Target, config: KaSAConfig, layout: _Layout, owner
             basis, energy = gram_tail_basis(gram, config.r, config.svd_solver)
             solved = (basis, torch.tensor([energy], dtype=torch.float64))
     d = local.shape[1]
-    basis, energy = broadcast_from_owner(solved, [(d, config.r), (1,)], owner, device=weight.device)
+    basis, energy = broadcast_from_owner(solved, [(d, config.r), (1,)], layout.group_rank[(owner_dp, owner_tp)],
+                                         group=layout.group, device=weight.device)
     subtract_local(weight, spec, (local @ basis) @ basis.T)
     return energy.item()
 
@@ -125,7 +132,8 @@ def _truncate_by_gather(target: Target, config: KaSAConfig, layout: _Layout, own
             tail = tail_factors(full, config.r, config.svd_solver)
             solved = (tail.left, tail.right, torch.tensor([tail.tail_energy]))
     total, d = sum(spec.sizes), rows.shape[1]
-    left, right, energy = broadcast_from_owner(solved, [(total, config.r), (config.r, d), (1,)], owner,
+    left, right, energy = broadcast_from_owner(solved, [(total, config.r), (config.r, d), (1,)],
+                                               layout.group_rank[(owner_dp, owner_tp)], group=layout.group,
                                                device=weight.device)
     subtract_local(weight, spec, left[spec.local_slice()] @ right)
     return energy.item()
