@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..core.types import AdapterTensor
+from ..inject import across_stages
 from ..io.adapter import adapter_tensors
 from ..placements.tp.autotp import autotp_shard
 from ..placements.tp.spec import sharded_factor
@@ -103,6 +104,10 @@ class PlainBackend:
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
+
+    def whole_model(self, value: float) -> float:
+        """A per-rank sum over the model's layers (the regularizer) as the whole model has it: the same here."""
+        return value
 
     def save_state(self, directory) -> None:
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
@@ -218,8 +223,14 @@ class MegatronBackend(PlainBackend):
         super().__init__(cfg, env)
         if env.world % cfg.tensor_parallel:
             raise ConfigError(f"tensor_parallel={cfg.tensor_parallel} does not divide the {env.world} ranks")
+        if env.world % (cfg.tensor_parallel * cfg.pipeline_parallel):
+            raise ConfigError(f"tensor_parallel={cfg.tensor_parallel} × pipeline_parallel={cfg.pipeline_parallel} does "
+                              f"not divide the {env.world} ranks")
         if not parallel_state.model_parallel_is_initialized():
-            parallel_state.initialize_model_parallel(tensor_model_parallel_size=cfg.tensor_parallel)
+            parallel_state.initialize_model_parallel(tensor_model_parallel_size=cfg.tensor_parallel,
+                                                     pipeline_model_parallel_size=cfg.pipeline_parallel)
+        self.pipeline_group = (parallel_state.get_pipeline_model_parallel_group() if cfg.pipeline_parallel > 1
+                               else None)
         self.dp_group = parallel_state.get_data_parallel_group()
         self.dp_rank, self.dp_world = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
 
@@ -236,7 +247,7 @@ class MegatronBackend(PlainBackend):
             if p.grad is not None and self.dp_world > 1:
                 dist.all_reduce(p.grad, group=self.dp_group)
                 p.grad /= self.dp_world
-        norm = tp_grad_norm(self.model)
+        norm = model_parallel_grad_norm(self.model, self.pipeline_group)
         self.loss_scale_skipped = False
         if not math.isfinite(norm):
             self.optimizer.zero_grad(set_to_none=True)
@@ -251,15 +262,24 @@ class MegatronBackend(PlainBackend):
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
+    def whole_model(self, value: float) -> float:
+        """Summed over the pipeline stages (each holds its own layers' terms)."""
+        if self.pipeline_group is None:
+            return value
+        total = torch.tensor([value], dtype=torch.float64, device=self.env.device)
+        dist.all_reduce(total, group=self.pipeline_group)
+        return total.item()
+
     def save_state(self, directory) -> None:
-        """AdamW's moments gathered to the TP=1 layout (collective over each TP group), written by rank 0 with the
-        step count and the schedule."""
+        """AdamW's moments gathered to the TP=1 layout (collective over each TP group) and over the pipeline stages,
+        written by rank 0 with the step count and the schedule."""
         state, items = self.optimizer.state, adapter_tensors(self.model)
         moments: dict[str, torch.Tensor] = {}
         for kind in self.MOMENTS:
             views = [AdapterTensor(item.key, state[item.param][kind], item.layer, item.name) for item in items]
             for placement, group in by_placement(views):
                 moments.update({f"{key}:{kind}": value for key, value in placement.gather_adapter(group).items()})
+        moments = across_stages(self.model, moments)
         if dist.get_rank() == 0:
             save_file(moments, str(directory / self.OPTIMIZER_FILE))
             steps = {state[item.param]["step"].item() for item in items}
@@ -283,9 +303,10 @@ class MegatronBackend(PlainBackend):
 
 
 @torch.no_grad()
-def tp_grad_norm(model: nn.Module) -> float:
+def model_parallel_grad_norm(model: nn.Module, pipeline_group=None) -> float:
     """The L2 norm of the adapter gradients as one unsplit model has them: TP-sharded factors' squares are summed
-    over the TP group (one all-reduce), replicated ones counted once; the same value on every rank."""
+    over the TP group (one all-reduce), replicated ones counted once, and the stages' totals summed over
+    ``pipeline_group``; the same value on every rank."""
     grads = [(item, item.param.grad) for item in adapter_tensors(model) if item.param.grad is not None]
     device = grads[0][1].device if grads else torch.device("cpu")
     sharded, replicated = (torch.zeros((), dtype=torch.float64, device=device) for _ in range(2))
@@ -299,7 +320,10 @@ def tp_grad_norm(model: nn.Module) -> float:
             replicated += grad.double().square().sum()
     if group is not None:  # every rank holds the same layers: all of them take part
         dist.all_reduce(sharded, group=group)
-    return float((sharded + replicated).sqrt())
+    total = sharded + replicated
+    if pipeline_group is not None:
+        dist.all_reduce(total, group=pipeline_group)
+    return float(total.sqrt())
 
 
 @torch.no_grad()

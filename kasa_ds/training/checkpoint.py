@@ -137,9 +137,10 @@ def run_fingerprint(cfg: TrainConfig, train_contents: str, weights: Optional[str
     out["data.train_contents"] = train_contents
     if weights is not None and not cfg.allow_other_base:
         out["model.weights"] = weights
-    out.update({"run.data_parallel": world // cfg.tensor_parallel, "run.tensor_parallel": cfg.tensor_parallel,
+    out.update({"run.data_parallel": world // (cfg.tensor_parallel * cfg.pipeline_parallel),
+                "run.tensor_parallel": cfg.tensor_parallel,
                 "run.backend": "deepspeed" if cfg.ds_config else "plain", "run.zero_stage": zero_stage(cfg.ds_config)})
-    if cfg.backend == "megatron":  # its adapter and optimizer state are saved in the TP=1 layout: any TP resumes
+    if cfg.backend == "megatron":  # its adapter and optimizer state are saved whole: any TP and PP size resumes
         out.update({"run.backend": "megatron", "run.tensor_parallel": "any"})
     if cfg.train.lr_schedule != "constant":
         out["train.max_steps"] = cfg.train.max_steps

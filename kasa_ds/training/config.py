@@ -134,6 +134,7 @@ class TrainConfig:
     ds_config: Optional[str] = None  # DeepSpeed JSON; set by --ds_config
     tensor_parallel: int = 1  # > 1: TP of this size (AutoTP under DeepSpeed, or megatron-core), adapters sharded too
     backend: str = "auto"  # auto (DeepSpeed with --ds_config, else one process) | megatron (megatron-core TP)
+    pipeline_parallel: int = 1  # backend: megatron: pipeline stages (layers split evenly)
     distributed_timeout_minutes: int = 30  # a collective waiting longer than this fails the run (no silent hang)
     resume: str = "auto"  # auto (newest complete checkpoint in output_dir, if any) | none | <checkpoint dir>
     trust_checkpoint: bool = False  # resume from a checkpoint holding pickles that no run of this user sealed
@@ -296,6 +297,9 @@ def check_parallel(c: TrainConfig) -> None:
          f"distributed_timeout_minutes={c.distributed_timeout_minutes}: must be >= 1")
     need(c.tensor_parallel >= 1, f"tensor_parallel={c.tensor_parallel}: must be >= 1")
     need(c.backend in ("auto", "megatron"), f"backend={c.backend!r}: choose auto or megatron")
+    need(c.pipeline_parallel >= 1, f"pipeline_parallel={c.pipeline_parallel}: must be >= 1")
+    need(c.pipeline_parallel == 1 or c.backend == "megatron",
+         f"pipeline_parallel={c.pipeline_parallel} needs backend: megatron")
     if c.backend == "megatron":
         check_megatron(c)
         return

@@ -168,7 +168,8 @@ class Recipe:
         self.model = backend.place(model)
         if backend.dp_world != self.env.world:
             self.say(f"tensor parallel: {cfg.tensor_parallel}-way {'megatron-core' if cfg.backend == 'megatron' else 'AutoTP'} "
-                     f"× {backend.dp_world} data-parallel replicas")
+                     + (f"× {cfg.pipeline_parallel} pipeline stages " if cfg.pipeline_parallel > 1 else "")
+                     + f"× {backend.dp_world} data-parallel replicas")
         truncate = None
         if cfg.kasa.svd_cache:
             cache = SVDCache(cfg.kasa.svd_cache, model_dir(cfg.model), self.kasa_config)
@@ -198,7 +199,7 @@ class Recipe:
                 reg = kasa_regularization(self.model).to(task_loss.device).float()
             backend.backward((task_loss * weight if weight else 0.0) + reg, step + 1)
             task_sum += task_loss.item() * weight if weight else 0.0
-            reg_value = reg.item()
+            reg_value = backend.whole_model(reg.item())
         grad_norm = backend.step()
         loss = mean_over_ranks(task_sum / t.gradient_accumulation_steps, self.device, self.env.world)
         self.check_finite(step + 1, loss, grad_norm)

@@ -1,6 +1,6 @@
 """The recipe on the megatron backend (`backend: megatron`): a Hugging Face checkpoint split by megatron-core tensor
-parallelism on 2 CPU ranks (torchrun, gloo) trains exactly as the HF road in one process, and its checkpoint resumes
-at TP=1.
+parallelism, or into two pipeline stages, on 2 CPU ranks (torchrun, gloo) trains exactly as the HF road in one
+process, and a TP=2 checkpoint resumes at TP=1 and on two stages.
 
 Same batches, packing (block-causal attention from position_ids), eval, samples, checkpoints; losses, gradient norms
 and eval losses agree to float32 rounding (1e-5 relative: the fused q/k/v and gate/up matmuls and the
@@ -40,7 +40,7 @@ def records(out: Path, split: str) -> list[dict]:
     return [r for r in rows if r["split"] == split]
 
 
-def test_megatron_tp2_trains_as_the_hf_road_and_resumes_at_tp1(tmp_path, tiny_llama_dir):
+def test_megatron_tp2_and_pp2_train_as_the_hf_road_and_resume_at_other_sizes(tmp_path, tiny_llama_dir):
     base = ["--config", str(REPO / "configs/tiny_llama_instruct.yaml"), f"model.path={tiny_llama_dir}",
             "kasa.dropout=0.0", "data.max_eval_examples=16", "data.packing=true", "train.max_steps=4",
             "train.save_every=2", "train.eval_every=4", "train.micro_batch_size=4", "train.log_every=1",
@@ -49,25 +49,33 @@ def test_megatron_tp2_trains_as_the_hf_road_and_resumes_at_tp1(tmp_path, tiny_ll
     mg_out = train([*base, "backend=megatron", "tensor_parallel=2", "--output_dir", str(tmp_path / "tp2")], tmp_path,
                    nproc=2)
     assert "tensor parallel: 2-way megatron-core × 1 data-parallel replicas" in mg_out
-    hf, tp2 = records(tmp_path / "hf", "train"), records(tmp_path / "tp2", "train")
-    for key in ("loss", "grad_norm", "kasa_reg"):
-        assert [r[key] for r in tp2] == pytest.approx([r[key] for r in hf], rel=1e-5), key
-    assert [r["loss"] for r in records(tmp_path / "tp2", "eval")] == pytest.approx(
-        [r["loss"] for r in records(tmp_path / "hf", "eval")], rel=1e-5)
-    assert records(tmp_path / "tp2", "sample")[-1]["samples"] == records(tmp_path / "hf", "sample")[-1]["samples"]
-
+    pp_out = train([*base, "backend=megatron", "pipeline_parallel=2", "--output_dir", str(tmp_path / "pp2")], tmp_path,
+                   nproc=2)
+    assert "1-way megatron-core × 2 pipeline stages × 1 data-parallel replicas" in pp_out
+    hf = records(tmp_path / "hf", "train")
     a = load_file(str(tmp_path / "hf" / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "tp2" / "adapter" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys() and "base_model.model.model.layers.1.self_attn.k_proj.lora_A.weight" in b
-    for k in a:
-        assert (a[k] - b[k]).norm() <= 1e-5 * a[k].norm(), k
+    for run in ("tp2", "pp2"):
+        mine = records(tmp_path / run, "train")
+        for key in ("loss", "grad_norm", "kasa_reg"):
+            assert [r[key] for r in mine] == pytest.approx([r[key] for r in hf], rel=1e-5), (run, key)
+        assert [r["loss"] for r in records(tmp_path / run, "eval")] == pytest.approx(
+            [r["loss"] for r in records(tmp_path / "hf", "eval")], rel=1e-5)
+        assert records(tmp_path / run, "sample")[-1]["samples"] == records(tmp_path / "hf", "sample")[-1]["samples"]
+        b = load_file(str(tmp_path / run / "adapter" / "adapter_model.safetensors"))
+        assert a.keys() == b.keys() and "base_model.model.model.layers.1.self_attn.k_proj.lora_A.weight" in b
+        for k in a:
+            assert (a[k] - b[k]).norm() <= 1e-5 * a[k].norm(), (run, k)
 
-    # the TP=2 run's step-2 checkpoint continued on one rank: the same steps 3 and 4
-    train([*base, "backend=megatron", f"resume={tmp_path / 'tp2' / 'checkpoints' / 'step-0000002'}", "--output_dir",
-           str(tmp_path / "tp1")], tmp_path)
-    tp1 = records(tmp_path / "tp1", "train")
-    assert [r["step"] for r in tp1] == [3, 4]
-    assert [r["loss"] for r in tp1] == pytest.approx([r["loss"] for r in tp2[2:]], rel=1e-5)
+    # the TP=2 run's step-2 checkpoint continued on one rank, and on two pipeline stages: the same steps 3 and 4
+    tp2 = records(tmp_path / "tp2", "train")
+    step2 = f"resume={tmp_path / 'tp2' / 'checkpoints' / 'step-0000002'}"
+    train([*base, "backend=megatron", step2, "--output_dir", str(tmp_path / "tp1")], tmp_path)
+    train([*base, "backend=megatron", "pipeline_parallel=2", step2, "--output_dir", str(tmp_path / "pp2-resumed")],
+          tmp_path, nproc=2)
+    for run in ("tp1", "pp2-resumed"):
+        resumed = records(tmp_path / run, "train")
+        assert [r["step"] for r in resumed] == [3, 4], run
+        assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in tp2[2:]], rel=1e-5), run
     assert "eval after" in hf_out
 
 
