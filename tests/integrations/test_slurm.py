@@ -49,11 +49,11 @@ def cluster(tmp_path_factory):
     subprocess.run(["bash", str(REPO / "tools/local_slurm.sh"), "stop", str(state)], capture_output=True)
 
 
-def submit(env, tmp: Path, name: str, *extra: str, launcher: str = "srun") -> subprocess.Popen:
-    """sbatch --wait the recipe on 2 nodes × 1 task; the job's log is tmp/<name>.log."""
+def submit(env, tmp: Path, name: str, *extra: str, launcher: str = "srun", run=tuple(RUN)) -> subprocess.Popen:
+    """sbatch --wait the recipe (``run`` + ``extra``) on 2 nodes × 1 task; the job's log is tmp/<name>.log."""
     cmd = ["sbatch", "--wait", "--nodes=2", "--ntasks-per-node=1", f"--job-name={name}",
            f"--output={tmp / (name + '.log')}", str(REPO / "launch/slurm/train.sbatch"),
-           "--output_dir", str(tmp / name), *RUN, *extra]
+           "--output_dir", str(tmp / name), *run, *extra]
     job_env = {**env, "KASA_DS_STOP_FILE": str(tmp / f".stop-{name}"), "LAUNCHER": launcher, "GPUS_PER_NODE": "1"}
     return subprocess.Popen(cmd, cwd=REPO, env=job_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -192,3 +192,19 @@ def test_torchrun_per_node_launcher(cluster, uninterrupted, tmp_path):
     assert "launcher torchrun" in text and "step 24/24" in text
     a, b = adapter(uninterrupted[0] / "full"), adapter(tmp_path / name)
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+
+
+def test_megatron_road_across_two_nodes(cluster, tmp_path, tiny_llama_dir):
+    """The Megatron road through the same sbatch script: an HF Llama checkpoint split by megatron-core TP=2 across the
+    two nodes (one rank each, gloo), trained and written as an adapter under the HF model's names."""
+    name = "megatron"
+    run = ["--config", str(REPO / "configs/tiny_llama_instruct.yaml"), f"model.path={tiny_llama_dir}",
+           "backend=megatron", "tensor_parallel=2", "train.max_steps=4", "train.log_every=2", "train.eval_every=100",
+           "train.save_every=100", "data.max_eval_examples=8", "tensorboard=false"]
+    proc = submit(cluster, tmp_path, name, run=run)
+    log = tmp_path / f"{name}.log"
+    rc = finish(proc, log)
+    text = log.read_text()
+    assert rc == 0, text[-4000:]
+    assert "tensor parallel: 2-way megatron-core × 1 data-parallel replicas" in text and "step 4/4" in text
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight" in adapter(tmp_path / name)
