@@ -3,7 +3,8 @@
 :func:`load_megatron_lm` reads the HF config, builds this rank's tensor-parallel shards of a GPTModel from
 megatron-core's local layer spec (RoPE with the checkpoint's theta, GQA, RMSNorm, SwiGLU, Qwen2's q/k/v biases,
 Qwen3's q/k norms, tied or untied embeddings), fills them slice by slice from the safetensors files
-(kasa_ds.io.megatron_checkpoint) and exposes each fused linear's HF projections for KaSA. megatron-core's modules run
+(kasa_ds.io.megatron_checkpoint) and exposes each fused linear's HF projections for KaSA. With pipeline stages each
+rank builds and reads only its stage's layers; a micro-batch goes through the stages in turn (:class:`_PipelineLoss`). megatron-core's modules run
 as they are on CUDA; on a CPU device two of them are replaced, because they allocate on CUDA: the core attention
 (:class:`SDPACoreAttention`, torch SDPA behind megatron's interface) and RoPE's frequency table (computed where it is).
 
@@ -182,8 +183,9 @@ class CausalLMOutput:
 
 
 class MegatronCausalLM(nn.Module):
-    """``gpt`` (a GPTModel, this rank's TP shards) with the HF causal-LM interface. Every TP rank calls it with the
-    same batch (forward and generate are collective over the TP group)."""
+    """``gpt`` (a GPTModel: this rank's TP shards of its pipeline stage's layers) with the HF causal-LM interface.
+    Every rank of a model replica calls it with the same batch: forward and generate are collective over the TP
+    group and the pipeline stages, and every stage returns the loss (or the logits) the last stage computed."""
 
     def __init__(self, gpt: nn.Module, layout: Layout, family: Family, hf_config, tp_group, pipeline=None) -> None:
         """``pipeline``: (group, previous stage's rank, next stage's rank, last stage's rank) in global ranks, for
