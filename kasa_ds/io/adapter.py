@@ -273,18 +273,6 @@ def read_adapter_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                          "again") from None
 
 
-def refuse_experts(state: dict[str, torch.Tensor], where, what: str) -> None:
-    """Refuse an adapter of fused mixture-of-experts weights (3-D factors, kasa_ds.core.experts) in a tool that writes
-    per-linear files, naming the module and what does handle it."""
-    experts = sorted(k[len(PREFIX):].rsplit(".lora_", 1)[0] for k, v in state.items()
-                     if k.endswith(".lora_A.weight") and v.dim() == 3)
-    if experts:
-        raise ValueError(f"{where}: the adapter adapts mixture-of-experts weights ({len(experts)} expert projections, "
-                         f"e.g. {experts[0]}), which {what} does not handle yet (issue #24): load the adapter "
-                         "(kasa_ds.load_adapter) and use kasa_ds.merge_kasa(model).save_pretrained(DIR) for a merged "
-                         "model")
-
-
 def check_finite(state: dict[str, torch.Tensor], where: str) -> None:
     """Refuse NaN/inf adapter tensors, naming the file and the first bad tensor."""
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]

@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import json
 import os
+from functools import partial
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
 from ..config import KaSAConfig
-from ..core.experts import FUSED, expert_layers, projection_weight
+from ..core.experts import FUSED, ExpertsLayout, expert_layers, experts_layout, projection_weight
 from ..core.layer import kasa_layers
 from ..core.truncation import tail_factors
 from ..comm.collectives import rank
@@ -28,8 +29,9 @@ from ..core import fingerprint
 from ..inject import FINGERPRINT_ATTR, get_config
 from .adapter import (CONFIG_FILE, PREFIX, WEIGHTS_FILE, adapter_metadata, base_quantization, check_finite,
                       adapter_param_items, gathered_adapter_state, read_adapter_config, read_adapter_tensors,
-                      read_base_fingerprint, read_base_quantization, refuse_experts)
+                      read_base_fingerprint, read_base_quantization)
 from .files import atomic_directory, check_output_dir
+from .expert_checkpoint import expert_weights
 from .hf_checkpoint import list_tensors, module_key, read_tensor
 from .svd_cache import SVDCache
 from .tails import BaseCheck, base_and_tail, check_adapter_shape
@@ -81,22 +83,30 @@ def rank_2r(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, left: torch.Tenso
     return torch.cat([right.float(), a.float()]), torch.cat([-left.float(), b.float() * d.float() * scaling], dim=1)
 
 
-def expert_lora_state(model: nn.Module, base: nn.Module, kasa: dict[str, torch.Tensor],
-                      config: KaSAConfig) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+#: one experts module of an adapter, as the LoRA export sees it: (its name, the original module (real or on the meta
+#: device: its fused parameter names), its layout, the projections adapted)
+ExpertsModule = tuple[str, nn.Module, ExpertsLayout, tuple[str, ...]]
+
+
+def expert_lora_state(modules: list[ExpertsModule], weights: Callable[[str, ExpertsLayout, str], torch.Tensor],
+                      kasa: dict[str, torch.Tensor], config: KaSAConfig,
+                      check: Optional[Callable[[str, torch.Tensor], None]] = None
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """PEFT ``target_parameters`` LoRA tensors (lora.ParamWrapper's layout) of every adapted fused experts module,
     and their ranks (rank_pattern): per fused parameter and expert e, B_e·A_e = the rank-2r update of each of its
     projections (gate and up side by side in gate_up_proj: rank 4r), placed in the parameter's row layout.
+    ``weights(name, layout, projection)``: the original (E, m, n) weights, for the dropped tails (from a model or a
+    checkpoint); ``check(key, weights)``: the base check of each projection's weights as read.
 
     PEFT stores lora_A as (E·ρ, n) expert-major and lora_B as (m, ρ·E) expert-minor, nests one ParamWrapper per
     parameter in the module's registration order (the last outermost: ``<module>.lora_A``, the one before
-    ``<module>.base_layer.lora_A``); ``base``: the original model, for the dropped tails."""
+    ``<module>.base_layer.lora_A``)."""
     state, ranks = {}, {}
-    for name, experts in expert_layers(model):
-        original, layout = base.get_submodule(name), experts.layout
-        fused = [f for f in ("gate_up_proj", "up_proj", "down_proj") if hasattr(experts.base_layer, f)
-                 and set(FUSED[f]) & set(experts.lora) and (f != "up_proj" or not layout.has_gate)]
+    for name, original, layout, adapted in modules:
+        fused = [f for f in ("gate_up_proj", "up_proj", "down_proj") if hasattr(original, f)
+                 and set(FUSED[f]) & set(adapted) and (f != "up_proj" or not layout.has_gate)]
         for depth, param in enumerate(reversed(fused)):
-            parts = [p for p in FUSED[param] if p in experts.lora]
+            parts = [p for p in FUSED[param] if p in adapted]
             rho = 2 * config.r * len(parts)
             m, n = (layout.hidden, layout.intermediate) if param == "down_proj" else (
                 layout.intermediate * len(FUSED[param]), layout.hidden)
@@ -109,9 +119,11 @@ def expert_lora_state(model: nn.Module, base: nn.Module, kasa: dict[str, torch.T
                     continue
                 j = parts.index(p) * 2 * config.r
                 key = f"{PREFIX}{name}.{p}."
-                weights = projection_weight(original, layout, p).detach()
+                stacked = weights(name, layout, p)
+                if check is not None:
+                    check(f"{name}.{p}", stacked)
                 for e in range(layout.num_experts):
-                    tail = tail_factors(weights[e], config.r, config.svd_solver, name=f"{name}.{p}[expert {e}]")
+                    tail = tail_factors(stacked[e], config.r, config.svd_solver, name=f"{name}.{p}[expert {e}]")
                     a, b = rank_2r(kasa[key + "lora_A.weight"][e], kasa[key + "lora_B.weight"][e],
                                    kasa[key + "lora_diag"][e], tail.left.cpu(), tail.right.cpu(), config.scaling)
                     a_all[e, j:j + 2 * config.r] = a
@@ -121,6 +133,33 @@ def expert_lora_state(model: nn.Module, base: nn.Module, kasa: dict[str, torch.T
             state[key + "lora_B.weight"] = b_all.permute(1, 2, 0).reshape(m, -1)
             ranks[f"{name.rsplit('.', 1)[-1]}.{param}"] = rho
     return state, ranks
+
+
+def _check_experts(same_base: BaseCheck, key: str, weights: torch.Tensor) -> None:
+    """The base check of one experts projection: its experts stacked ((E·m) × n), as the fingerprint records it."""
+    stacked = weights.reshape(-1, weights.shape[-1])
+    same_base(key, stacked, stacked.float(), None)
+
+
+def experts_in_checkpoint(base_dir: str | os.PathLike, kasa: dict[str, torch.Tensor]) -> list[ExpertsModule]:
+    """The experts modules an adapter adapts (its 3-D factors), read from the checkpoint's config.json: the model is
+    built on the meta device (no weight read) for each module's layout and fused parameter names."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    adapted: dict[str, list[str]] = {}
+    for key, value in kasa.items():
+        if key.endswith(".lora_A.weight") and value.dim() == 3:
+            module, projection = key[len(PREFIX):].removesuffix(".lora_A.weight").rsplit(".", 1)
+            adapted.setdefault(module, []).append(projection)
+    if not adapted:
+        return []
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_dir))
+    modules = []
+    for name, projections in adapted.items():
+        module = model.get_submodule(name)
+        modules.append((name, module, experts_layout(module), tuple(sorted(projections))))
+    return modules
 
 
 def lora_config(config: KaSAConfig, base_model_name_or_path: Optional[str], task_type: Optional[str],
@@ -172,14 +211,15 @@ def export_lora_files(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike
     _refuse_requantize(config, quantization)
     kasa = read_adapter_tensors(adapter_dir)
     check_finite(kasa, str(Path(adapter_dir) / WEIGHTS_FILE))
-    refuse_experts(kasa, adapter_dir, "the rank-2r LoRA export")
     check_server(kasa, config, server)
     same_base = BaseCheck(read_base_fingerprint(adapter_dir), adapter_dir, str(base_dir), allow_other_base)
     tensors = list_tensors(base_dir)
     keys = set(tensors)
     cache = SVDCache(svd_cache, base_dir, config) if svd_cache else None
     state = {k: v for k, v in kasa.items() if ".lora_" not in k}  # modules_to_save
-    for name in sorted({k[len(PREFIX):].rsplit(".lora_", 1)[0] for k in kasa if ".lora_" in k}):
+    experts = experts_in_checkpoint(base_dir, kasa)
+    expert_names = {f"{name}.{p}" for name, _, _, projections in experts for p in projections}
+    for name in sorted({k[len(PREFIX):].rsplit(".lora_", 1)[0] for k in kasa if ".lora_" in k} - expert_names):
         key = module_key(name, keys)
         if key is None:
             raise ValueError(f"adapter module {name} has no weight in {base_dir}; wrong base model?")
@@ -189,8 +229,12 @@ def export_lora_files(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike
         same_base(name, weight, x, quantization)
         state[f"{PREFIX}{name}.lora_A.weight"], state[f"{PREFIX}{name}.lora_B.weight"] = lora_pair(
             kasa, name, config, left, right)
+    expert_state, ranks = expert_lora_state(experts, partial(expert_weights, base_dir, tensors), kasa, config,
+                                            check=partial(_check_experts, same_base))
+    state.update(expert_state)
     peft = json.loads((Path(adapter_dir) / CONFIG_FILE).read_text())
-    return _write(out_dir, state, lora_config(config, peft.get("base_model_name_or_path"), peft.get("task_type")))
+    return _write(out_dir, state, lora_config(config, peft.get("base_model_name_or_path"), peft.get("task_type"),
+                                              ranks))
 
 
 def export_lora_adapter(model: nn.Module, out_dir: str | os.PathLike, base: Base = None, *,
@@ -201,9 +245,6 @@ def export_lora_adapter(model: nn.Module, out_dir: str | os.PathLike, base: Base
     must be the base the model was adapted from (``allow_other_base``: a base changed on purpose). ``server="vllm"``
     refuses first what vLLM would not load (:func:`check_server`)."""
     config = get_config(model)
-    if not isinstance(base, nn.Module):
-        refuse_experts({PREFIX + key: p for key, p in adapter_param_items(model)}, "export_lora_adapter",
-                       "the rank-2r LoRA export from a checkpoint directory (pass base= the original model)")
     check_server([PREFIX + key for key, _ in adapter_param_items(model)], config, server)
     quantization = base_quantization(model)
     _refuse_requantize(config, quantization)
@@ -236,7 +277,12 @@ def export_lora_adapter(model: nn.Module, out_dir: str | os.PathLike, base: Base
             same_base(name, weight, x, quantization)
         state[f"{PREFIX}{name}.lora_A.weight"], state[f"{PREFIX}{name}.lora_B.weight"] = lora_pair(
             kasa, name, config, left.cpu(), right.cpu())
-    experts, ranks = expert_lora_state(model, base, kasa, config) if isinstance(base, nn.Module) else ({}, {})
+    if isinstance(base, nn.Module):
+        modules = [(name, base.get_submodule(name), layer.layout, tuple(layer.lora)) for name, layer in expert_layers(model)]
+        weights = lambda name, layout, p: projection_weight(base.get_submodule(name), layout, p).detach()  # noqa: E731
+    else:
+        modules, weights = experts_in_checkpoint(base, kasa), partial(expert_weights, base, tensors)
+    experts, ranks = expert_lora_state(modules, weights, kasa, config, check=partial(_check_experts, same_base))
     state.update(experts)
     meta = adapter_metadata(model)
     return _write(out_dir, state, lora_config(config, meta["base_model_name_or_path"], meta["task_type"], ranks))
