@@ -239,7 +239,6 @@ def check_megatron(a, device) -> dict:
     path = Path(a.work) / "megatron_llama"
     hf = llama(a.hidden, 2, device, dtype).eval()
     hf.save_pretrained(path)
-    os.environ.setdefault("MASTER_PORT", "29533")
     created = not torch.distributed.is_initialized()
     init_processes()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)

@@ -56,7 +56,9 @@ def init_processes(*, deepspeed: bool = False, backend: Optional[str] = None,
 
     ``deepspeed=True`` joins through ``deepspeed.init_distributed`` (its comm layer must be initialized for an
     engine; it discovers mpirun's ranks through mpi4py), then removes the names of DeepSpeed's CPU shared-memory
-    segments once every rank has mapped them. Otherwise mpirun's ranks are read from its variables."""
+    segments once every rank has mapped them. Otherwise mpirun's ranks are read from its variables; a single process
+    started without a launcher joins a group of one through an in-memory store (no rendezvous port: an inherited
+    MASTER_PORT that another process holds cannot fail it)."""
     if is_initialized():
         return dist.get_rank(), dist.get_world_size()
     backend = backend or default_backend()
@@ -71,6 +73,9 @@ def init_processes(*, deepspeed: bool = False, backend: Optional[str] = None,
         dist.barrier()  # every rank has now mapped every rank's shared-memory segment
         unlink_shm_name(dist.get_rank())
         return dist.get_rank(), dist.get_world_size()
+    if "WORLD_SIZE" not in os.environ and launcher_world_size() == 1:  # one process, no launcher: no port to take
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        return 0, 1
     if "WORLD_SIZE" not in os.environ:  # mpirun / PMI: rendezvous through the variables torch reads
         os.environ.update(RANK=str(launcher_rank()), WORLD_SIZE=str(launcher_world_size()),
                           LOCAL_RANK=os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", os.environ.get("LOCAL_RANK", "0")),
