@@ -208,11 +208,12 @@ class DeepSpeedBackend(PlainBackend):
 
 
 class MegatronBackend(PlainBackend):
-    """megatron-core tensor parallelism on a Hugging Face checkpoint (kasa_ds.training.megatron_model): groups of
-    ``tensor_parallel`` consecutive ranks hold one model's shards, data parallel across the groups. Adapter gradients
-    are averaged over the data-parallel replicas and clipped by the TP=1 norm (a sharded factor's squares summed over
-    its TP group). The optimizer state is saved in the TP=1 layout, like the adapter: a checkpoint resumes at any TP
-    size (with the same data-parallel size: the global batch)."""
+    """megatron-core tensor and pipeline parallelism on a Hugging Face checkpoint (kasa_ds.training.megatron_model):
+    ``tensor_parallel`` × ``pipeline_parallel`` ranks hold one model replica (megatron's parallel_state groups), data
+    parallel across the replicas. Adapter gradients are averaged over the data-parallel replicas and clipped by the
+    whole model's norm (a sharded factor's squares summed over its TP group, the stages' sums added). The optimizer
+    state is saved whole, like the adapter: a checkpoint resumes at any TP and PP size (with the same data-parallel
+    size: the global batch)."""
 
     OPTIMIZER_FILE, SCHEDULER_FILE = "optimizer_moments.safetensors", "scheduler.json"
     MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -221,8 +222,6 @@ class MegatronBackend(PlainBackend):
         from megatron.core import parallel_state
 
         super().__init__(cfg, env)
-        if env.world % cfg.tensor_parallel:
-            raise ConfigError(f"tensor_parallel={cfg.tensor_parallel} does not divide the {env.world} ranks")
         if env.world % (cfg.tensor_parallel * cfg.pipeline_parallel):
             raise ConfigError(f"tensor_parallel={cfg.tensor_parallel} × pipeline_parallel={cfg.pipeline_parallel} does "
                               f"not divide the {env.world} ranks")
@@ -288,7 +287,8 @@ class MegatronBackend(PlainBackend):
                  "scheduler": self.scheduler.state_dict()}))
 
     def restore_state(self, directory) -> None:
-        """Each moment cut to this rank's shard by its placement (the checkpoint's TP size does not matter)."""
+        """Each of this stage's moments cut to this rank's shard by its placement (the checkpoint's TP and PP sizes do
+        not matter)."""
         moments = load_file(str(directory / self.OPTIMIZER_FILE))
         saved = json.loads((directory / self.SCHEDULER_FILE).read_text())
         for item in adapter_tensors(self.model):
