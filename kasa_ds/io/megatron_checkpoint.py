@@ -199,11 +199,15 @@ class _Reader:
     """Slices of stored tensors, each file opened once (safetensors: memory-mapped, nothing unpickled)."""
 
     def __init__(self, model_dir: str | Path) -> None:
-        self.dir, self.where = Path(model_dir), {k: v.file for k, v in list_tensors(model_dir).items()}
+        self.dir, self.stored = Path(model_dir), list_tensors(model_dir)
         self.files: dict[str, object] = {}
 
+    def width(self, key: str) -> int:
+        """The stored tensor's column count (from its header)."""
+        return self.stored[key].shape[1]
+
     def __call__(self, key: str, dim: int = 0, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
-        name = self.where[key]
+        name = self.stored[key].file
         if name not in self.files:
             self.files[name] = safe_open(str(self.dir / name), "pt")
         part = self.files[name].get_slice(key)
@@ -217,7 +221,7 @@ def _shard(kind: str, hf: tuple[str, ...], read: _Reader, layout: Layout) -> tor
     if kind == COPY:
         return read(hf[0])
     if kind == COLUMNS:
-        n = layout.heads * layout.head_dim if "o_proj" in hf[0] else layout.ffn
+        n = read.width(hf[0])
         return read(hf[0], 1, i * n // t, (i + 1) * n // t)
     if kind == GLU:
         f = layout.ffn // t
