@@ -33,7 +33,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from torch import nn
 
-from .hf_checkpoint import list_tensors
+from .hf_checkpoint import TensorInfo, list_tensors
 
 COPY, COLUMNS, QKV, GLU, VOCAB = "copy", "columns", "qkv", "glu", "vocab"
 
@@ -175,10 +175,11 @@ class Layout:
         return shapes
 
 
-def check_checkpoint(model_dir: str | Path, family: Family, layout: Layout) -> None:
+def check_checkpoint(model_dir: str | Path, family: Family, layout: Layout) -> dict[str, TensorInfo]:
     """Every tensor the model needs is in the checkpoint with its shape, and nothing else is: else one error naming
-    them (headers only; call before building or reading anything)."""
-    stored = {k: v for k, v in list_tensors(model_dir).items() if not IGNORED.match(k)}
+    them (headers only; call before building or reading anything). Returns the headers' listing."""
+    listing = list_tensors(model_dir)
+    stored = {k: v for k, v in listing.items() if not IGNORED.match(k)}
     wanted = layout.hf_shapes(family)
     if layout.tied:
         stored.pop("lm_head.weight", None)  # some tied checkpoints store the head too; the embedding is used
@@ -191,15 +192,16 @@ def check_checkpoint(model_dir: str | Path, family: Family, layout: Layout) -> N
         ([f"wrong shape: {', '.join(misshapen[:6])}"] if misshapen else [])
     if problems:
         raise MegatronCheckpointError(f"{model_dir} does not match its config.json as a {family.name} model "
-                                      f"({'; '.join(problems)}): point model.name_or_path at the checkpoint this "
+                                      f"({'; '.join(problems)}): point model.path at the checkpoint this "
                                       "config belongs to")
+    return listing
 
 
 class _Reader:
     """Slices of stored tensors, each file opened once (safetensors: memory-mapped, nothing unpickled)."""
 
-    def __init__(self, model_dir: str | Path) -> None:
-        self.dir, self.stored = Path(model_dir), list_tensors(model_dir)
+    def __init__(self, model_dir: str | Path, stored: dict[str, TensorInfo]) -> None:
+        self.dir, self.stored = Path(model_dir), stored
         self.files: dict[str, object] = {}
 
     def width(self, key: str) -> int:
@@ -259,14 +261,14 @@ def megatron_names(family: Family, layout: Layout) -> dict[str, tuple[str, tuple
 def load_hf_checkpoint(model: nn.Module, model_dir: str | Path, family: Family, layout: Layout) -> None:
     """Fill a GPTModel (this rank's TP shards of its stage's layers) from the HF checkpoint, slice by slice. Every
     parameter must be written with its exact shape, else MegatronCheckpointError naming it."""
-    check_checkpoint(model_dir, family, layout)
+    stored = check_checkpoint(model_dir, family, layout)
     table = megatron_names(family, layout)
     params = dict(model.named_parameters())
     left_out = sorted(set(params) - set(table))
     if left_out:
         raise MegatronCheckpointError(f"the megatron model has parameters the {family.name} mapping does not fill: "
                                       f"{', '.join(left_out[:6])} (a megatron-core version with other names?)")
-    read = _Reader(model_dir)
+    read = _Reader(model_dir, stored)
     for name, param in params.items():
         value = _shard(*table[name], read, layout)
         if tuple(value.shape) != tuple(param.shape):
