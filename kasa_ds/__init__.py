@@ -17,6 +17,7 @@ from .core.truncation import reference_world, tail_factors, truncate_weight
 from .core.types import KaSAReport
 from .inject import apply_kasa
 from .io.adapter import gathered_adapter_state, load_adapter, save_adapter
+from .io.gguf_lora import export_gguf_adapter
 from .io.lora import export_lora_adapter
 from .merge import merge_kasa
 
@@ -25,8 +26,7 @@ __version__ = "0.3.0"
 compat.install()
 
 __all__ = [
-    "KaSAConfig", "KaSAReport", "KaSALinear", "apply_kasa", "export_lora_adapter", "gathered_adapter_state",
-    "kasa_layers",
-    "kasa_regularization", "load_adapter", "merge_kasa", "reference_world", "save_adapter", "tail_factors",
+    "KaSAConfig", "KaSAReport", "KaSALinear", "apply_kasa", "export_gguf_adapter", "export_lora_adapter",
+    "gathered_adapter_state", "kasa_layers", "kasa_regularization", "load_adapter", "merge_kasa", "reference_world", "save_adapter", "tail_factors",
     "truncate_weight", "__version__",
 ]

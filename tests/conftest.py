@@ -132,6 +132,50 @@ def smollm2(tmp_path_factory):
     return main(["smollm2-135m-instruct", "--out", str(tmp_path_factory.mktemp("models") / "smollm2")])
 
 
+#: two tasks, one KaSA adapter each, trained on SmolLM2 once per session for the serving tests (vLLM, llama.cpp)
+SMOLLM2_TASKS = {"capitals": "Question: What is the capital of France?\nAnswer: The capital of France is Paris.",
+                 "colours": "Question: What colour is the sky?\nAnswer: The sky is a deep, bright blue."}
+SMOLLM2_R, GREEDY_TOKENS = 4, 8
+
+
+@pytest.fixture(scope="session")
+def smollm2_kasa(smollm2):
+    """Per task of SMOLLM2_TASKS: SmolLM2 with KaSA (r = 4 on every linear of each block) trained 4 steps to
+    reproduce the task's text, an adapter that visibly changes the model; and the tokenizer. Read-only: eval mode."""
+    import transformers
+    from kasa_ds import KaSAConfig, apply_kasa
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2)
+    models = {}
+    for name, text in SMOLLM2_TASKS.items():
+        model = transformers.AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
+        apply_kasa(model, KaSAConfig(r=SMOLLM2_R, alpha=2 * SMOLLM2_R, target_modules=ALL_LLAMA_TARGETS, init_seed=0),
+                   show_progress=False)
+        ids = tokenizer(text, return_tensors="pt").input_ids
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+        for _ in range(4):
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        models[name] = model.eval()
+    return models, tokenizer
+
+
+@torch.no_grad()
+def greedy(model, prompt_ids: list[int], new_tokens: int = GREEDY_TOKENS) -> dict:
+    """Up to ``new_tokens`` greedy tokens and their log-probabilities, ending at EOS (as servers do)."""
+    ids, tokens, logprobs = torch.tensor([prompt_ids]), [], []
+    for _ in range(new_tokens):
+        lp = torch.log_softmax(model(input_ids=ids).logits[0, -1].float(), dim=-1)
+        token = int(lp.argmax())
+        tokens.append(token)
+        logprobs.append(lp[token].item())
+        if token == model.config.eos_token_id:
+            break
+        ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return {"tokens": tokens, "logprobs": logprobs}
+
+
 @pytest.fixture
 def tokens():
     return torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(7))

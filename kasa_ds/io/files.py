@@ -1,5 +1,6 @@
-"""Output directories: never destroy user data (:func:`check_output_dir`), and write atomically
-(:func:`atomic_directory`: a reader sees the old complete directory or the new one, never a half-written one)."""
+"""Outputs: never destroy user data (:func:`check_output_dir`, :func:`check_output_file`), and write atomically
+(:func:`atomic_directory`, :func:`atomic_file`: a reader sees the old complete output or the new one, never a
+half-written one)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,21 @@ def check_output_dir(out: str | os.PathLike, previous: Optional[Callable[[Path],
         raise ValueError(f"{what} {out} is a file: choose a directory path")
 
 
+def check_output_file(out: str | os.PathLike, suffix: str, *, models: Iterable[str | os.PathLike] = (),
+                      what: str = "--out") -> None:
+    """Refuse, before any work, an output file path that is not ``*{suffix}``, is a directory, or lies inside a
+    ``model`` directory (which this command reads and never changes). Raises ValueError naming the fix."""
+    out = Path(out).resolve()
+    if out.suffix != suffix:
+        raise ValueError(f"{what} {out} does not end in {suffix}: name the file <name>{suffix}")
+    if out.is_dir():
+        raise ValueError(f"{what} {out} is a directory: name a {suffix} file")
+    for model in models:
+        if Path(model).resolve() in out.parents:
+            raise ValueError(f"{what} {out} lies inside {Path(model).resolve()}, which this command reads and never "
+                             "changes; choose another path")
+
+
 def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -55,4 +71,22 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling path of ``path`` to write; on success it replaces ``path`` in one rename, on error
+    it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it 0600; the result follows the umask like open()
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise

@@ -206,6 +206,14 @@ def export_lora_files(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike
     ``base_dir`` one weight at a time (memory: one weight), or read from ``svd_cache``. ``base_dir`` must be the base
     the adapter was trained on (its recorded fingerprint; ``allow_other_base``: a base changed on purpose)."""
     check_output_dir(out_dir, is_lora_export_dir, sources=[adapter_dir], models=[base_dir])
+    return _write(out_dir, *lora_state_from_files(adapter_dir, base_dir, svd_cache, allow_other_base, server))
+
+
+def lora_state_from_files(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike,
+                          svd_cache: Optional[str | os.PathLike] = None, allow_other_base: bool = False,
+                          server: str = "peft") -> tuple[dict[str, torch.Tensor], dict]:
+    """The rank-2r LoRA of a KaSA adapter directory, in memory: (PEFT state dict, PEFT LoraConfig fields); see
+    :func:`export_lora_files`."""
     config = read_adapter_config(adapter_dir)
     quantization = read_base_quantization(adapter_dir)
     _refuse_requantize(config, quantization)
@@ -233,8 +241,7 @@ def export_lora_files(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike
                                             check=partial(_check_experts, same_base))
     state.update(expert_state)
     peft = json.loads((Path(adapter_dir) / CONFIG_FILE).read_text())
-    return _write(out_dir, state, lora_config(config, peft.get("base_model_name_or_path"), peft.get("task_type"),
-                                              ranks))
+    return state, lora_config(config, peft.get("base_model_name_or_path"), peft.get("task_type"), ranks)
 
 
 def export_lora_adapter(model: nn.Module, out_dir: str | os.PathLike, base: Base = None, *,
@@ -244,11 +251,19 @@ def export_lora_adapter(model: nn.Module, out_dir: str | os.PathLike, base: Base
     checkpoint directory, needed unless every layer keeps its tail as a correction (QKaSA low_rank_correction); it
     must be the base the model was adapted from (``allow_other_base``: a base changed on purpose). ``server="vllm"``
     refuses first what vLLM would not load (:func:`check_server`)."""
+    check_output_dir(out_dir, is_lora_export_dir, models=[base] if isinstance(base, (str, os.PathLike)) else [])
+    lora = lora_state_from_model(model, base, allow_other_base=allow_other_base, server=server)
+    return None if lora is None else _write(out_dir, *lora)
+
+
+def lora_state_from_model(model: nn.Module, base: Base = None, *, allow_other_base: bool = False,
+                          server: str = "peft") -> Optional[tuple[dict[str, torch.Tensor], dict]]:
+    """The adapted ``model``'s rank-2r LoRA, in memory on rank 0: (PEFT state dict, PEFT LoraConfig fields); None on
+    the other ranks (collective when the adapter is sharded). See :func:`export_lora_adapter`."""
     config = get_config(model)
     check_server([PREFIX + key for key, _ in adapter_param_items(model)], config, server)
     quantization = base_quantization(model)
     _refuse_requantize(config, quantization)
-    check_output_dir(out_dir, is_lora_export_dir, models=[base] if isinstance(base, (str, os.PathLike)) else [])
     kasa = gathered_adapter_state(model)
     if rank() != 0:
         return None
@@ -285,4 +300,4 @@ def export_lora_adapter(model: nn.Module, out_dir: str | os.PathLike, base: Base
     experts, ranks = expert_lora_state(modules, weights, kasa, config, check=partial(_check_experts, same_base))
     state.update(experts)
     meta = adapter_metadata(model)
-    return _write(out_dir, state, lora_config(config, meta["base_model_name_or_path"], meta["task_type"], ranks))
+    return state, lora_config(config, meta["base_model_name_or_path"], meta["task_type"], ranks)

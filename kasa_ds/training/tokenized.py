@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -22,6 +21,7 @@ from typing import Callable, Optional
 import datasets
 import torch
 
+from ..io.files import atomic_file
 from .data import check_stream, encode_classification, encode_example
 from .sources import DataSource
 
@@ -156,7 +156,5 @@ def _key(digest: str, tokenizer: str, settings: dict) -> str:
 
 
 def _write_json(path: Path, content: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        json.dump(content, f)
-    os.replace(f.name, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(content))

@@ -4,7 +4,7 @@ through ``vllm serve`` over the OpenAI API on loopback; each gives its own KaSA 
 chosen-token log-probabilities, and the base without an adapter differs.
 
 Tolerance: chosen-token log-probabilities within 1e-4 absolute (float32 on both sides; vLLM's CPU attention and its
-LoRA kernels sum in another order over 30 layers: measured here ≤ 1.3e-5); tokens equal, generation ending at EOS as
+LoRA kernels sum in another order over 30 layers: measured here ≤ 1.8e-5); tokens equal, generation ending at EOS as
 vLLM's does.
 """
 
@@ -17,18 +17,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from conftest import free_port
-from kasa_ds import KaSAConfig, apply_kasa
+from conftest import GREEDY_TOKENS as NEW_TOKENS, SMOLLM2_R as R, SMOLLM2_TASKS as TASKS, free_port, greedy
 from kasa_ds.io.lora import export_lora_adapter
 
 pytestmark = pytest.mark.slow
 transformers = pytest.importorskip("transformers")
 REPO = Path(__file__).resolve().parents[2]
-R, NEW_TOKENS, LOGPROB_TOL = 4, 8, 1e-4
-TASKS = {"capitals": "Question: What is the capital of France?\nAnswer: The capital of France is Paris.",
-         "colours": "Question: What colour is the sky?\nAnswer: The sky is a deep, bright blue."}
+LOGPROB_TOL = 1e-4
 PROMPT = "Question: What is the capital of Italy?\nAnswer:"
 
 
@@ -41,47 +37,16 @@ def vllm_python():
     return proc.stdout.strip().splitlines()[-1]
 
 
-def trained_kasa(model_dir: Path, text: str):
-    """KaSA (r = 4 on q/v/o) trained 4 steps to reproduce ``text``: an adapter that visibly changes the model."""
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    apply_kasa(model, KaSAConfig(r=R, alpha=2 * R, target_modules=["q_proj", "v_proj", "o_proj"], init_seed=0),
-               show_progress=False)
-    ids = tokenizer(text, return_tensors="pt").input_ids
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
-    for _ in range(4):
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    return model.eval(), tokenizer
-
-
-@torch.no_grad()
-def greedy(model, prompt_ids: list[int]) -> dict:
-    """Up to NEW_TOKENS greedy tokens and their log-probabilities, ending at EOS (as vLLM does)."""
-    ids, tokens, logprobs = torch.tensor([prompt_ids]), [], []
-    for _ in range(NEW_TOKENS):
-        lp = F.log_softmax(model(input_ids=ids).logits[0, -1].float(), dim=-1)
-        token = int(lp.argmax())
-        tokens.append(token)
-        logprobs.append(lp[token].item())
-        if token == model.config.eos_token_id:
-            break
-        ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
-    return {"tokens": tokens, "logprobs": logprobs}
-
-
 @pytest.fixture(scope="module")
-def served(smollm2, tmp_path_factory):
+def served(smollm2, smollm2_kasa, tmp_path_factory):
     """Per adapter: its export directory and its KaSA model's greedy reference; and the prompt's token ids."""
     out = tmp_path_factory.mktemp("vllm")
-    references, exports, prompt_ids = {}, {}, None
-    for name, text in TASKS.items():
-        model, tokenizer = trained_kasa(smollm2, text)
-        prompt_ids = tokenizer(PROMPT).input_ids
+    models, tokenizer = smollm2_kasa
+    prompt_ids = tokenizer(PROMPT).input_ids
+    references, exports = {}, {}
+    for name, model in models.items():
         exports[name] = str(export_lora_adapter(model, out / name, base=str(smollm2)))
         references[name] = greedy(model, prompt_ids)
-        del model
     base = transformers.AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
     references["base"] = greedy(base, prompt_ids)
     return out, exports, references, prompt_ids
