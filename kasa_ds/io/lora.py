@@ -251,19 +251,26 @@ def export_lora_adapter(model: nn.Module, out_dir: str | os.PathLike, base: Base
     checkpoint directory, needed unless every layer keeps its tail as a correction (QKaSA low_rank_correction); it
     must be the base the model was adapted from (``allow_other_base``: a base changed on purpose). ``server="vllm"``
     refuses first what vLLM would not load (:func:`check_server`)."""
+    _check_model(model, server)
     check_output_dir(out_dir, is_lora_export_dir, models=[base] if isinstance(base, (str, os.PathLike)) else [])
     lora = lora_state_from_model(model, base, allow_other_base=allow_other_base, server=server)
     return None if lora is None else _write(out_dir, *lora)
+
+
+def _check_model(model: nn.Module, server: str) -> tuple[KaSAConfig, Optional[dict]]:
+    """Refuse what ``server`` would not load and a requantized base; (the adapter's config, its base quantization)."""
+    config = get_config(model)
+    check_server([PREFIX + key for key, _ in adapter_param_items(model)], config, server)
+    quantization = base_quantization(model)
+    _refuse_requantize(config, quantization)
+    return config, quantization
 
 
 def lora_state_from_model(model: nn.Module, base: Base = None, *, allow_other_base: bool = False,
                           server: str = "peft") -> Optional[tuple[dict[str, torch.Tensor], dict]]:
     """The adapted ``model``'s rank-2r LoRA, in memory on rank 0: (PEFT state dict, PEFT LoraConfig fields); None on
     the other ranks (collective when the adapter is sharded). See :func:`export_lora_adapter`."""
-    config = get_config(model)
-    check_server([PREFIX + key for key, _ in adapter_param_items(model)], config, server)
-    quantization = base_quantization(model)
-    _refuse_requantize(config, quantization)
+    config, quantization = _check_model(model, server)
     kasa = gathered_adapter_state(model)
     if rank() != 0:
         return None
