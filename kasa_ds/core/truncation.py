@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 from ..config import SVD_SOLVERS
@@ -60,7 +61,9 @@ def tail_factors(weight: torch.Tensor, r: int, solver: str = "auto", name: str =
     """The r smallest singular triplets of ``weight`` (m×n) as thin factors. Runs on ``weight.device``; a weight
     holding NaN or inf has no singular values: one ValueError naming ``name``."""
     check_rank(r, tuple(weight.shape), name)
-    if not torch.isfinite(weight).all():
+    # a sum is one cheap pass and non-finite whenever an element is; only then the elementwise check (a finite
+    # weight whose sum overflows is no error)
+    if not torch.isfinite(weight.sum()) and not torch.isfinite(weight).all():
         raise ValueError(f"{name} holds NaN or inf: it has no singular values to truncate; the checkpoint is damaged "
                          "(re-download or re-convert it) or exclude the module from target_modules")
     if solver not in SVD_SOLVERS:
@@ -77,18 +80,28 @@ def tail_factors(weight: torch.Tensor, r: int, solver: str = "auto", name: str =
         y = (q.T @ w.double()).T if left else w.double() @ q
         return y.T @ y
 
-    basis, energy = tail_basis(gram_of(w), r, solver, projected=projected, exact=lambda: gram_of(w.double()))
-    return TailFactors(*factors_from_gram_basis(w, basis, left), energy)
+    upper = _upper_gram(w, left)
+    basis, energy = tail_basis(gram_of(w) if upper is None else upper, r, solver, projected=projected,
+                               exact=lambda: gram_of(w.double()))
+    # in w's precision: a float64 basis rounded to float32 moves W_world by ≈ ε·‖W‖, far under the error budget
+    return TailFactors(*factors_from_gram_basis(w, basis.to(w.dtype), left), energy)
 
 
 def symmetric_gram(w: torch.Tensor, left: bool) -> torch.Tensor:
-    """W Wᵀ (``left``) or Wᵀ W. A float32 weight on the CPU goes through BLAS ?syrk (SciPy), which computes one
-    triangle: half a GEMM's flops; the other triangle is mirrored in."""
+    """W Wᵀ (``left``) or Wᵀ W."""
+    return w @ w.T if left else w.T @ w
+
+
+def _upper_gram(w: torch.Tensor, left: bool) -> Optional[np.ndarray]:
+    """For a float32 weight on the CPU with SciPy, W Wᵀ (``left``) or Wᵀ W through BLAS ?syrk: one triangle, half a
+    GEMM's flops, left as BLAS writes it — the upper triangle of a column-major array, the strict lower one 0 — since
+    LAPACK's subset solver and ?symv read only that triangle; else None."""
     syrk = _scipy_syrk() if w.device.type == "cpu" and w.dtype == torch.float32 else None
     if syrk is None:
-        return w @ w.T if left else w.T @ w
-    upper = torch.from_numpy(syrk(1.0, w.numpy().T, trans=1 if left else 0, lower=0))
-    return torch.triu(upper) + torch.triu(upper, 1).T
+        return None
+    # ?syrk forms A·Aᵀ (trans=0) fastest, from a column-major A: Wᵀ is one as it stands (a view); for W·Wᵀ SciPy
+    # copies W into that order first, still faster than Wᵀ's view with trans=1 (measured)
+    return syrk(1.0, w.numpy() if left else w.numpy().T, trans=0, lower=0)
 
 
 def factors_from_gram_basis(weight: torch.Tensor, basis: torch.Tensor, basis_is_left: bool) -> tuple[torch.Tensor,
@@ -119,6 +132,8 @@ def tail_basis(gram: torch.Tensor, r: int, solver: str = "auto", *,
                projected: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
                exact: Optional[Callable[[], torch.Tensor]] = None) -> tuple[torch.Tensor, float]:
     """The one solver ladder: bottom-r eigenvectors (d×r) of a PSD Gram (d×d) and the trace fraction they carry.
+    ``gram``: a tensor, or (from :func:`tail_factors`, which then passes ``projected`` and ``exact``) the upper
+    triangle of a float32 column-major array (:func:`_upper_gram`).
 
     ``auto``/``gram``: float32 eigh, kept where :func:`_fp32_leak` says it resolves the tail (basis in float32); else
     a float64 Rayleigh–Ritz step on the bottom r+p float32 vectors where that suffices (float64 basis); else, and
@@ -128,7 +143,7 @@ def tail_basis(gram: torch.Tensor, r: int, solver: str = "auto", *,
     if solver in ("auto", "gram"):
         d = gram.shape[0]
         p = min(max(r, 16), d - r - 1)  # extra vectors for Rayleigh–Ritz; a kept direction must stay outside
-        spectrum = _bottom_eigh32(gram.float(), r + max(p, 0))
+        spectrum = _bottom_eigh32(gram if isinstance(gram, np.ndarray) else gram.float(), r + max(p, 0))
         energy = spectrum.energy(r)
         if spectrum.leak(r, r) < _FP32_GRAM_ERROR_BUDGET:
             return spectrum.vectors[:, :r], energy
@@ -157,30 +172,42 @@ class _Bottom:
         return _fp32_leak(self.values, r, subspace, self.lam_max, self.trace)
 
 
-def _bottom_eigh32(gram: torch.Tensor, k: int) -> _Bottom:
+def _bottom_eigh32(gram: torch.Tensor | np.ndarray, k: int) -> _Bottom:
     """The bottom k+1 eigenpairs of a float32 Gram (d×d): on the CPU with SciPy, LAPACK's subset solver (?syevr
     computes only the wanted eigenvectors after the tridiagonal reduction) and λ_max estimated apart
-    (:func:`_lam_max`); else torch's full eigh."""
+    (:func:`_lam_max`); else torch's full eigh. An array is the upper triangle of :func:`_upper_gram`."""
     d = gram.shape[0]
+    if isinstance(gram, np.ndarray):
+        values, vectors = _scipy_eigh()(gram, lower=False, subset_by_index=[0, k], driver="evr", check_finite=False)
+        symv = _scipy_symv()
+        triangle = float(np.linalg.norm(gram)) ** 2  # the diagonal once, each off-diagonal pair once
+        diagonal = float(np.square(np.diagonal(gram), dtype=np.float64).sum())
+        lam_max = _lam_max(lambda x: torch.from_numpy(symv(1.0, gram, x.numpy(), lower=0)), d,
+                           max(2 * triangle - diagonal, 0.0) ** 0.5)
+        return _Bottom(torch.from_numpy(values), torch.from_numpy(vectors[:, :k]), lam_max,
+                       float(np.trace(gram, dtype=np.float64)))
     if gram.device.type == "cpu" and k + 1 < d and _scipy_eigh() is not None:
-        values, vectors = _scipy_eigh()(gram.numpy(), subset_by_index=[0, k], driver="evr", check_finite=False)
-        return _Bottom(torch.from_numpy(values), torch.from_numpy(vectors[:, :k]), _lam_max(gram),
-                       gram.double().trace().item())
+        # the transposed view of a row-major symmetric matrix is itself in LAPACK's column-major order: no copy
+        values, vectors = _scipy_eigh()(gram.numpy().T, subset_by_index=[0, k], driver="evr", check_finite=False)
+        return _Bottom(torch.from_numpy(values), torch.from_numpy(vectors[:, :k]),
+                       _lam_max(lambda x: gram @ x, d, torch.linalg.matrix_norm(gram).item()),
+                       gram.diagonal().double().sum().item())
     values, vectors = torch.linalg.eigh(gram)
     return _Bottom(values[:k + 1], vectors[:, :k], values[-1].double().item(), values.double().sum().item())
 
 
-def _lam_max(gram: torch.Tensor, iterations: int = 30) -> float:
-    """λ_max of a PSD Gram for the leak estimate, without a full eigh: power iteration's Rayleigh quotient ρ plus its
-    residual ‖Gx − ρx‖ (ρ approaches λ_max from below; with the residual it lands at or above it: measured on
-    Gaussian and Llama-shaped Grams), capped by ‖G‖_F ≥ λ_max. ``iterations`` matrix-vector products (d² each)."""
-    x = torch.randn(gram.shape[0], 1, generator=torch.Generator().manual_seed(0), dtype=gram.dtype)
+def _lam_max(matvec: Callable[[torch.Tensor], torch.Tensor], d: int, frobenius: float, iterations: int = 30) -> float:
+    """λ_max of a PSD Gram (d×d, applied by ``matvec`` to a float32 d-vector) for the leak estimate, without a full
+    eigh: power iteration's Rayleigh quotient ρ plus its residual ‖Gx − ρx‖ (ρ approaches λ_max from below; with the
+    residual it lands at or above it: measured on Gaussian and Llama-shaped Grams), capped by ‖G‖_F ≥ λ_max
+    (``frobenius``, summed in float32: capped with a margin for its rounding). ``iterations`` products (d² each)."""
+    x = torch.randn(d, generator=torch.Generator().manual_seed(0))
     for _ in range(iterations):
-        x = gram @ x
+        x = matvec(x)
         x = x / x.norm().clamp_min(1e-30)
-    gx = gram @ x
-    rho = (x.T @ gx).item()
-    return min(rho + (gx - rho * x).norm().item(), torch.linalg.matrix_norm(gram.double()).item())
+    gx = matvec(x)
+    rho = torch.dot(x, gx).item()
+    return min(rho + (gx - rho * x).norm().item(), frobenius * (1 + 1e-4))
 
 
 def _scipy_eigh():
@@ -199,6 +226,13 @@ def _scipy_syrk():
     except ImportError:
         return None
     return ssyrk
+
+
+def _scipy_symv():
+    """BLAS ssymv through SciPy (present wherever :func:`_upper_gram` made an array)."""
+    from scipy.linalg.blas import ssymv
+
+    return ssymv
 
 
 def _energy(eigvals: torch.Tensor, r: int) -> float:

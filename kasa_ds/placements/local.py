@@ -94,6 +94,9 @@ class LocalPlacement(Placement):
 def subtract_(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
     """W ← W − left·right in place (W: a weight or a view of one), computed in the factors' precision (float32 or
     float64) and rounded once to W's dtype."""
+    if weight.dtype == left.dtype == right.dtype and weight.device == left.device and weight.dim() == 2:
+        weight.addmm_(left, right, alpha=-1)  # one pass, no m×n temporary
+        return
     delta = (left @ right).to(weight.device)
     weight.copy_((weight.to(delta.dtype) - delta).to(weight.dtype))
 
