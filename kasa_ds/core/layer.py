@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Iterator, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .init import init_adapter_
@@ -94,7 +95,7 @@ class KaSALinear(nn.Module):
         if self.regularize_in_forward and self.training and torch.is_grad_enabled():
             self.reg_cache = SquaredNorm.apply(diag)
             h = h + 0.0 * self.reg_cache  # exact; ties the term's backward to this layer's (gathered) backward
-        return self.lora_B(h * diag) * self.scaling
+        return self.lora_B(h, diag) * self.scaling
 
     def set_regularize_in_forward(self, enabled: bool = True) -> None:
         self.regularize_in_forward = self.lora_A.regularize_in_forward = self.lora_B.regularize_in_forward = enabled
@@ -169,12 +170,43 @@ class AdapterFactor(nn.Linear):
         self.regularize_in_forward = False
         self.reg_cache: Optional[torch.Tensor] = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = super().forward(x)
+    def forward(self, x: torch.Tensor, diag: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x Wᵀ, or (x ⊙ ``diag``) Wᵀ (lora_B after ΔΣ) through :class:`DiagLinear`."""
+        y = super().forward(x) if diag is None else DiagLinear.apply(x, diag, self.weight)
         if self.regularize_in_forward and self.training and torch.is_grad_enabled():
             self.reg_cache = OrthogonalityPenalty.apply(self.weight, self.rows)
             y = y + 0.0 * self.reg_cache  # exact; ties the term's backward to this module's (gathered) backward
         return y
+
+
+class DiagLinear(torch.autograd.Function):
+    """y = (h ⊙ d) Wᵀ for h (..., r), d (r,), W (m, r), saving h and not h ⊙ d: the tensors a LoRA's lora_B saves,
+    no more (plain autograd would keep both h, for d's gradient, and h ⊙ d, for W's). h ⊙ d is recomputed in
+    backward (tokens × r multiplies). Backward computes in the forward output's dtype (as autocast did) and returns
+    each gradient in its input's dtype."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, d: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(h, d, w)
+        y = F.linear(h * d, w)
+        ctx.compute_dtype = y.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        h, d, w = ctx.saved_tensors
+        dtype = ctx.compute_dtype
+        grad_y = grad_y.to(dtype)
+        grad_hd = grad_y @ w.to(dtype)  # ∂/∂(h ⊙ d), (..., r)
+        grad_h = (grad_hd * d.to(dtype)).to(h.dtype) if ctx.needs_input_grad[0] else None
+        grad_d = None  # summed over every token: in float32 whatever the compute dtype
+        if ctx.needs_input_grad[1]:
+            grad_d = (grad_hd.float() * h.float()).reshape(-1, d.shape[0]).sum(0).to(d.dtype)
+        grad_w = None
+        if ctx.needs_input_grad[2]:
+            hd = (h.to(dtype) * d.to(dtype)).reshape(-1, d.shape[0])
+            grad_w = (grad_y.reshape(-1, grad_y.shape[-1]).T @ hd).to(w.dtype)
+        return grad_h, grad_d, grad_w
 
 
 def kasa_layers(model: nn.Module) -> Iterator[tuple[str, KaSALinear]]:
