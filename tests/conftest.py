@@ -26,6 +26,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def setup_script_output(script: str, what: str, timeout: int = 1800) -> str:
+    """The last line ``tools/<script>`` prints (the environment it made, or found made earlier under ~/.cache/kasa_ds);
+    a skip with the script's own error when it could not make ``what``."""
+    import subprocess
+
+    proc = subprocess.run(["bash", str(Path(__file__).resolve().parents[1] / "tools" / script)], capture_output=True,
+                          text=True, timeout=timeout)
+    if proc.returncode != 0:
+        pytest.skip(f"{what} could not be installed (tools/{script}): {proc.stderr[-1500:]}")
+    return proc.stdout.strip().splitlines()[-1]
+
+
 def tiny_llama(seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -20,14 +20,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import GREEDY_TOKENS, SMOLLM2_TASKS, greedy
+from conftest import GREEDY_TOKENS, SMOLLM2_TASKS, greedy, setup_script_output
 from kasa_ds import export_gguf_adapter, save_adapter
 from kasa_ds.training.assets import gguf_file
 
 pytestmark = pytest.mark.slow
 gguf = pytest.importorskip("gguf", reason="gguf (llama.cpp's gguf-py) is the [gguf] extra, in [dev]")
 transformers = pytest.importorskip("transformers")
-REPO = Path(__file__).resolve().parents[2]
 LOGPROB_TOL = 1e-3
 PROMPT = "The capital of Italy is"
 
@@ -37,11 +36,7 @@ def node_llama_cpp():
     """node-llama-cpp's entry file, installed once under ~/.cache/kasa_ds (seconds) and reused."""
     if shutil.which("node") is None:
         pytest.skip("node (Node.js >= 20) is not installed: llama.cpp runs here through node-llama-cpp")
-    proc = subprocess.run(["bash", str(REPO / "tools/setup_llama_cpp.sh")], capture_output=True, text=True,
-                          timeout=900)
-    if proc.returncode != 0:
-        pytest.skip(f"node-llama-cpp could not be installed (tools/setup_llama_cpp.sh): {proc.stderr[-1500:]}")
-    return proc.stdout.strip().splitlines()[-1]
+    return setup_script_output("setup_llama_cpp.sh", "node-llama-cpp", timeout=900)
 
 
 def dequantized_gguf(src: Path, dst: Path) -> Path:

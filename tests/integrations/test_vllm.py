@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import GREEDY_TOKENS as NEW_TOKENS, SMOLLM2_R as R, SMOLLM2_TASKS as TASKS, free_port, greedy
+from conftest import (GREEDY_TOKENS as NEW_TOKENS, SMOLLM2_R as R, SMOLLM2_TASKS as TASKS, free_port, greedy,
+                      setup_script_output)
 from kasa_ds.io.lora import export_lora_adapter
 
 pytestmark = pytest.mark.slow
 transformers = pytest.importorskip("transformers")
-REPO = Path(__file__).resolve().parents[2]
 LOGPROB_TOL = 1e-4
 PROMPT = "Question: What is the capital of Italy?\nAnswer:"
 
@@ -31,10 +31,7 @@ PROMPT = "Question: What is the capital of Italy?\nAnswer:"
 @pytest.fixture(scope="module")
 def vllm_python():
     """The vLLM environment's python, created once under ~/.cache/kasa_ds (minutes) and reused."""
-    proc = subprocess.run(["bash", str(REPO / "tools/setup_vllm.sh")], capture_output=True, text=True, timeout=1800)
-    if proc.returncode != 0:
-        pytest.skip(f"the vLLM environment could not be created (tools/setup_vllm.sh): {proc.stderr[-1500:]}")
-    return proc.stdout.strip().splitlines()[-1]
+    return setup_script_output("setup_vllm.sh", "the vLLM environment")
 
 
 @pytest.fixture(scope="module")
