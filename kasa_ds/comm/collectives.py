@@ -1,6 +1,7 @@
 """Rank queries and the two owner collectives every distributed truncation uses.
 
-    gather_to_owner      the shards of one tensor, concatenated on the owner rank only (None elsewhere)
+    gather_to_owner      the shards of one tensor, concatenated on the owner rank only (None elsewhere);
+                         start_gather_to_owner starts it without waiting
     broadcast_from_owner a few tensors the owner computed, packed in one buffer, received by every rank
     all_gather_uneven    every rank's shard on every rank, shards of different lengths allowed (padded on the wire:
                          gloo and NCCL all-gather equal sizes only)
@@ -12,7 +13,7 @@ is looked up once, in :func:`global_rank`.
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -54,13 +55,28 @@ def gather_to_owner(shard: torch.Tensor, owner: int, group=None,
 
     ``sizes``: each rank's dim-0 length when they differ (default: all equal to this rank's).
     """
+    return start_gather_to_owner(shard, owner, group, sizes)()
+
+
+def start_gather_to_owner(shard: torch.Tensor, owner: int, group=None,
+                          sizes: Optional[Sequence[int]] = None) -> Callable[[], Optional[torch.Tensor]]:
+    """:func:`gather_to_owner` started without waiting: returns the function that waits for it and gives its result
+    (call it on every rank; keep ``shard`` unchanged until then). Collective: every rank starts the same gathers in
+    the same order."""
     if world_size(group) == 1:
-        return shard
+        return lambda: shard
     mine = rank(group) == owner
     lengths = sizes or [shard.shape[0]] * world_size(group)
     parts = [shard.new_empty(n, *shard.shape[1:]) for n in lengths] if mine else None
-    dist.gather(shard.contiguous(), parts, dst=global_rank(group, owner), group=group)
-    return torch.cat(parts) if mine else None
+    send = shard.contiguous()
+    work = dist.gather(send, parts, dst=global_rank(group, owner), group=group, async_op=True)
+
+    def finish() -> Optional[torch.Tensor]:
+        work.wait()  # ``send`` is held by this closure until here
+        assert send is not None
+        return torch.cat(parts) if mine else None
+
+    return finish
 
 
 def broadcast_from_owner(tensors: Optional[Sequence[torch.Tensor]], shapes: Sequence[tuple[int, ...]], owner: int,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -51,6 +51,13 @@ class Placement(ABC):
         """The whole weight (m×n, float32, in the unsharded layout) on ``owner``, None on the other ranks; collective
         for a sharded placement. ``owner`` is a rank of ``group``, the group the weight is spread over (None: the
         world). Used by the owner-scheduled truncation (:mod:`kasa_ds.placements.scheduled`)."""
+
+    def start_read_on_owner(self, target: Target, owner: int, group) -> Callable[[], Optional[torch.Tensor]]:
+        """:meth:`read_on_owner` begun: a function that finishes it (every rank calls it, in the order started). A
+        placement whose read is one collective starts it without waiting, so that the reads of a scheduling round
+        move while the owners solve; by default the read happens here and the function returns it."""
+        weight = self.read_on_owner(target, owner, group)
+        return lambda: weight
 
     def truncate_experts(self, targets: list[ExpertsTarget], config: KaSAConfig, *,
                          show_progress: bool = True) -> list[LayerReport]:

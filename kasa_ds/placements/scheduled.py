@@ -3,9 +3,9 @@ flat shards. Every rank runs the same steps in the same order:
 
     plan     every rank computes the same schedule (kasa_ds.comm.schedule): weights sorted by SVD cost, each given
              an owner (least loaded first), cut into rounds in which no rank gathers more than ``max_gather_bytes``;
-    gather   per round, the owner reads each of its weights as float32 (a partitioned one is gathered to it alone);
-             non-owners hold nothing extra;
-    solve    owners run the tail solver on their weights concurrently (the work is spread, not repeated);
+    gather   per round, the owner reads each of its weights as float32 (a partitioned one is gathered to it alone;
+             the round's gathers all start at once and move while the owners solve); non-owners hold nothing extra;
+    solve    owners run the tail solver on each weight as it arrives, concurrently (the work is spread, not repeated);
     share    each owner broadcasts the thin factors (left m×r, right r×n), never the weight;
     apply    every rank applies them through the format (rewrite what it holds, or keep a correction).
 
@@ -44,15 +44,20 @@ def truncate_scheduled(targets: list[Target], config: KaSAConfig, *, group=None,
                    disable=not (show_progress and me == 0))
     for rnd in sorted({a.round for a in assignments}):
         batch = [(targets[a.index], a.owner) for a in assignments if a.round == rnd]  # same order on every rank
-        weights = {t.name: w for t, owner in batch
-                   if (w := t.placement.read_on_owner(t, owner, group)) is not None}
+        # every read of the round started first (collectives in the same order on every rank), then finished in
+        # that order: an owner solves a weight as soon as it has arrived, while the round's later reads move
+        reads = [(t.name, t.placement.start_read_on_owner(t, owner, group)) for t, owner in batch]
         solved = {}
-        for name, weight in weights.items():  # owners solve concurrently, each its own weights
+        for name, finish in reads:  # owners solve concurrently, each its own weights
+            weight = finish()
+            if weight is None:
+                continue
             tic = time.perf_counter()
             tail = tail_factors(weight, config.r, config.svd_solver)
             meta = torch.tensor([tail.tail_energy, time.perf_counter() - tic])
             solved[name] = (tail.left, tail.right, meta)
-        weights.clear()
+            del weight
+        reads.clear()
         for target, owner in batch:
             m, n = target.shape
             left, right, meta = broadcast_from_owner(solved.pop(target.name, None), [(m, config.r), (config.r, n),

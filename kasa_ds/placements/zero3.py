@@ -16,7 +16,7 @@ the model's output, as any training loss does (task loss + regularizer).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -25,7 +25,7 @@ from ..config import KaSAConfig
 from ..core.layer import KaSALinear, kasa_layers
 from ..core.types import AdapterTensor, LayerReport, Target
 from ..formats.dense import DENSE
-from ..comm.collectives import comm_device, gather_to_owner, rank
+from ..comm.collectives import comm_device, rank, start_gather_to_owner
 from ..comm.schedule import DEFAULT_MAX_GATHER_BYTES
 from .base import Placement, kasa_linear
 from .scheduled import truncate_scheduled
@@ -53,11 +53,19 @@ class Zero3Placement(Placement):
 
     def read_on_owner(self, target: Target, owner: int, group) -> Optional[torch.Tensor]:
         """The whole weight as float32 on ``owner``, gathered from the flat shards; None elsewhere. Collective."""
+        return self.start_read_on_owner(target, owner, group)()
+
+    def start_read_on_owner(self, target: Target, owner: int, group) -> Callable[[], Optional[torch.Tensor]]:
+        """The gather of the flat shards to ``owner`` started (one collective, not waited for)."""
         weight = target.module.weight
-        flat = gather_to_owner(weight.ds_tensor.detach().to(comm_device()), owner, group)
-        if flat is None:
-            return None
-        return target.format.read(target.module, flat[: weight.ds_numel].view(weight.ds_shape))
+        gathered = start_gather_to_owner(weight.ds_tensor.detach().to(comm_device()), owner, group)
+
+        def finish() -> Optional[torch.Tensor]:
+            flat = gathered()
+            return None if flat is None else target.format.read(target.module,
+                                                                flat[: weight.ds_numel].view(weight.ds_shape))
+
+        return finish
 
     def holding_device(self, target: Target) -> torch.device:
         return target.module.weight.ds_tensor.device
