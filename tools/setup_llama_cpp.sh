@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # llama.cpp for CPU through the npm package node-llama-cpp (prebuilt linux-x64 binaries; no compiler, seconds), to
-# run GGUF LoRA exports (README "Serve with llama.cpp and Ollama"; tests/integrations/test_gguf.py uses it).
+# run GGUF LoRA exports (README "llama.cpp and Ollama (GGUF LoRA)"; tests/integrations/test_gguf.py uses it).
 #   bash tools/setup_llama_cpp.sh [DIR]   default ~/.cache/kasa_ds/node-llama-cpp; needs node >= 20 and npm;
 #                                         prints the package's entry file (DIR/node_modules/node-llama-cpp/dist/index.js)
 # Re-running is cheap: a complete install (DIR/.complete) is kept.

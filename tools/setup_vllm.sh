@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# vLLM's CPU build in its own virtual environment, to serve exported LoRAs (README "Serve with vLLM";
+# vLLM's CPU build in its own virtual environment, to serve exported LoRAs
+# (README "Serve with vLLM, llama.cpp and Ollama";
 # tests/integrations/test_vllm.py uses it). vLLM pins its own torch and transformers, so it never shares kasa_ds's.
 #   bash tools/setup_vllm.sh [DIR]      default ~/.cache/kasa_ds/vllm-venv; prints DIR/bin/python when ready
 # Re-running is cheap: a complete environment (DIR/.complete) is kept.

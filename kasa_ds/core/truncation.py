@@ -93,9 +93,9 @@ def symmetric_gram(w: torch.Tensor, left: bool) -> torch.Tensor:
 
 
 def _upper_gram(w: torch.Tensor, left: bool) -> Optional[np.ndarray]:
-    """For a float32 weight on the CPU with SciPy, W Wᵀ (``left``) or Wᵀ W through BLAS ?syrk: one triangle, half a
-    GEMM's flops, left as BLAS writes it — the upper triangle of a column-major array, the strict lower one 0 — since
-    LAPACK's subset solver and ?symv read only that triangle; else None."""
+    """For a float32 weight on the CPU with SciPy, W Wᵀ (``left``) or Wᵀ W through BLAS ?syrk: one triangle, half
+    a GEMM's flops, left as BLAS writes it — the upper triangle of a column-major array, the strict lower one 0 —
+    since LAPACK's subset solver and ?symv read only that triangle; else None."""
     syrk = _scipy_syrk() if w.device.type == "cpu" and w.dtype == torch.float32 else None
     if syrk is None:
         return None
@@ -196,7 +196,8 @@ def _bottom_eigh32(gram: torch.Tensor | np.ndarray, k: int) -> _Bottom:
     return _Bottom(values[:k + 1], vectors[:, :k], values[-1].double().item(), values.double().sum().item())
 
 
-def _lam_max(matvec: Callable[[torch.Tensor], torch.Tensor], d: int, frobenius: float, iterations: int = 30) -> float:
+def _lam_max(matvec: Callable[[torch.Tensor], torch.Tensor], d: int, frobenius: float,
+             iterations: int = 30) -> float:
     """λ_max of a PSD Gram (d×d, applied by ``matvec`` to a float32 d-vector) for the leak estimate, without a full
     eigh: power iteration's Rayleigh quotient ρ plus its residual ‖Gx − ρx‖ (ρ approaches λ_max from below; with the
     residual it lands at or above it: measured on Gaussian and Llama-shaped Grams), capped by ‖G‖_F ≥ λ_max

