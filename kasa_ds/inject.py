@@ -20,7 +20,7 @@ from torch import nn
 
 from .config import KaSAConfig
 from .core import fingerprint
-from .core.experts import KaSAExperts, expert_layers
+from .core.experts import expert_layers
 from .core.layer import kasa_layers
 from .core.truncation import check_rank
 from .core.types import ExpertsTarget, KaSAReport, LayerReport, Target
@@ -63,7 +63,8 @@ def apply_kasa(model: nn.Module, config: KaSAConfig, *, truncate: Optional[Trunc
     for placement in registry.PLACEMENTS:
         group = [t for t in experts if t.placement is placement]
         if group:
-            layer_reports += placement.truncate_experts(group, config, show_progress=show_progress)
+            layer_reports += placement.truncate_experts(group, config, show_progress=show_progress,
+                                                        distributed=distributed, max_gather_bytes=max_gather_bytes)
     wrap_targets(model, targets, config)
     wrap_experts(model, experts, config)
     saved = set_trainable(model, config)
@@ -179,8 +180,7 @@ def warn_left_out_experts(model: nn.Module, config: KaSAConfig) -> None:
 def wrap_experts(model: nn.Module, targets: list[ExpertsTarget], config: KaSAConfig) -> None:
     """Replace each experts module by a KaSAExperts holding it; adapter init seeded per module if asked."""
     for index, t in enumerate(targets):
-        layer = KaSAExperts(t.module, t.layout, t.projections, config.r, config.alpha, config.dropout, config.beta,
-                            config.gamma, getattr(torch, config.adapter_dtype))
+        layer = t.placement.wrap_experts(t, config)
         layer.placement = t.placement
         if config.init_seed is not None:
             layer.reset_adapter(torch.Generator().manual_seed(config.init_seed * 1_000_003 + 500_009 + index))

@@ -38,9 +38,6 @@ REFUSED: dict[tuple[str, str], str] = {
                            "train in one process (drop --ds_config)",
     ("bnb8", "zero3"): "8-bit bases under ZeRO-3 are not supported: train in one process, or use a 16-bit base",
     ("bnb8", "tp"): "8-bit bases are not tensor-parallel: use a 16-bit base for tensor parallelism",
-    ("experts", "zero3"): "mixture-of-experts weights partitioned by ZeRO-3 are not adapted yet (issue #24): train "
-                          "them in one process or with ZeRO-2, or leave the experts out (exclude_modules: "
-                          "'.*experts.*')",
 }
 
 #: module kinds that look like linears but are refused, with the fix

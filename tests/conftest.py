@@ -48,6 +48,39 @@ def tiny_llama(seed: int = 0):
     return LlamaForCausalLM(config).eval()
 
 
+def tiny_moe(arch: str, experts: int = 4):
+    """A 2-layer mixture-of-experts model of ``arch`` (``experts`` experts, top-2) from transformers' own classes,
+    seeded."""
+    import transformers as tf
+
+    common = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=64, tie_word_embeddings=False)
+    config = {
+        "mixtral": lambda: tf.MixtralConfig(intermediate_size=24, num_local_experts=experts, num_experts_per_tok=2,
+                                            **common),
+        "qwen3_moe": lambda: tf.Qwen3MoeConfig(intermediate_size=48, moe_intermediate_size=24, num_experts=experts,
+                                               num_experts_per_tok=2, decoder_sparse_step=1, head_dim=8,
+                                               norm_topk_prob=True, **common),
+        "olmoe": lambda: tf.OlmoeConfig(intermediate_size=24, num_experts=experts, num_experts_per_tok=2, **common),
+        "deepseek_v3": lambda: tf.DeepseekV3Config(intermediate_size=48, moe_intermediate_size=24,
+                                                   n_routed_experts=experts,
+                                                   num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=0,
+                                                   n_group=1, topk_group=1, q_lora_rank=None, kv_lora_rank=16,
+                                                   qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+                                                   **(common | {"num_key_value_heads": 4})),
+        "gpt_oss": lambda: tf.GptOssConfig(intermediate_size=24, num_local_experts=experts, num_experts_per_tok=2,
+                                           head_dim=8, sliding_window=16, **common),
+    }[arch]()
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # some classes leave expert parameters uninitialized (torch.empty) outside from_pretrained
+        for name, p in model.named_parameters():
+            if "experts" in name:
+                p.copy_(torch.randn_like(p) * 0.05)
+    return model
+
+
 def tiny_bert_classifier(seed: int = 0):
     from transformers import BertConfig, BertForSequenceClassification
 
@@ -127,6 +160,32 @@ def tiny_llama_dir(tmp_path_factory):
     from make_tiny_llama import build
 
     return build(tmp_path_factory.mktemp("tiny-llama"), hidden=48, layers=2, vocab=320)
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_dir(tiny_llama_dir, tmp_path_factory):
+    """A tiny Qwen3-MoE checkpoint (5 experts, top-2, random init) with the tiny Llama's tokenizer, for recipe runs.
+    Read-only."""
+    import shutil
+
+    import transformers as tf
+
+    cfg = tf.Qwen3MoeConfig(vocab_size=320, hidden_size=48, intermediate_size=96, moe_intermediate_size=32,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                            num_experts=5, num_experts_per_tok=2, decoder_sparse_step=1, max_position_embeddings=256,
+                            tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = tf.Qwen3MoeForCausalLM(cfg)
+    with torch.no_grad():  # expert parameters may be left uninitialized (torch.empty) outside from_pretrained
+        for name, p in model.named_parameters():
+            if "experts" in name:
+                p.copy_(torch.randn_like(p) * 0.05)
+    out = tmp_path_factory.mktemp("tiny-moe")
+    model.save_pretrained(out)
+    for f in Path(tiny_llama_dir).iterdir():
+        if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+            shutil.copy(f, out / f.name)
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -3,9 +3,10 @@ config.json (no weights), the KaSA plan applied to it, and what a run would do i
 
     python tools/dry_run.py --config configs/llama3_70b_kasa.yaml --world-size 64
 
-adapted layers, parameter counts, the distributed-truncation schedule (kasa_ds.comm.schedule.assign_owners: owner per matrix,
-rounds, per-rank SVD cost), and the per-GPU bytes that follow exactly from ZeRO-3 partitioning: frozen base weights,
-adapter parameters, gradients and fp32 AdamW states. Activation memory depends on sequence length, batch and
+adapted layers and experts, parameter counts, the distributed-truncation schedule
+(kasa_ds.comm.schedule.assign_owners: owner per matrix or range of experts, rounds, per-rank SVD cost), and the
+per-GPU bytes that follow exactly from ZeRO-3 partitioning: frozen base weights, adapter parameters, gradients and
+fp32 AdamW states. Activation memory depends on sequence length, batch and
 checkpointing and is left to the memory planner.
 """
 
@@ -20,9 +21,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from kasa_ds.comm.schedule import assign_owners, svd_cost
-from kasa_ds.inject import find_targets
-from kasa_ds.placements.scheduled import work_items
+from kasa_ds.comm.schedule import assign_owners
+from kasa_ds.inject import find_expert_targets, find_targets
+from kasa_ds.placements.scheduled import expert_range_jobs, work_items
 from kasa_ds.training.config import load_train_config
 from kasa_ds.training.memory_plan import format_plan, offload_of, plan, recipe_run, shape_of
 from kasa_ds.training.models import model_dir
@@ -42,14 +43,15 @@ def meta_model(cfg):
         return AutoModelForCausalLM.from_config(hf_config, dtype=dtype), hf_config
 
 
-def truncation_schedule(targets, world: int, max_gather_mb: int) -> dict:
-    """The owner schedule of the distributed truncation: rounds, matrices per rank, the largest per-rank load."""
-    items = work_items(targets)
+def truncation_schedule(targets, experts, world: int, max_gather_mb: int) -> dict:
+    """The owner schedule of the distributed truncation: rounds, matrices per rank, the largest per-rank load. An
+    experts module's parameters are cut into ranges of experts (kasa_ds.placements.scheduled.expert_range_jobs)."""
+    items = work_items(targets) + [job.item for job in expert_range_jobs(experts, world, max_gather_mb << 20)]
     assignments = assign_owners(items, world, max_gather_mb << 20)
     cost, count = [0.0] * world, [0] * world
     for a in assignments:
-        cost[a.owner] += svd_cost(items[a.index].shape)
-        count[a.owner] += 1
+        cost[a.owner] += items[a.index].cost
+        count[a.owner] += items[a.index].count
     return {"svd_rounds": 1 + max(a.round for a in assignments), "svd_matrices_per_rank": (min(count), max(count)),
             "svd_load_imbalance": max(cost) / (sum(cost) / world)}
 
@@ -59,18 +61,25 @@ def dry_run(config_path: str, world: int, overrides: list[str] = (), gpu_gib: fl
     cfg = load_train_config(config_path, list(overrides), base_dirs=[str(CHECKOUT)])
     model, hf_config = meta_model(cfg)
     kasa = cfg.kasa_config()
-    targets = find_targets(model, kasa)
+    targets, experts = find_targets(model, kasa), find_expert_targets(model, kasa)
     total = sum(p.numel() for p in model.parameters())
+    expert_shapes = [(t.layout.shape(p), t.layout.num_experts) for t in experts for p in t.projections]
     adapter = sum(kasa.r * (t.shape[0] + t.shape[1]) + kasa.r for t in targets)
+    adapter += sum(count * (kasa.r * (m + n) + kasa.r) for (m, n), count in expert_shapes)
     saved = sum(p.numel() for n, p in model.named_parameters() if kasa.in_module_to_save(n, include_self=False))
     trainable = adapter + saved
     out = {"model": type(model).__name__, "total_params": total, "adapted_layers": len(targets),
+           "adapted_experts_modules": len(experts), "adapted_expert_matrices": sum(c for _, c in expert_shapes),
            "adapter_params": adapter, "modules_to_save_params": saved, "world_size": world,
-           **truncation_schedule(targets, world, cfg.kasa.max_gather_mb),
+           **truncation_schedule(targets, experts, world, cfg.kasa.max_gather_mb),
            "per_gpu_bytes": {"base_weights": total * torch.finfo(getattr(torch, cfg.model.dtype)).bits // 8 / world,
                              "adapters_fp32": trainable * 4 / world, "gradients_fp32": trainable * 4 / world,
                              "adamw_states_fp32": trainable * 8 / world}}
     print(f"{out['model']} from {model_dir(cfg.model)}/config.json: {total:,} parameters ({total / 1e9:.2f} B)")
+    if experts:
+        print(f"experts: {len(experts)} experts modules of {experts[0].layout.num_experts} experts, "
+              f"{', '.join(experts[0].projections)} adapted: {out['adapted_expert_matrices']:,} expert matrices, "
+              "each truncated by its own tail")
     print(f"KaSA r={kasa.r}: {len(targets)} adapted layers, {adapter:,} adapter parameters "
           f"({100 * adapter / total:.3f}%), {saved:,} in modules_to_save")
     print(f"distributed truncation on {world} ranks: {out['svd_rounds']} round(s) of at most "
@@ -81,14 +90,14 @@ def dry_run(config_path: str, world: int, overrides: list[str] = (), gpu_gib: fl
         print(f"per GPU under ZeRO-3 ({cfg.model.dtype} base): " + ", ".join(
             f"{k} {v / GiB:.2f} GiB" for k, v in out["per_gpu_bytes"].items()) + " (+ activations)")
     else:  # the memory planner models decoder LMs
-        out["memory_plan"] = print_memory_plan(cfg, model, hf_config, targets, world, gpu_gib)
+        out["memory_plan"] = print_memory_plan(cfg, model, hf_config, targets, experts, world, gpu_gib)
     out["seconds"] = time.perf_counter() - tic
     print(f"dry run took {out['seconds']:.1f}s")
     return out
 
 
-def print_memory_plan(cfg, model, hf_config, targets, world: int, gpu_gib: float) -> dict:
-    names = {t.name.rsplit(".", 1)[-1] for t in targets}
+def print_memory_plan(cfg, model, hf_config, targets, experts, world: int, gpu_gib: float) -> dict:
+    names = {t.name.rsplit(".", 1)[-1] for t in targets} | {p for t in experts for p in t.projections}
     ds = json.loads(Path(cfg.ds_config).read_text()) if cfg.ds_config else None
     run = recipe_run(cfg, names, deepspeed=True, zero=3, gpus=world, offload=offload_of(ds))
     result = plan(shape_of(model, hf_config, names), run, gpu_gib)

@@ -13,11 +13,17 @@ DEFAULT_MAX_GATHER_BYTES = 2 << 30
 
 @dataclass
 class WorkItem:
-    """One weight to truncate: its name, shape (m, n) and size in bytes as stored."""
+    """One piece of truncation work: its name, the shape (m, n) of each of its ``count`` weights (a range of
+    experts is several) and the bytes its owner gathers."""
 
     name: str
     shape: tuple[int, int]
     nbytes: int
+    count: int = 1
+
+    @property
+    def cost(self) -> float:
+        return svd_cost(self.shape) * self.count
 
 
 @dataclass
@@ -42,7 +48,7 @@ def assign_owners(items: list[WorkItem], world: int,
     weight would push its owner's gathered bytes in the current round past ``max_gather_bytes`` (a weight larger than
     the cap gets a round of its own on its owner).
     """
-    order = sorted(range(len(items)), key=lambda i: (-svd_cost(items[i].shape), i))
+    order = sorted(range(len(items)), key=lambda i: (-items[i].cost, i))
     load = [0.0] * world
     round_bytes = [0] * world
     current = 0
@@ -54,6 +60,6 @@ def assign_owners(items: list[WorkItem], world: int,
             current += 1
             round_bytes = [0] * world
         round_bytes[owner] += item.nbytes
-        load[owner] += svd_cost(item.shape)
+        load[owner] += item.cost
         out[i] = Assignment(i, owner, current)
     return [a for a in out if a is not None]

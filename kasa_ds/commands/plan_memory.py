@@ -19,7 +19,7 @@ from pathlib import Path
 
 
 from ..cli import bad_input_fails, fail, positive_float, positive_int, probability
-from ..training.memory_plan import GiB, RunShape, format_plan, model_shape, plan
+from ..training.memory_plan import GiB, RunShape, describe_targets, format_plan, model_shape, plan
 
 
 def parse_args(argv=None):
@@ -55,8 +55,8 @@ def main(argv=None) -> dict:
         fail(f"--model {a.model}: no config.json there")
     targets = tuple(t for t in a.targets.split(",") if t)
     shape = model_shape(a.model, targets)
-    if not shape.targets:
-        fail(f"none of --targets {a.targets} names a decoder linear of {a.model}")
+    if not shape.targets and not shape.expert_targets:
+        fail(f"none of --targets {a.targets} names a decoder linear or experts projection of {a.model}")
 
     def run_for(gpus: int) -> RunShape:
         return RunShape(method=a.method, r=a.r, targets=targets, seq_len=a.seq_len, micro_batch=a.micro_batch,
@@ -74,7 +74,7 @@ def main(argv=None) -> dict:
         result = plan(shape, run_for(gpus), a.gpu_gib)
     run = run_for(gpus)
     mode = "no DeepSpeed" if not run.deepspeed else f"ZeRO-{run.zero}, offload {run.offload}"
-    print(f"{a.model}: {shape.total:,} parameters, {len(shape.targets)} adapted layers (r={a.r}), "
+    print(f"{a.model}: {shape.total:,} parameters, {describe_targets(shape)} (r={a.r}), "
           f"{a.method}, {gpus} GPUs = TP {a.tp} × DP {result['data_parallel']}, {mode}, {a.optimizer}, "
           f"seq {a.seq_len} × micro batch {a.micro_batch}, checkpointing {'on' if run.checkpointing else 'off'}")
     print(format_plan(result))

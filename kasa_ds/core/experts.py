@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .init import init_adapter_
-from .penalty import orthogonality
+from .penalty import OrthogonalityPenalty, SquaredNorm, orthogonality
+from .truncation import tail_factors
 
 #: the projections of an expert, as PEFT and the per-expert-linear checkpoints name them
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -69,20 +70,38 @@ def experts_layout(module: nn.Module, shape_of: Callable[[torch.Tensor], tuple[i
                          bool(getattr(module, "is_concatenated", True)), has_gate, bool(getattr(module, "has_bias", False)))
 
 
-def projection_weight(module: nn.Module, layout: ExpertsLayout, projection: str) -> torch.Tensor:
-    """A view (E, m, n) of every expert's ``projection`` inside the module's fused parameter (writes go through)."""
+def parameter_name(layout: ExpertsLayout, projection: str) -> str:
+    """The fused parameter of the experts module that holds ``projection``."""
     if projection == "down_proj":
-        w = module.down_proj
-        return w.transpose(1, 2) if layout.transposed else w
-    w = module.gate_up_proj if layout.has_gate else module.up_proj
-    w = w.transpose(1, 2) if layout.transposed else w  # (E, 2I or I, H)
-    if not layout.has_gate:
+        return "down_proj"
+    return "gate_up_proj" if layout.has_gate else "up_proj"
+
+
+def projection_view(fused: torch.Tensor, layout: ExpertsLayout, projection: str) -> torch.Tensor:
+    """A view (E', m, n) of ``projection`` inside ``fused``: the parameter :func:`parameter_name` names, or any
+    tensor laid out as it is over a range of E' experts (writes go through)."""
+    w = fused.transpose(1, 2) if layout.transposed else fused  # (E', m, n), or (E', 2I, H) for gate_up
+    if projection == "down_proj" or not layout.has_gate:
         return w
     half = layout.intermediate
     first = projection == "gate_proj"
     if layout.concatenated:
         return w[:, :half] if first else w[:, half:]
     return w[:, 0::2] if first else w[:, 1::2]
+
+
+def projection_weight(module: nn.Module, layout: ExpertsLayout, projection: str) -> torch.Tensor:
+    """A view (E, m, n) of every expert's ``projection`` inside the module's fused parameter (writes go through)."""
+    return projection_view(getattr(module, parameter_name(layout, projection)), layout, projection)
+
+
+def expert_tails(weights: torch.Tensor, r: int, solver: str, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Each expert's dropped tail of ``weights`` (E', m, n): (left (E', m, r), right (E', r, n), float32, and the
+    largest fraction of an expert's energy dropped), by the one solver ladder (kasa_ds.core.truncation), expert by
+    expert."""
+    tails = [tail_factors(w, r, solver, name=f"{name}[expert {e}]") for e, w in enumerate(weights)]
+    return (torch.stack([t.left.float() for t in tails]), torch.stack([t.right.float() for t in tails]),
+            max(t.tail_energy for t in tails))
 
 
 class ExpertFactors(nn.Module):
@@ -125,7 +144,6 @@ class KaSAExperts(nn.Module):
 
     stackable_terms = True
     placement = None  # recorded by the injection, as on KaSALinear
-    regularize_in_forward = False
 
     def __init__(self, base_layer: nn.Module, layout: ExpertsLayout, projections: tuple[str, ...], r: int,
                  alpha: float, dropout: float = 0.0, beta: float = 1e-4, gamma: float = 1e-3,
@@ -138,7 +156,14 @@ class KaSAExperts(nn.Module):
                                    for p in projections})
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        # a partitioned placement (ZeRO-3) holds the factors whole only inside this module's forward: the
+        # regularizer terms are then computed there (set_regularize_in_forward), as KaSALinear does
+        self.regularize_in_forward = False
+        self.reg_cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self.reset_adapter()
+
+    def set_regularize_in_forward(self, enabled: bool = True) -> None:
+        self.regularize_in_forward = enabled
 
     def reset_adapter(self, generator: Optional[torch.Generator] = None) -> None:
         for factors in self.lora.values():
@@ -162,7 +187,12 @@ class KaSAExperts(nn.Module):
                 out[picked] = self.expert_forward(expert, rows[start:start + count]).float()
                 start += count
         weighted = out * top_k_weights.reshape(-1, 1).float()
-        return weighted.view(tokens, k, -1).sum(dim=1).to(hidden_states.dtype)
+        result = weighted.view(tokens, k, -1).sum(dim=1).to(hidden_states.dtype)
+        if self.regularize_in_forward and self.training and torch.is_grad_enabled():
+            self.reg_cache = self._terms_in_forward()
+            # exact; ties the terms' backward to this module's backward, while its factors are gathered
+            result = result + 0.0 * (self.reg_cache[0].sum() + self.reg_cache[1].sum()).to(result.dtype)
+        return result
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """One expert on its routed rows x (tokens, H) → (tokens, H)."""
@@ -192,9 +222,25 @@ class KaSAExperts(nn.Module):
         return torch.cat(parts, dim=-1) if self.layout.concatenated else torch.stack(parts, dim=-1).flatten(-2)
 
     def regularization_terms(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(‖ΔΣ‖², orthogonality) per expert and projection, each (P·E,), float32."""
+        """(‖ΔΣ‖², orthogonality) per expert and projection, each (P·E,), float32, differentiable."""
         terms = [f.regularization_terms() for f in self.lora.values()]
         return torch.cat([t[0] for t in terms]), torch.cat([t[1] for t in terms])
+
+    def _terms_in_forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`regularization_terms` with each gradient computed now (kasa_ds.core.penalty): nothing saved needs
+        the factors after forward."""
+        l2 = [SquaredNorm.apply(f.lora_diag) for f in self.lora.values()]
+        orth = [OrthogonalityPenalty.apply(f.lora_A, True) + OrthogonalityPenalty.apply(f.lora_B, False)
+                for f in self.lora.values()]
+        return torch.cat(l2), torch.cat(orth)
+
+    def cached_regularization_terms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The terms of the last training forward (regularize_in_forward); each forward's terms are returned once."""
+        if self.reg_cache is None:
+            raise RuntimeError("the KaSA regularizer of the experts is computed in their forward here (partitioned "
+                               "adapters, e.g. ZeRO-3); call kasa_regularization(model) after a training-mode forward")
+        terms, self.reg_cache = self.reg_cache, None
+        return terms
 
     @torch.no_grad()
     def merge(self) -> None:

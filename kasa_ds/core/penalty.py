@@ -23,7 +23,8 @@ def orthogonality(grams: torch.Tensor) -> torch.Tensor:
 
 
 class OrthogonalityPenalty(torch.autograd.Function):
-    """‖G − I_r‖_F of one factor with its gradient computed in forward.
+    """‖G − I_r‖_F of one factor, or of each factor of a stack (E, r, n) / (E, m, r) → (E,), with its gradient
+    computed in forward.
 
     With E = G − I (r×r, symmetric): ∂‖E‖_F/∂W = 2·E·W / ‖E‖_F (rows) or 2·W·E / ‖E‖_F (cols); 0 where ‖E‖ = 0.
     Only the gradient is saved, never W: a partitioned placement (ZeRO-3) releases W after its module's forward.
@@ -32,27 +33,28 @@ class OrthogonalityPenalty(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight: torch.Tensor, rows: bool):
         w = weight.float()
-        e = gram(w, rows) - torch.eye(w.shape[0] if rows else w.shape[1], device=w.device)
-        norm = torch.linalg.norm(e)
-        grad = (2 * (e @ w if rows else w @ e) / norm) if norm > 0 else torch.zeros_like(w)
-        ctx.save_for_backward(grad.to(weight.dtype))
+        g = w @ w.mT if rows else w.mT @ w
+        e = g - torch.eye(g.shape[-1], device=w.device)
+        norm = torch.linalg.matrix_norm(e)
+        scale = torch.where(norm > 0, 2 / norm, torch.zeros_like(norm))[..., None, None]
+        ctx.save_for_backward(((e @ w if rows else w @ e) * scale).to(weight.dtype))
         return norm
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         (grad,) = ctx.saved_tensors
-        return g * grad, None
+        return g[..., None, None] * grad, None
 
 
 class SquaredNorm(torch.autograd.Function):
-    """‖d‖² with its gradient 2d saved in forward (not d itself)."""
+    """‖d‖² of a vector, or of each row of a stack (E, r) → (E,), with its gradient 2d saved in forward (not d)."""
 
     @staticmethod
     def forward(ctx, d: torch.Tensor):
         ctx.save_for_backward(2 * d.detach())
-        return d.float().square().sum()
+        return d.float().square().sum(-1)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         (grad,) = ctx.saved_tensors
-        return g * grad
+        return g[..., None] * grad

@@ -50,7 +50,8 @@ def regularization_terms(model: nn.Module):
         else:
             groups[(layer.r, layer.lora_diag.device)].append(layer)
     for _, experts in expert_layers(model):  # per expert and projection, batched inside the module
-        l2, orth = experts.regularization_terms()
+        l2, orth = (experts.cached_regularization_terms() if experts.regularize_in_forward
+                    else experts.regularization_terms())
         l2s.append(l2)
         orths.append(orth)
         betas.append(torch.full_like(l2, experts.beta))

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..comm.collectives import broadcast_from_owner, comm_device, is_distributed
 from ..config import KaSAConfig
+from ..core.experts import KaSAExperts
 from ..core.layer import KaSALinear
 from ..core.types import AdapterTensor, ExpertsTarget, LayerReport, Target
 
@@ -59,11 +60,29 @@ class Placement(ABC):
         weight = self.read_on_owner(target, owner, group)
         return lambda: weight
 
-    def truncate_experts(self, targets: list[ExpertsTarget], config: KaSAConfig, *,
-                         show_progress: bool = True) -> list[LayerReport]:
+    def truncate_experts(self, targets: list[ExpertsTarget], config: KaSAConfig, *, show_progress: bool = True,
+                         distributed: bool = False, max_gather_bytes: int = 0) -> list[LayerReport]:
         """Every selected projection of every expert ← its W_world (kasa_ds.core.experts); one LayerReport per
         (module, projection). Placements that do not hold experts never get one (the registry refuses first)."""
         raise RuntimeError(f"the {self.name} placement holds no experts: the registry refuses them before truncation")
+
+    def start_read_experts(self, target: ExpertsTarget, parameter: str, first: int, stop: int, owner: Optional[int],
+                           group) -> Callable[[], Optional[torch.Tensor]]:
+        """The read of experts ``first`` … ``stop − 1`` of the fused ``parameter``, begun: a function giving them
+        (stop − first, A, B) as float32 in the parameter's layout on ``owner`` (None: this process, no
+        communication), None elsewhere (kasa_ds.placements.scheduled.ExpertRangeJob)."""
+        raise RuntimeError(f"the {self.name} placement holds no experts: the registry refuses them before truncation")
+
+    def subtract_experts(self, target: ExpertsTarget, parameter: str, first: int,
+                         tails: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """W_e ← W_e − left_e·right_e, for each projection's (left (E', m, r), right (E', r, n)) of experts
+        ``first`` …, on what this rank holds of the fused ``parameter``."""
+        raise RuntimeError(f"the {self.name} placement holds no experts: the registry refuses them before truncation")
+
+    def wrap_experts(self, target: ExpertsTarget, config: KaSAConfig) -> KaSAExperts:
+        """The KaSAExperts that holds ``target.module`` as its base."""
+        return KaSAExperts(target.module, target.layout, target.projections, config.r, config.alpha, config.dropout,
+                           config.beta, config.gamma, getattr(torch, config.adapter_dtype))
 
     def sample_experts(self, target: ExpertsTarget, projection: str, positions: torch.Tensor) -> torch.Tensor:
         """The float32 values at flat ``positions`` of ``projection``'s weights, all experts stacked ((E·m) × n), on

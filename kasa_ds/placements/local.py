@@ -12,11 +12,12 @@ from ..config import KaSAConfig
 from ..core.experts import projection_weight
 from ..core.layer import KaSALinear
 from ..core.truncation import tail_factors
+from ..comm.schedule import DEFAULT_MAX_GATHER_BYTES
 from ..core.types import ExpertsTarget, LayerReport, Target
 from ..comm.collectives import is_distributed, is_rank_zero, rank, world_size
 from ..progress import progress
 from .base import Placement, kasa_linear
-from .scheduled import truncate_scheduled
+from .scheduled import truncate_experts_scheduled, truncate_scheduled
 
 
 class LocalPlacement(Placement):
@@ -43,26 +44,31 @@ class LocalPlacement(Placement):
             reports.append(LayerReport(t.name, t.shape, tail.tail_energy, time.perf_counter() - tic))
         return reports
 
-    def truncate_experts(self, targets: list[ExpertsTarget], config: KaSAConfig, *,
-                         show_progress: bool = True) -> list[LayerReport]:
-        """Each expert's projection by its own r smallest triplets (the one solver ladder, expert by expert), W_world
-        written into the fused parameter through its view; the report keeps the largest dropped energy."""
-        jobs = [(t, p) for t in targets for p in t.projections]
-        reports = []
-        for t, p in progress(jobs, desc="KaSA experts", unit="projection",
-                             disable=not (show_progress and is_rank_zero())):
-            tic = time.perf_counter()
-            view = projection_weight(t.module, t.layout, p)
-            if view.device.type == "meta":
+    def truncate_experts(self, targets: list[ExpertsTarget], config: KaSAConfig, *, show_progress: bool = True,
+                         distributed: bool = False, max_gather_bytes: int = 0) -> list[LayerReport]:
+        """Each expert's projection by its own r smallest triplets, W_world written into the fused parameter
+        through its view; ``distributed`` (every rank calling, weights replicated): the ranges of experts are
+        spread over the ranks and the factors broadcast."""
+        for t in targets:
+            if t.module.down_proj.device.type == "meta":
                 raise ValueError(f"{t.name}: weights are on the meta device; load the weights before apply_kasa")
-            energy = 0.0
-            with torch.no_grad():
-                for e in range(t.layout.num_experts):
-                    tail = tail_factors(view[e], config.r, config.svd_solver, name=f"{t.name}.{p}[expert {e}]")
-                    subtract_(view[e], tail.left, tail.right)
-                    energy = max(energy, tail.tail_energy)
-            reports.append(LayerReport(f"{t.name}.{p}", t.layout.shape(p), energy, time.perf_counter() - tic))
-        return reports
+        spread = distributed and is_distributed() and world_size() > 1
+        cap = max_gather_bytes or DEFAULT_MAX_GATHER_BYTES
+        return truncate_experts_scheduled(targets, config, max_gather_bytes=cap,
+                                          show_progress=show_progress, spread=spread)
+
+    def start_read_experts(self, target: ExpertsTarget, parameter: str, first: int, stop: int, owner, group):
+        """A slice of the parameter this rank holds whole (no communication)."""
+        mine = owner is None or rank(group) == owner
+        weights = getattr(target.module, parameter)[first:stop].detach().float() if mine else None
+        return lambda: weights
+
+    @torch.no_grad()
+    def subtract_experts(self, target: ExpertsTarget, parameter: str, first: int, tails) -> None:
+        for p, (left, right) in tails.items():
+            view = projection_weight(target.module, target.layout, p)
+            for e in range(left.shape[0]):
+                subtract_(view[first + e], left[e].to(view.device), right[e].to(view.device))
 
     @torch.no_grad()
     def sample_experts(self, target: ExpertsTarget, projection: str, positions: torch.Tensor) -> torch.Tensor:

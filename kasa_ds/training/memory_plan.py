@@ -15,6 +15,9 @@ Parameter counts are exact (the model is built on the meta device). Bytes per pa
   (k and v repeated to every head for grouped-query attention), the attention output and its contiguous copy for
   o_proj (5 × 2h), SwiGLU's gate, up, silu(gate) and their product (4 × 2·ffn) — plus each adapter's dropped-out
   input and its 1-byte mask ((2 + 1) B × in_features when dropout > 0); TP splits the attention and MLP terms.
+  A mixture-of-experts layer's MLP terms are those of the top-k experts each token is routed to (and of a shared
+  expert), plus the routed rows of h gathered per expert (2 B) with the experts' float32 outputs (4 B) per row, and
+  the router's float32 softmax over the experts.
   With gradient checkpointing each layer keeps only its input (2h), and the peak is the larger of the loss's
   tensors and one layer recomputed in backward together with the gradients it is working on (h + 2·ffn). The loss
   adds float32 logits and their gradient (2 × 4·V per token) beside the bf16 logits (2·V).
@@ -76,11 +79,15 @@ class ModelShape:
     total: int
     linear: int  # parameters in decoder linears (quantizable, TP-split)
     hidden: int
-    ffn: int
+    ffn: int  # MLP width one token's activations see per layer, on average: a routed layer's is top-k × expert's
     kv_dim: int
     layers: int
     vocab: int
-    targets: list = field(default_factory=list)  # (name, m, n)
+    targets: list = field(default_factory=list)  # (name, m, n) per adapted decoder linear
+    expert_targets: list = field(default_factory=list)  # (name, m, n, experts) per adapted experts projection
+    adapter_inputs: int = 0  # Σ over layers of the adapter input widths one token passes through (dropout's copies)
+    routed_rows: int = 0  # Σ over routed (MoE) layers of the experts each token goes to (top-k)
+    router_logits: int = 0  # Σ over routed layers of the experts each token is scored against
 
 
 def model_shape(config_json_dir: str, target_names) -> ModelShape:
@@ -95,22 +102,44 @@ def model_shape(config_json_dir: str, target_names) -> ModelShape:
 
 def shape_of(model, cfg, target_names) -> ModelShape:
     """Counts of a model already built (on the meta device, say) with its HF config. A fused experts module
-    (kasa_ds.core.experts) contributes one target per expert and selected projection; its weights stay 16-bit (not
-    quantizable linears), and the activations are still those of the dense decoder (MoE routing not modelled)."""
-    linear, targets = 0, []
+    (kasa_ds.core.experts) contributes one expert target per selected projection; its weights stay 16-bit (not
+    quantizable linears). Its layer's activations are routed: each token passes top-k experts (``num_experts_per_tok``),
+    so its MLP width is top-k × the expert's, beside a shared expert's."""
+    linear, targets, experts, inputs, mlp_width, routed, router = 0, [], [], 0, 0, 0, 0
     selects = KaSAConfig(r=1, target_modules=list(target_names)).is_target
+    top_k = getattr(cfg, "num_experts_per_tok", 1) or 1
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and ".layers." in f".{name}":
             linear += module.weight.numel()
+            mlp_width += module.out_features if name.endswith("up_proj") else 0  # a dense MLP or a shared expert
             if name.rsplit(".", 1)[-1] in target_names:
                 targets.append((name, module.out_features, module.in_features))
+                inputs += module.in_features
         elif (layout := experts_layout(module)) is not None:
-            targets += [(f"{name}.{p}", *layout.shape(p)) for p in targeted_projections(name, layout, selects)
-                        for _ in range(layout.num_experts)]
+            chosen = targeted_projections(name, layout, selects)
+            experts += [(f"{name}.{p}", *layout.shape(p), layout.num_experts) for p in chosen]
+            # gate and up share one dropped-out input per routed row, down has its own
+            inputs += top_k * (layout.hidden * any(p != "down_proj" for p in chosen)
+                               + layout.intermediate * ("down_proj" in chosen))
+            mlp_width += top_k * layout.intermediate
+            routed, router = routed + top_k, router + layout.num_experts
     heads, kv_heads = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
+    layers = cfg.num_hidden_layers
     return ModelShape(total=sum(p.numel() for p in model.parameters()), linear=linear, hidden=cfg.hidden_size,
-                      ffn=cfg.intermediate_size, kv_dim=cfg.hidden_size // heads * kv_heads,
-                      layers=cfg.num_hidden_layers, vocab=cfg.vocab_size, targets=targets)
+                      ffn=round(mlp_width / layers) if mlp_width else cfg.intermediate_size,
+                      kv_dim=cfg.hidden_size // heads * kv_heads, layers=layers, vocab=cfg.vocab_size,
+                      targets=targets, expert_targets=experts, adapter_inputs=inputs, routed_rows=routed,
+                      router_logits=router)
+
+
+def describe_targets(shape: ModelShape) -> str:
+    """"N adapted layers[ and M expert matrices (P experts projections of E experts)]"."""
+    text = f"{len(shape.targets)} adapted layers"
+    if shape.expert_targets:
+        counts = sorted({c for *_, c in shape.expert_targets})
+        text += (f" and {sum(c for *_, c in shape.expert_targets):,} expert matrices ({len(shape.expert_targets)} "
+                 f"experts projections of {'/'.join(map(str, counts))} experts)")
+    return text
 
 
 def plan(shape: ModelShape, run: RunShape, gpu_gib: Optional[float] = None) -> dict:
@@ -125,6 +154,7 @@ def plan(shape: ModelShape, run: RunShape, gpu_gib: Optional[float] = None) -> d
     for name, m, n in shape.targets:
         col = name.rsplit(".", 1)[-1] in COLUMN_PARALLEL
         adapter += run.r * (m / run.tp if col else m) + run.r * (n if col else n / run.tp) + run.r
+    adapter += sum(count * (run.r * (m + n) + run.r) for _, m, n, count in shape.expert_targets)  # never TP-split
     params, grads, optimizer = adapter_state_bytes(adapter, run, dp)
     out = {"base_weights": base, "adapter_params": params, "adapter_grads": grads, "optimizer_states": optimizer,
            "activations": activation_bytes(shape, run), "cuda_context_and_slack": 1.0 * GiB}
@@ -178,8 +208,11 @@ def activation_bytes(shape: ModelShape, run: RunShape) -> float:
     tokens = run.seq_len * run.micro_batch
     split_terms = cb * 5 * h / tp + cb * 4 * i / tp
     per_layer = 2 * (4 * h + cb * h) + split_terms
+    # routed layers: each token's top-k rows of h gathered (cb) and the experts' float32 outputs before the
+    # weighted sum (4), and the router's float32 softmax over the experts (averaged over the layers)
+    per_layer += (shape.routed_rows * h * (cb + 4) + shape.router_logits * 4) / L
     if run.dropout > 0:  # each adapter keeps its dropped-out input and the 1-byte mask (in_features per token)
-        per_layer += sum((cb + 1) * n for _, _, n in shape.targets) / L
+        per_layer += (cb + 1) * shape.adapter_inputs / L
     logits = tokens * V * (cb + 2 * 4) / (tp if run.tp > 1 else 1)
     if run.checkpointing:  # layer inputs, then the larger of: the loss's tensors, one layer recomputed in backward
         backward_grads = cb * (h + 2 * i / tp)  # with it: the incoming gradient and two MLP-width gradients

@@ -15,6 +15,7 @@ import warnings
 import pytest
 import torch
 
+from conftest import tiny_moe as tiny
 from kasa_ds import KaSAConfig, apply_kasa, kasa_regularization, load_adapter, merge_kasa, save_adapter
 from kasa_ds.core.experts import KaSAExperts, expert_layers, experts_layout, projection_weight
 from kasa_ds.core.truncation import reference_world
@@ -22,35 +23,6 @@ from kasa_ds.io.lora import export_lora_adapter
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 R = 4
-
-
-def tiny(arch: str):
-    import transformers as tf
-
-    common = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  max_position_embeddings=64, tie_word_embeddings=False)
-    config = {
-        "mixtral": lambda: tf.MixtralConfig(intermediate_size=24, num_local_experts=4, num_experts_per_tok=2, **common),
-        "qwen3_moe": lambda: tf.Qwen3MoeConfig(intermediate_size=48, moe_intermediate_size=24, num_experts=4,
-                                               num_experts_per_tok=2, decoder_sparse_step=1, head_dim=8,
-                                               norm_topk_prob=True, **common),
-        "olmoe": lambda: tf.OlmoeConfig(intermediate_size=24, num_experts=4, num_experts_per_tok=2, **common),
-        "deepseek_v3": lambda: tf.DeepseekV3Config(intermediate_size=48, moe_intermediate_size=24, n_routed_experts=4,
-                                                   num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=0,
-                                                   n_group=1, topk_group=1, q_lora_rank=None, kv_lora_rank=16,
-                                                   qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
-                                                   **(common | {"num_key_value_heads": 4})),
-        "gpt_oss": lambda: tf.GptOssConfig(intermediate_size=24, num_local_experts=4, num_experts_per_tok=2,
-                                           head_dim=8, sliding_window=16, **common),
-    }[arch]()
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():  # some classes leave expert parameters uninitialized (torch.empty) outside from_pretrained
-        for name, p in model.named_parameters():
-            if "experts" in name:
-                p.copy_(torch.randn_like(p) * 0.05)
-    return model
 
 
 ARCHS = ["mixtral", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss"]

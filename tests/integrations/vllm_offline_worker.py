@@ -8,7 +8,11 @@ requests is computed with the first LoRA of the batch (with or without prefix ca
 right), a vLLM CPU fault, not the export's (README, "Serve with vLLM, llama.cpp and Ollama").
 
     python vllm_offline_worker.py SPEC.json OUT.json     SPEC: {"model", "prompt_ids", "max_tokens", "max_lora_rank",
-                                                                "adapters": {name: dir}}
+                                                                "adapters": {name: dir}, "fused_moe": bool}
+
+``fused_moe``: the adapters hold mixture-of-experts LoRA in PEFT's fused 3-D layout (``experts.base_layer`` =
+gate_up_proj, ``experts`` = down_proj); vLLM then needs ``enable_mixed_moe_lora_format`` and ``is_3d_lora_weight``
+on each request (vllm/lora/model_manager.py, ``_convert_3d_to_2d_moe_lora``).
 """
 
 import json
@@ -20,12 +24,15 @@ def main(spec_path: str, out_path: str) -> None:
     from vllm.lora.request import LoRARequest
 
     spec = json.loads(open(spec_path).read())
+    fused_moe = bool(spec.get("fused_moe"))
+    moe = {"enable_mixed_moe_lora_format": True} if fused_moe else {}
     llm = LLM(model=spec["model"], dtype="float32", enable_lora=True, max_lora_rank=spec["max_lora_rank"],
               max_loras=len(spec["adapters"]), max_model_len=256, enforce_eager=True, gpu_memory_utilization=0.05,
-              seed=0)
+              seed=0, **moe)
     params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], logprobs=1)
     prompt = {"prompt_token_ids": spec["prompt_ids"]}
-    requests = {name: LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(spec["adapters"].items())}
+    requests = {name: LoRARequest(name, i + 1, path, **({"is_3d_lora_weight": True} if fused_moe else {}))
+                for i, (name, path) in enumerate(spec["adapters"].items())}
     results = llm.generate([prompt] * len(requests), params, lora_request=list(requests.values()))
     results += llm.generate([prompt], params)
     out = {}

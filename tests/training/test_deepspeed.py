@@ -50,6 +50,35 @@ def test_two_ranks_match_single_process(tmp_path, tiny_model, stage):
 
 
 @pytest.mark.slow
+def test_moe_recipe_under_zero3_adapts_the_experts_and_checkpoints_only_adapters(tmp_path, tiny_moe_dir):
+    """The recipe on a Qwen3-MoE model under a fully partitioned 2-rank ZeRO-3 (tests/placements/test_zero3.py
+    checks the numbers against one process): the experts are adapted, the run trains, the DeepSpeed checkpoint holds
+    the adapter's parameters and none of the frozen base (experts included), and the adapter loads on the base."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from kasa_ds import load_adapter
+
+    out = tmp_path / "run"
+    proc = launch(["--config", str(REPO / "configs/tiny_llama_instruct.yaml"), f"model.path={tiny_moe_dir}",
+                   "data.max_eval_examples=16", "train.max_steps=4", "train.save_every=4", "train.eval_every=4",
+                   "train.log_every=1", "train.micro_batch_size=4", "model.max_length=64",
+                   "--ds_config", str(fully_partitioned_zero3(tmp_path)), "--output_dir", str(out)], 2, tmp_path)
+    assert "30 expert projections in 2 experts modules" in proc.stdout + proc.stderr
+    assert len(losses(out)) == 4
+    states = torch.load(next((out / "checkpoints/step-0000004/deepspeed").glob("*model_states.pt")),
+                        weights_only=False, map_location="cpu")["module"]
+    assert states and all(".lora" in k for k in states), [k for k in states if ".lora" not in k][:5]
+    assert any(k.endswith("experts.lora.down_proj.lora_A") for k in states)
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    experts = {k: v for k, v in adapter.items() if ".experts." in k}
+    assert len(experts) == 2 * 3 * 3 and all(v.shape[0] == 5 for v in experts.values())
+    model = AutoModelForCausalLM.from_pretrained(tiny_moe_dir)
+    load_adapter(model, out / "adapter", show_progress=False)  # the recorded base fingerprint matches
+
+
+@pytest.mark.slow
 def test_zero3_killed_run_resumes_with_the_same_losses(tmp_path, tiny_model):
     """SIGKILL the whole ZeRO-3 job once a checkpoint exists; `--resume auto` (the default) continues from the newest
     complete checkpoint and every later step has the loss of an uninterrupted run (same data order, optimizer state,
