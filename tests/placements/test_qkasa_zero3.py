@@ -121,22 +121,20 @@ def test_recipe_trains_a_partitioned_4bit_base_like_one_process_and_resumes(tmp_
     import time
 
     base = ["--config", str(REPO / "configs/tiny_llama_instruct.yaml"), f"model.path={tiny_model}", *COMMON,
-            "model.quantize=nf4"]
+            "model.quantize=nf4", "train.max_steps=10", "train.save_every=4", "train.log_every=1"]
     ds_config = fully_partitioned_zero3(tmp_path)
     launch([*base, "--output_dir", str(tmp_path / "single"), "train.micro_batch_size=8"], 1, tmp_path)
-    launch([*base, "--ds_config", str(ds_config), "--output_dir", str(tmp_path / "zero3"),
-            "train.micro_batch_size=4"], 2, tmp_path)
-    single, zero3 = losses(tmp_path / "single"), losses(tmp_path / "zero3")
+    args = [*base, "--ds_config", str(ds_config), "train.micro_batch_size=4"]
+    launch([*args, "--output_dir", str(tmp_path / "full")], 2, tmp_path)
+    # the first steps equal one process's (later ones part by AdamW's amplified rounding, so they are not compared)
+    single, zero3 = losses(tmp_path / "single")[:3], losses(tmp_path / "full")[:3]
     assert len(zero3) == 3 and len(set(single)) == 3 and zero3 == pytest.approx(single, rel=1e-5)
     # the regularizer, computed per module inside forward under ZeRO-3, equals the one-process value
-    reg = losses(tmp_path / "zero3", "kasa_reg")
-    assert reg == pytest.approx(losses(tmp_path / "single", "kasa_reg"), rel=1e-5) and reg[0] > 0
-    meta = json.loads((tmp_path / "zero3" / "adapter" / "kasa_ds_config.json").read_text())
+    reg = losses(tmp_path / "full", "kasa_reg")[:3]
+    assert reg == pytest.approx(losses(tmp_path / "single", "kasa_reg")[:3], rel=1e-5) and reg[0] > 0
+    meta = json.loads((tmp_path / "full" / "adapter" / "kasa_ds_config.json").read_text())
     assert meta["base_quantization"]["quant_type"] == "nf4"
 
-    args = [*base, "--ds_config", str(ds_config), "train.micro_batch_size=4", "train.max_steps=10",
-            "train.save_every=4", "train.log_every=1"]
-    launch([*args, "--output_dir", str(tmp_path / "full")], 2, tmp_path)
     out = tmp_path / "cut"
     cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port", str(free_port()),
            str(REPO / "launch/train.py"), *args, "--output_dir", str(out)]
