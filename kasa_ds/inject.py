@@ -72,9 +72,13 @@ def apply_kasa(model: nn.Module, config: KaSAConfig, *, truncate: Optional[Trunc
     setattr(model, FINGERPRINT_ATTR, across_stages(model, fingerprint))  # an adapter names every stage's base
     if hasattr(model, "save_pretrained"):
         model.save_pretrained = refuse_save_pretrained  # this instance only; merge_kasa removes it
-    numel = lambda p: math.prod(full_shape(p))  # noqa: E731  (ZeRO-3 partitions: the size they were cut from)
-    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
-    total = sum(numel(p) for p in model.parameters())
+    counts = getattr(model, "parameter_counts", None)  # a model split over TP ranks and stages counts them whole
+    if counts is not None:
+        trainable, total = counts()
+    else:
+        numel = lambda p: math.prod(full_shape(p))  # noqa: E731  (ZeRO-3 partitions: the size they were cut from)
+        trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+        total = sum(numel(p) for p in model.parameters())
     return KaSAReport(layer_reports, saved, trainable, total, time.perf_counter() - start, config.svd_solver,
                       [(t.name, t.layout.num_experts, t.projections) for t in experts])
 

@@ -276,6 +276,8 @@ def load_hf_checkpoint(model: nn.Module, model_dir: str | Path, family: Family, 
                                           f"model holds {tuple(param.shape)} (tensor_parallel must divide heads, "
                                           "query groups and the MLP width)")
         param.copy_(value)
+        # megatron-core's mark of a tensor split over TP (its own initialization sets it; the import skips that)
+        param.tensor_model_parallel = table[name][0] != COPY
 
 
 @torch.no_grad()

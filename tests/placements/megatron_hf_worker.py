@@ -74,8 +74,9 @@ def run_family(path: Path, out: Path, tp_group, resume) -> dict:
         return result
 
     config = KaSAConfig(**CONFIG)
-    apply_kasa(hf, config, show_progress=False)
-    apply_kasa(mg, config, show_progress=False)
+    hf_report, mg_report = apply_kasa(hf, config, show_progress=False), apply_kasa(mg, config, show_progress=False)
+    result["counts"] = {"hf": [hf_report.trainable_params, hf_report.total_params],
+                        "megatron": [mg_report.trainable_params, mg_report.total_params]}
     truncated = mg.gather_stages(hf_state(mg.gpt, mg.family, mg.layout, tp_group))
     result["truncated"] = max((truncated[k].double() - reference_world(stored[k], config.r)).abs().max().item()
                               for k in stored if any(f".{p}.weight" in k for p in PROJ))

@@ -64,6 +64,14 @@ def tp2_run(tmp_path_factory):
     return ckpts, root / "tp2", torchrun(2, ckpts, root / "tp2")
 
 
+def check_counts(counts: dict) -> None:
+    """apply_kasa's report on a TP rank or pipeline stage counts the whole model: the trainable parameters exactly
+    the HF model's; the total within 1% (megatron pads the vocabulary to a multiple of TP: Qwen3's 251 rows)."""
+    (hf_trainable, hf_total), (mg_trainable, mg_total) = counts["hf"], counts["megatron"]
+    assert mg_trainable == hf_trainable, counts
+    assert abs(mg_total - hf_total) <= 0.01 * hf_total, counts
+
+
 def test_tp2_matches_the_hf_road(tp2_run):
     """Import: logits and the HF ← megatron round trip; KaSA per projection: truncated weights, adapter init, three
     training steps; export: the adapter loaded on the HF checkpoint, and its rank-2r LoRA loaded by PEFT."""
@@ -78,6 +86,7 @@ def test_tp2_matches_the_hf_road(tp2_run):
             assert r["steps_logits"] < 1e-5 and r["steps_adapter"] < 1e-5, (family, r)
             assert r["losses"]["megatron"] == pytest.approx(r["losses"]["hf"], rel=1e-5)
             assert r["losses"]["megatron"][-1] < r["losses"]["megatron"][0]  # it trains
+            check_counts(r["counts"])
     for family in FAMILIES:
         r = results[0][family]
         assert r["exported"] < 1e-5 and r["exported_lora"] < 1e-5, (family, r)
@@ -99,6 +108,7 @@ def test_pp2_matches_the_hf_road(tp2_run, tmp_path):
             assert r["steps_logits"] < 1e-5 and r["steps_adapter"] < 1e-5, (family, r)
             if "exported" in r:
                 assert r["exported"] < 1e-5 and r["exported_lora"] < 1e-5, (family, r)
+            check_counts(r["counts"])
 
 
 def test_tp1_import_and_adapter_saved_at_tp2(tp2_run, tmp_path):
