@@ -12,9 +12,9 @@ from ..config import KaSAConfig
 from ..core.experts import projection_weight
 from ..core.layer import KaSALinear
 from ..core.truncation import tail_factors
-from ..comm.schedule import DEFAULT_MAX_GATHER_BYTES
 from ..core.types import ExpertsTarget, LayerReport, Target
 from ..comm.collectives import is_distributed, is_rank_zero, rank, world_size
+from ..comm.schedule import DEFAULT_MAX_GATHER_BYTES
 from ..progress import progress
 from .base import Placement, kasa_linear
 from .scheduled import truncate_experts_scheduled, truncate_scheduled
