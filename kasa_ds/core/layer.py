@@ -84,6 +84,11 @@ class KaSALinear(nn.Module):
         if self.merged:
             return result
         if self.tail_left is not None:
+            if isinstance(self.lora_dropout, nn.Identity) and not self.regularize_in_forward:
+                # one input: the correction and the update as one rank-2r product (CorrectedUpdate)
+                return result + CorrectedUpdate.apply(x, self.tail_right, self.tail_left, self.lora_A.weight,
+                                                      self.lora_diag, self.lora_B.weight, self.scaling
+                                                      ).to(result.dtype)
             xt = x.to(self.tail_right.dtype)
             result = result - ((xt @ self.tail_right.T) @ self.tail_left.T).to(result.dtype)
         return result + self.update(x).to(result.dtype)
@@ -207,6 +212,55 @@ class DiagLinear(torch.autograd.Function):
             hd = (h.to(dtype) * d.to(dtype)).reshape(-1, d.shape[0])
             grad_w = (grad_y.reshape(-1, grad_y.shape[-1]).T @ hd).to(w.dtype)
         return grad_h, grad_d, grad_w
+
+
+class CorrectedUpdate(torch.autograd.Function):
+    """−L·(R·x) + s·ΔU·diag(ΔΣ)·ΔVᵀ·x in two GEMMs of width 2r instead of four of width r (a base kept as it is,
+    with its tail subtracted in forward, and no adapter dropout: both products read the same x):
+
+        H = x·[R; ΔVᵀ]ᵀ  (…, 2r)       y = [H_R | H_A ⊙ ΔΣ]·[−L | s·ΔU]ᵀ  (…, m)
+
+    for x (…, n), R (r, n), L (m, r), ΔVᵀ (r, n), ΔΣ (r,), ΔU (m, r). Saves x, H_A (what a LoRA saves; H_R is
+    not needed in backward, which the separate products would keep) and the factors themselves (the concatenations
+    are rebuilt in backward); backward is four GEMMs (six separately) and computes no gradient for the frozen L, R. Computes in the adapter's dtype; each
+    gradient is returned in its input's dtype."""
+
+    @staticmethod
+    def forward(ctx, x, right, left, a, d, b, scaling: float):
+        h = F.linear(x.to(a.dtype), _stacked_inputs(right, a))
+        r = a.shape[0]
+        h_a = h[..., r:].contiguous()  # backward needs H_A only: H_R is not kept
+        ctx.save_for_backward(x, h_a, right, left, a, d, b)
+        ctx.scaling = scaling
+        return F.linear(torch.cat([h[..., :r], h_a * d], dim=-1), _stacked_outputs(left, b, scaling))
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        x, h_a, right, left, a, d, b = ctx.saved_tensors
+        r = d.shape[0]
+        grad_y = grad_y.to(a.dtype)
+        grad_hd = grad_y @ _stacked_outputs(left, b, ctx.scaling)  # (…, 2r): ∂/∂H_R and ∂/∂(H_A ⊙ ΔΣ)
+        grad_h = torch.cat([grad_hd[..., :r], grad_hd[..., r:] * d], dim=-1)
+        grad_x = (grad_h @ _stacked_inputs(right, a)).to(x.dtype) if ctx.needs_input_grad[0] else None
+        h_a = h_a.reshape(-1, r)
+        grad_d = (grad_hd[..., r:].reshape(-1, r) * h_a).sum(0) if ctx.needs_input_grad[4] else None
+        grad_b = None
+        if ctx.needs_input_grad[5]:
+            grad_b = grad_y.reshape(-1, grad_y.shape[-1]).T @ (h_a * d) * ctx.scaling
+        grad_a = None
+        if ctx.needs_input_grad[3]:
+            grad_a = grad_h[..., r:].reshape(-1, r).T @ x.reshape(-1, x.shape[-1]).to(a.dtype)
+        return grad_x, None, None, grad_a, grad_d, grad_b, None
+
+
+def _stacked_inputs(right: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """[R; ΔVᵀ] (2r, n) in the adapter's dtype."""
+    return torch.cat([right.to(a.dtype), a])
+
+
+def _stacked_outputs(left: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """[−L | s·ΔU] (m, 2r) in the adapter's dtype."""
+    return torch.cat([-left.to(b.dtype), b * scaling], dim=1)
 
 
 def kasa_layers(model: nn.Module) -> Iterator[tuple[str, KaSALinear]]:

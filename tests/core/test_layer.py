@@ -206,3 +206,33 @@ def test_target_inside_modules_to_save_is_refused():
     report = apply_kasa(tiny_bert_classifier(), KaSAConfig(r=2, target_modules=["dense"], modules_to_save=["pooler"],
                                                            exclude_modules=["pooler.dense"]), show_progress=False)
     assert all("pooler" not in lr.name for lr in report.layers)
+
+
+def test_fused_products_match_autograd_in_float64():
+    """The layer's two autograd functions (kasa_ds.core.layer): DiagLinear (lora_B after ΔΣ, saving h only) and
+    CorrectedUpdate (a kept base's tail correction and the update as one rank-2r product) pass gradcheck; a layer with
+    a base correction computes −L·R·x + update(x) with the gradients plain autograd gives (float64: 1e-12)."""
+    from kasa_ds.core.layer import CorrectedUpdate, DiagLinear
+
+    g = torch.Generator().manual_seed(0)
+    m, n, r = 7, 5, 3
+    rand = lambda *shape, grad=True: torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=grad)  # noqa: E731
+    assert torch.autograd.gradcheck(DiagLinear.apply, (rand(2, 4, r), rand(r), rand(m, r)))
+    assert torch.autograd.gradcheck(CorrectedUpdate.apply, (rand(2, 4, n), rand(r, n, grad=False),
+                                                            rand(m, r, grad=False), rand(r, n), rand(r), rand(m, r),
+                                                            2.0))
+    layer = KaSALinear(nn.Linear(n, m, dtype=torch.float64), n, m, r=r, alpha=2 * r, adapter_dtype=torch.float64)
+    left, right = rand(m, r, grad=False), rand(r, n, grad=False)
+    layer.set_base_correction(left, right)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_(generator=g)
+    x = rand(2, 4, n)
+    out = layer(x)
+    a, d, b = layer.lora_A.weight, layer.lora_diag, layer.lora_B.weight
+    expected = layer.base_layer(x) - (x @ right.T) @ left.T + ((x @ a.T) * d) @ b.T * layer.scaling
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    weights = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad((out * weights).sum(), (x, a, d, b))
+    want = torch.autograd.grad((expected * weights).sum(), (x, a, d, b))
+    for mine, theirs in zip(got, want):
+        torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12)
