@@ -25,15 +25,23 @@ def tiny_model(tiny_llama_dir):
     return tiny_llama_dir
 
 
+@pytest.fixture(scope="module")
+def single_run(tiny_model, tmp_path_factory):
+    """The one-process run every stage is compared with (micro batch 8 = 2 ranks × 4), run once."""
+    tmp = tmp_path_factory.mktemp("single")
+    launch(["--config", str(REPO / "configs/tiny_llama_instruct.yaml"), f"model.path={tiny_model}", *COMMON,
+            "--output_dir", str(tmp / "single"), "train.micro_batch_size=8"], 1, tmp)
+    return tmp / "single"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["zero2", "zero3", "zero3_offload"])
-def test_two_ranks_match_single_process(tmp_path, tiny_model, stage):
+def test_two_ranks_match_single_process(tmp_path, tiny_model, single_run, stage):
     ds_config = fully_partitioned_zero3(tmp_path) if stage == "zero3" else REPO / f"ds_configs/{stage}.json"
     base = ["--config", str(REPO / "configs/tiny_llama_instruct.yaml"), f"model.path={tiny_model}", *COMMON]
-    launch([*base, "--output_dir", str(tmp_path / "single"), "train.micro_batch_size=8"], 1, tmp_path)
     launch([*base, "--ds_config", str(ds_config), "--output_dir", str(tmp_path / "zero2"),
             "train.micro_batch_size=4"], 2, tmp_path)
-    single, zero2 = losses(tmp_path / "single"), losses(tmp_path / "zero2")
+    single, zero2 = losses(single_run), losses(tmp_path / "zero2")
     assert len(single) == len(zero2) == 3
     assert zero2 == pytest.approx(single, rel=1e-5)
     assert len(set(single)) == 3  # the steps differ: training happened
@@ -42,7 +50,7 @@ def test_two_ranks_match_single_process(tmp_path, tiny_model, stage):
     # the adapter written under DeepSpeed equals the single-process one (same training, same init seed)
     from safetensors.torch import load_file
 
-    a = load_file(str(tmp_path / "single" / "adapter" / "adapter_model.safetensors"))
+    a = load_file(str(single_run / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "zero2" / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(v.numel() > 0 for v in b.values())
     for k in a:
@@ -136,7 +144,7 @@ def test_tensor_parallel_recipe_matches_single_process(tmp_path, tiny_model):
                                                                          "mp_rank_01_model_states.pt"}
     from safetensors.torch import load_file
 
-    a = load_file(str(tmp_path / "single" / "adapter" / "adapter_model.safetensors"))
+    a = load_file(str(single_run / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "tp" / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
