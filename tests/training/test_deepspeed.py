@@ -144,7 +144,7 @@ def test_tensor_parallel_recipe_matches_single_process(tmp_path, tiny_model):
                                                                          "mp_rank_01_model_states.pt"}
     from safetensors.torch import load_file
 
-    a = load_file(str(single_run / "adapter" / "adapter_model.safetensors"))
+    a = load_file(str(tmp_path / "single" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "tp" / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
