@@ -49,32 +49,18 @@ def cluster(tmp_path_factory):
     subprocess.run(["bash", str(REPO / "tools/local_slurm.sh"), "stop", str(state)], capture_output=True)
 
 
-def submit(env, tmp: Path, name: str, *extra: str, launcher: str = "srun", run=tuple(RUN)) -> subprocess.Popen:
-    """sbatch --wait the recipe (``run`` + ``extra``) on 2 nodes × 1 task; the job's log is tmp/<name>.log."""
-    cmd = ["sbatch", "--wait", "--nodes=2", "--ntasks-per-node=1", f"--job-name={name}",
+TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
+
+
+def submit(env, tmp: Path, name: str, *extra: str, launcher: str = "srun", run=tuple(RUN)) -> str:
+    """sbatch the recipe (``run`` + ``extra``) on 2 nodes × 1 task and return the job id; the job's log is
+    tmp/<name>.log. (Not ``sbatch --wait``: it polls after 2, 10, 42, 74 … s, so every job here took ≥ 42 s.)"""
+    cmd = ["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", f"--job-name={name}",
            f"--output={tmp / (name + '.log')}", str(REPO / "launch/slurm/train.sbatch"),
            "--output_dir", str(tmp / name), *run, *extra]
     job_env = {**env, "KASA_DS_STOP_FILE": str(tmp / f".stop-{name}"), "LAUNCHER": launcher, "GPUS_PER_NODE": "1"}
-    return subprocess.Popen(cmd, cwd=REPO, env=job_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def finish(proc: subprocess.Popen, log: Path, timeout: float = 600) -> int:
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise AssertionError(f"job did not finish in {timeout} s:\n{log.read_text()[-3000:] if log.exists() else ''}")
-    return proc.returncode
-
-
-def job_id(env, name: str) -> str:
-    for _ in range(300):
-        ids = subprocess.run(["squeue", "-h", "-n", name, "-o", "%i"], env=env, capture_output=True,
-                             text=True).stdout.split()
-        if ids:
-            return ids[0]
-        time.sleep(0.2)
-    raise AssertionError(f"job {name} never appeared in squeue")
+    out = subprocess.run(cmd, cwd=REPO, env=job_env, capture_output=True, text=True, check=True).stdout
+    return out.strip().split(";")[0]
 
 
 def job_field(env, jid: str, field: str) -> str:
@@ -85,9 +71,27 @@ def job_field(env, jid: str, field: str) -> str:
     return ""
 
 
-def wait_for_step(out_dir: Path, step: int, proc: subprocess.Popen, log: Path) -> None:
+def finish(env, jid: str, log: Path, timeout: float = 600) -> int:
+    """Poll the job every 0.5 s until it ends (a requeued job is followed into its next run) and return its exit
+    code, or 128 + the signal that ended it (ended jobs' records stay for MinJobAge = 600 s)."""
+    deadline = time.time() + timeout
+    while (state := job_field(env, jid, "JobState")) not in TERMINAL:
+        if time.time() > deadline:
+            subprocess.run(["scancel", jid], env=env)
+            raise AssertionError(f"job {jid} still {state} after {timeout} s:\n"
+                                 f"{log.read_text()[-3000:] if log.exists() else ''}")
+        time.sleep(0.5)
+    code, sig = (int(x) for x in job_field(env, jid, "ExitCode").split(":"))
+    return code or (128 + sig if sig else 0) or (0 if state == "COMPLETED" else 1)
+
+
+def running(env, jid: str) -> bool:
+    return job_field(env, jid, "JobState") not in TERMINAL
+
+
+def wait_for_step(env, jid: str, out_dir: Path, step: int, log: Path) -> None:
     metrics = out_dir / "metrics.jsonl"
-    while proc.poll() is None:
+    while running(env, jid):
         if metrics.exists():
             rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
             if any(r["split"] == "train" and r["step"] >= step for r in rows):
@@ -105,9 +109,9 @@ def adapter(out_dir: Path) -> dict:
 @pytest.fixture(scope="module")
 def uninterrupted(cluster, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("slurm-jobs")
-    proc = submit(cluster, tmp, "full")
+    jid = submit(cluster, tmp, "full")
     log = tmp / "full.log"
-    rc = finish(proc, log)
+    rc = finish(cluster, jid, log)
     text = log.read_text()
     assert rc == 0, text[-4000:]
     return tmp, text
@@ -125,24 +129,19 @@ def test_two_node_zero3_job_completes(uninterrupted):
 def test_preempted_job_requeues_resumes_and_matches(cluster, uninterrupted, tmp_path):
     full_dir = uninterrupted[0] / "full"
     name = "preempt"
-    proc = submit(cluster, tmp_path, name)
+    jid = submit(cluster, tmp_path, name)
     log = tmp_path / f"{name}.log"
-    jid = job_id(cluster, name)
-    wait_for_step(tmp_path / name, 3, proc, log)
+    wait_for_step(cluster, jid, tmp_path / name, 3, log)
     subprocess.run(["scancel", "--batch", "--signal=USR1", jid], env=cluster, check=True)
-    # sbatch --wait can return while the job passes through requeue, so follow the job itself: first the requeue,
-    # then its second run to the end (it starts once the old job credential expired: cred_expire=10 on this cluster)
+    # first the requeue, then the job's second run to the end (it starts once the old job credential expired:
+    # cred_expire=10 on this cluster)
     deadline = time.time() + 300
     while job_field(cluster, jid, "Restarts") != "1":
         assert time.time() < deadline, f"job {jid} was not requeued:\n{log.read_text()[-3000:]}"
         time.sleep(0.5)
-    deadline = time.time() + 600
-    while (state := job_field(cluster, jid, "JobState")) not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
-        assert time.time() < deadline, f"job {jid} still {state}:\n{log.read_text()[-3000:]}"
-        time.sleep(0.5)
-    proc.kill()
+    rc = finish(cluster, jid, log)
     text = log.read_text()
-    assert state == "COMPLETED" and job_field(cluster, jid, "ExitCode") == "0:0", text[-4000:]
+    assert rc == 0 and job_field(cluster, jid, "JobState") == "COMPLETED", text[-4000:]
     assert "stop requested (USR1)" in text and "requeueing job" in text, text[-4000:]
     assert f"job {jid} restart 1" in text and "resuming from" in text, text[-4000:]
     stopped_at = int(text.split("stopping after step ")[1].split()[0])
@@ -156,16 +155,16 @@ def test_preempted_job_requeues_resumes_and_matches(cluster, uninterrupted, tmp_
 
 def test_dead_rank_fails_the_job(cluster, tmp_path):
     name = "deadrank"
-    proc = submit(cluster, tmp_path, name)
+    jid = submit(cluster, tmp_path, name)
     log = tmp_path / f"{name}.log"
-    wait_for_step(tmp_path / name, 2, proc, log)
+    wait_for_step(cluster, jid, tmp_path / name, 2, log)
     # kill rank 1 (SIGKILL: no chance to clean up), as a crashed node or an OOM kill would
     pids = subprocess.run(["pgrep", "-f", f"launch/train.py .*{tmp_path / name}"], capture_output=True,
                           text=True).stdout.split()
     victims = [p for p in pids if _env_of(p).get("RANK") == "1"]
     assert victims, f"no rank-1 process among {pids}"
     os.kill(int(victims[0]), signal.SIGKILL)
-    rc = finish(proc, log, timeout=240)
+    rc = finish(cluster, jid, log, timeout=240)
     text = log.read_text()
     assert rc != 0, text[-3000:]
     assert "finished with exit code 0" not in text and "requeueing" not in text
@@ -184,9 +183,9 @@ def test_torchrun_per_node_launcher(cluster, uninterrupted, tmp_path):
     """LAUNCHER=torchrun: one torchrun per node (node rank from SLURM_NODEID) starting the node's ranks; the same
     2-rank run as the srun job, so the same adapter (1e-5: same batches, init and reductions)."""
     name = "torchrun"
-    proc = submit(cluster, tmp_path, name, launcher="torchrun")
+    jid = submit(cluster, tmp_path, name, launcher="torchrun")
     log = tmp_path / f"{name}.log"
-    rc = finish(proc, log)
+    rc = finish(cluster, jid, log)
     text = log.read_text()
     assert rc == 0, text[-4000:]
     assert "launcher torchrun" in text and "step 24/24" in text
@@ -201,9 +200,9 @@ def test_megatron_road_across_two_nodes(cluster, tmp_path, tiny_llama_dir):
     run = ["--config", str(REPO / "configs/tiny_llama_instruct.yaml"), f"model.path={tiny_llama_dir}",
            "backend=megatron", "tensor_parallel=2", "train.max_steps=4", "train.log_every=2", "train.eval_every=100",
            "train.save_every=100", "data.max_eval_examples=8", "tensorboard=false"]
-    proc = submit(cluster, tmp_path, name, run=run)
+    jid = submit(cluster, tmp_path, name, run=run)
     log = tmp_path / f"{name}.log"
-    rc = finish(proc, log)
+    rc = finish(cluster, jid, log)
     text = log.read_text()
     assert rc == 0, text[-4000:]
     assert "tensor parallel: 2-way megatron-core × 1 data-parallel replicas" in text and "step 4/4" in text
