@@ -1,7 +1,8 @@
 """Per-step time and peak memory of KaSA (kasa_ds) vs PEFT LoRA vs PEFT KaSA on the same model, batch and length.
 
 Timing: the three run interleaved in one process (one step of each in turn, rotating the order), after warm-up;
-medians and ratios to PEFT LoRA are printed. A step = forward, task loss (+ the KaSA regularizer for the KaSA
+medians and ratios to PEFT LoRA are printed, the ratio of the medians and the median of each round's own ratio
+("paired": a round's steps run back to back, so a load change on the machine between rounds cancels). A step = forward, task loss (+ the KaSA regularizer for the KaSA
 methods, as each library exposes it), backward, AdamW step, zero_grad.
 Memory: on CUDA, torch.cuda.max_memory_allocated per method. On CPU (no allocator statistics), what the methods can
 differ in, counted exactly: the bytes autograd saves for backward in one step (unique storages, via
@@ -60,7 +61,8 @@ def build(method: str, a, device):
     from peft import KasaConfig, LoraConfig, get_peft_model
 
     kasa = KasaConfig() if method == "peft_kasa" else None
-    model = get_peft_model(model, LoraConfig(r=a.r, lora_alpha=2 * a.r, target_modules=TARGETS, kasa_config=kasa))
+    r = a.r if kasa else a.lora_r or a.r
+    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, kasa_config=kasa))
     return model, (lambda m: m.base_model._get_kasa_loss()) if kasa else None
 
 
@@ -140,6 +142,9 @@ def main(argv=None) -> dict:
     p.add_argument("--experts", type=int, default=8, help="experts per layer with --base moe")
     p.add_argument("--quant-mode", default="low_rank_correction", choices=["low_rank_correction", "requantize"],
                    help="QKaSA's mode with --base nf4 (kasa_ds.KaSAConfig.quant_mode)")
+    p.add_argument("--lora-r", type=int, default=0,
+                   help="PEFT LoRA's rank (0: --r). With --base nf4 and the default quant mode, 2·r is QKaSA's own "
+                        "arithmetic: its tail correction is a second rank-r product")
     p.add_argument("--smoke", action="store_true", help="tiny model, 3 steps")
     p.add_argument("--json")
     a = p.parse_args(argv)
@@ -148,27 +153,33 @@ def main(argv=None) -> dict:
             64, 176, 1, 4, 128, 4, 2, 16, 3, 1, 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     methods = METHODS if a.base == "float" else ("peft_lora", "kasa_ds")  # PEFT's KaSA takes no 4-bit base, no experts
-    median, memory = median_step_seconds(methods, a, device), peak_memory(methods, a, device)
+    times = step_seconds(methods, a, device)
+    median = {m: statistics.median(v) for m, v in times.items()}
+    paired = {m: statistics.median(t / ref for t, ref in zip(times[m], times["peft_lora"])) for m in methods}
+    memory = peak_memory(methods, a, device)
     result = {"config": vars(a) | {"device": str(device), "threads": torch.get_num_threads(),
                                    "torch": torch.__version__},
               "median_step_seconds": median, "peak_memory_bytes": memory,
               "time_ratio_vs_peft_lora": {m: median[m] / median["peft_lora"] for m in methods},
+              "paired_time_ratio_vs_peft_lora": paired,
               "memory_ratio_vs_peft_lora": {m: memory[m] / max(memory["peft_lora"], 1) for m in methods}}
     kind = "peak allocated" if device.type == "cuda" else "saved-for-backward + state"
     what = f"Qwen3-MoE {a.experts} experts (top 2), experts adapted" if a.base == "moe" else "Llama, 7 targets"
-    print(f"{what}, hidden={a.hidden} layers={a.layers}, batch {a.batch}×{a.seq}, r={a.r}, {a.dtype}, "
+    lora_r = f" (PEFT LoRA r={a.lora_r})" if a.lora_r else ""
+    print(f"{what}, hidden={a.hidden} layers={a.layers}, batch {a.batch}×{a.seq}, r={a.r}{lora_r}, {a.dtype}, "
           f"{a.base} base, {device}, median of {a.steps} interleaved steps")
-    print(f"{'method':10s} {'step ms':>9s} {'vs LoRA':>8s} {kind + ' MB':>26s} {'vs LoRA':>8s}")
+    print(f"{'method':10s} {'step ms':>9s} {'vs LoRA':>8s} {'paired':>7s} {kind + ' MB':>26s} {'vs LoRA':>8s}")
     for m in methods:
-        print(f"{m:10s} {median[m] * 1e3:9.1f} {result['time_ratio_vs_peft_lora'][m]:7.3f}x "
+        print(f"{m:10s} {median[m] * 1e3:9.1f} {result['time_ratio_vs_peft_lora'][m]:7.3f}x {paired[m]:6.3f}x "
               f"{memory[m] / 2**20:26.1f} {result['memory_ratio_vs_peft_lora'][m]:7.3f}x")
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=2))
     return result
 
 
-def median_step_seconds(methods: tuple[str, ...], a, device) -> dict[str, float]:
-    """All methods built at once and stepped in turn, the order rotating each step; medians after warm-up."""
+def step_seconds(methods: tuple[str, ...], a, device) -> dict[str, list[float]]:
+    """All methods built at once and stepped in turn, the order rotating each round; each method's step times after
+    warm-up, round by round."""
     runs = {}
     for method in methods:
         model, reg = build(method, a, device)
@@ -187,7 +198,7 @@ def median_step_seconds(methods: tuple[str, ...], a, device) -> dict[str, float]
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times[method].append(time.perf_counter() - tic)
-    return {m: statistics.median(v) for m, v in times.items()}
+    return times
 
 
 def peak_memory(methods: tuple[str, ...], a, device) -> dict[str, int]:

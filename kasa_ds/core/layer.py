@@ -100,7 +100,7 @@ class KaSALinear(nn.Module):
         if self.regularize_in_forward and self.training and torch.is_grad_enabled():
             self.reg_cache = SquaredNorm.apply(diag)
             h = h + 0.0 * self.reg_cache  # exact; ties the term's backward to this layer's (gathered) backward
-        return self.lora_B(h, diag) * self.scaling
+        return self.lora_B(h, diag, self.scaling)
 
     def set_regularize_in_forward(self, enabled: bool = True) -> None:
         self.regularize_in_forward = self.lora_A.regularize_in_forward = self.lora_B.regularize_in_forward = enabled
@@ -175,9 +175,9 @@ class AdapterFactor(nn.Linear):
         self.regularize_in_forward = False
         self.reg_cache: Optional[torch.Tensor] = None
 
-    def forward(self, x: torch.Tensor, diag: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x Wᵀ, or (x ⊙ ``diag``) Wᵀ (lora_B after ΔΣ) through :class:`DiagLinear`."""
-        y = super().forward(x) if diag is None else DiagLinear.apply(x, diag, self.weight)
+    def forward(self, x: torch.Tensor, diag: Optional[torch.Tensor] = None, scale: float = 1.0) -> torch.Tensor:
+        """x Wᵀ, or (x ⊙ ``diag`` · ``scale``) Wᵀ (lora_B after ΔΣ and α/r) through :class:`DiagLinear`."""
+        y = super().forward(x) if diag is None else DiagLinear.apply(x, diag, self.weight, scale)
         if self.regularize_in_forward and self.training and torch.is_grad_enabled():
             self.reg_cache = OrthogonalityPenalty.apply(self.weight, self.rows)
             y = y + 0.0 * self.reg_cache  # exact; ties the term's backward to this module's (gathered) backward
@@ -185,33 +185,35 @@ class AdapterFactor(nn.Linear):
 
 
 class DiagLinear(torch.autograd.Function):
-    """y = (h ⊙ d) Wᵀ for h (..., r), d (r,), W (m, r), saving h and not h ⊙ d: the tensors a LoRA's lora_B saves,
-    no more (plain autograd would keep both h, for d's gradient, and h ⊙ d, for W's). h ⊙ d is recomputed in
-    backward (tokens × r multiplies). Backward computes in the forward output's dtype (as autocast did) and returns
-    each gradient in its input's dtype."""
+    """y = (h ⊙ d·s) Wᵀ for h (..., r), d (r,), W (m, r) and a constant s (LoRA's α/r), saving h and not h ⊙ d: the
+    tensors a LoRA's lora_B saves, no more (plain autograd would keep both h, for d's gradient, and h ⊙ d, for W's).
+    s scales the r-vector d, not the (..., m) output as a LoRA's ``lora_B(h) * scaling`` does: one multiply of r
+    elements instead of tokens × m, each way. h ⊙ d·s is recomputed in backward (tokens × r multiplies). Backward
+    computes in the forward output's dtype (as autocast did) and returns each gradient in its input's dtype."""
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, d: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, h: torch.Tensor, d: torch.Tensor, w: torch.Tensor, s: float = 1.0) -> torch.Tensor:
         ctx.save_for_backward(h, d, w)
-        y = F.linear(h * d, w)
+        ctx.s = s
+        y = F.linear(h * (d * s), w)
         ctx.compute_dtype = y.dtype
         return y
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
         h, d, w = ctx.saved_tensors
-        dtype = ctx.compute_dtype
+        dtype, s = ctx.compute_dtype, ctx.s
         grad_y = grad_y.to(dtype)
-        grad_hd = grad_y @ w.to(dtype)  # ∂/∂(h ⊙ d), (..., r)
-        grad_h = (grad_hd * d.to(dtype)).to(h.dtype) if ctx.needs_input_grad[0] else None
+        grad_hd = grad_y @ w.to(dtype)  # ∂/∂(h ⊙ d·s), (..., r)
+        grad_h = (grad_hd * (d * s).to(dtype)).to(h.dtype) if ctx.needs_input_grad[0] else None
         grad_d = None  # summed over every token: in float32 whatever the compute dtype
         if ctx.needs_input_grad[1]:
-            grad_d = (grad_hd.float() * h.float()).reshape(-1, d.shape[0]).sum(0).to(d.dtype)
+            grad_d = ((grad_hd.float() * h.float()).reshape(-1, d.shape[0]).sum(0) * s).to(d.dtype)
         grad_w = None
         if ctx.needs_input_grad[2]:
-            hd = (h.to(dtype) * d.to(dtype)).reshape(-1, d.shape[0])
+            hd = (h.to(dtype) * (d * s).to(dtype)).reshape(-1, d.shape[0])
             grad_w = (grad_y.reshape(-1, grad_y.shape[-1]).T @ hd).to(w.dtype)
-        return grad_h, grad_d, grad_w
+        return grad_h, grad_d, grad_w, None
 
 
 class CorrectedUpdate(torch.autograd.Function):

@@ -1,9 +1,8 @@
 """The KaSA regularizer  β·Σ_l ‖ΔΣ_l‖² + γ·Σ_l (‖ΔU_lᵀΔU_l − I_r‖_F + ‖ΔV_lᵀΔV_l − I_r‖_F).
 
 Summed over adapted layers (PEFT's convention; the official script takes the mean, i.e. its β, γ are L times
-ours). Each layer's r×r Grams are computed from its parameters directly (autograd keeps references, no copies:
-stacking the factors first would save a copy of every adapter for backward), then stacked (r×r each) so the norms
-and the sum are single batched operations.
+ours). The factors of one shape are stacked and their r×r Grams and norms computed as batched products
+(penalty.StackedOrthogonality, which saves references to the factors, not the stacks); the sum is one operation.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ from torch import nn
 
 from .experts import expert_layers
 from .layer import KaSALinear, kasa_layers
-from .penalty import gram, orthogonality
+from .penalty import StackedOrthogonality
 
 
 def kasa_regularization(model: nn.Module, beta: float | None = None, gamma: float | None = None) -> torch.Tensor:
@@ -59,10 +58,9 @@ def regularization_terms(model: nn.Module):
     if not groups and not l2s:
         return None
     for (r, device), layers in groups.items():
-        gram_b = torch.stack([gram(m.lora_B.weight, rows=False) for m in layers])  # (L, r, r): ΔUᵀΔU
-        gram_a = torch.stack([gram(m.lora_A.weight, rows=True) for m in layers])   # (L, r, r): ΔVᵀΔV
-        d = torch.stack([m.lora_diag for m in layers]).float()                      # (L, r)
-        orths.append(orthogonality(gram_b) + orthogonality(gram_a))
+        d = torch.stack([m.lora_diag for m in layers]).float()  # (L, r)
+        orths.append(StackedOrthogonality.apply(False, *(m.lora_B.weight for m in layers))    # ‖ΔUᵀΔU − I‖
+                     + StackedOrthogonality.apply(True, *(m.lora_A.weight for m in layers)))  # ‖ΔVᵀΔV − I‖
         l2s.append(d.square().sum(-1))
         betas.append(torch.tensor([m.beta for m in layers], device=device))
         gammas.append(torch.tensor([m.gamma for m in layers], device=device))

@@ -64,7 +64,7 @@ class KaSAParallelLinear(KaSALinear):
         h = self.lora_A(xa)
         if spec.tp_size > 1:
             h = reduce_from_tp_region(h, group)
-        return self.lora_B(h, self.lora_diag) * self.scaling
+        return self.lora_B(h, self.lora_diag, self.scaling)
 
     def grams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(ΔUᵀΔU, ΔVᵀΔV) r×r float32: the sharded factor's Gram is summed over the TP group (forward all-reduce,
