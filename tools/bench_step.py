@@ -11,6 +11,7 @@ saved_tensors_hooks; parameters themselves excluded) plus trainable state (param
     python tools/bench_step.py                  # Llama hidden 512, 4 layers, batch 4 × 128 tokens, r = 16
     python tools/bench_step.py --base nf4       # QKaSA vs PEFT QLoRA on the same bitsandbytes NF4 base
     python tools/bench_step.py --smoke          # 3 steps on a tiny model (what the tests run)
+    python tools/bench_step.py --profile        # where the time differs: torch.profiler, per operator, vs LoRA
 
 ``--base nf4`` quantizes every adapted linear to bitsandbytes NF4 (double quantization, compute in ``--dtype``)
 before either method adapts it; PEFT's KaSA does not take a 4-bit base, so that run compares kasa_ds with PEFT LoRA.
@@ -146,6 +147,9 @@ def main(argv=None) -> dict:
                    help="PEFT LoRA's rank (0: --r). With --base nf4 and the default quant mode, 2·r is QKaSA's own "
                         "arithmetic: its tail correction is a second rank-r product")
     p.add_argument("--smoke", action="store_true", help="tiny model, 3 steps")
+    p.add_argument("--profile", action="store_true",
+                   help="instead of timing: --steps steps of each method under torch.profiler; prints each method's "
+                        "total operator time per step and the operators that differ most from PEFT LoRA's")
     p.add_argument("--json")
     a = p.parse_args(argv)
     if a.smoke:
@@ -153,6 +157,8 @@ def main(argv=None) -> dict:
             64, 176, 1, 4, 128, 4, 2, 16, 3, 1, 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     methods = METHODS if a.base == "float" else ("peft_lora", "kasa_ds")  # PEFT's KaSA takes no 4-bit base, no experts
+    if a.profile:
+        return profile_operators(methods, a, device)
     times = step_seconds(methods, a, device)
     median = {m: statistics.median(v) for m, v in times.items()}
     paired = {m: statistics.median(t / ref for t, ref in zip(times[m], times["peft_lora"])) for m in methods}
@@ -199,6 +205,46 @@ def step_seconds(methods: tuple[str, ...], a, device) -> dict[str, list[float]]:
                 torch.cuda.synchronize()
             times[method].append(time.perf_counter() - tic)
     return times
+
+
+def profile_operators(methods: tuple[str, ...], a, device, rows: int = 12) -> dict:
+    """Self time per operator and step (CPU, plus CUDA kernels on a GPU) of each method under torch.profiler, the
+    methods interleaved as in the timing (one profiled step each per round, the order rotating); prints the totals
+    and the operators whose time differs most from PEFT LoRA's."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    runs = {}
+    for method in methods:
+        model, reg = build(method, a, device)
+        runs[method] = make_step(model, reg, batch_for(a, device))
+        for _ in range(a.warmup):
+            runs[method]()
+    per_op: dict[str, dict[str, list[float]]] = {m: {} for m in methods}  # operator → [calls, ms] summed
+    for i in range(a.steps):
+        shift = i % len(methods)
+        for method in methods[shift:] + methods[:shift]:
+            with profile(activities=activities) as prof:
+                runs[method]()
+            for e in prof.key_averages():
+                acc = per_op[method].setdefault(e.key, [0.0, 0.0])
+                acc[0] += e.count / a.steps
+                acc[1] += (e.self_cpu_time_total + getattr(e, "self_device_time_total", 0)) / a.steps / 1e3
+    total = {m: sum(ms for _, ms in ops.values()) for m, ops in per_op.items()}
+    print(f"operator self time per step (ms, {device.type}), {a.steps} interleaved steps each: "
+          + ", ".join(f"{m} {total[m]:.1f} ({total[m] / total['peft_lora']:.3f}x)" for m in methods))
+    for method in methods[1:]:
+        ref, ops = per_op["peft_lora"], per_op[method]
+        diff = sorted(((ops.get(k, (0, 0))[1] - ref.get(k, (0, 0))[1], k) for k in set(ref) | set(ops)), reverse=True)
+        print(f"{method} vs peft_lora, largest differences (calls per step, ms per step):")
+        for d, k in diff[:rows] + [(None, "...")] + diff[-3:]:
+            if d is None:
+                print("  ...")
+                continue
+            (c0, t0), (c1, t1) = ref.get(k, (0, 0)), ops.get(k, (0, 0))
+            print(f"  {k[:48]:48s} {c0:6.1f} → {c1:6.1f} calls  {t0:8.2f} → {t1:8.2f} ms  {d:+.2f}")
+    return {"profile_ms_per_step": total, "profile_ratio_vs_peft_lora": {m: total[m] / total["peft_lora"]
+                                                                         for m in methods}}
 
 
 def peak_memory(methods: tuple[str, ...], a, device) -> dict[str, int]:

@@ -193,26 +193,26 @@ class DiagLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, d: torch.Tensor, w: torch.Tensor, s: float = 1.0) -> torch.Tensor:
-        ctx.save_for_backward(h, d, w)
-        ctx.s = s
-        y = F.linear(h * (d * s), w)
-        ctx.compute_dtype = y.dtype
+        ds = d * s
+        y = F.linear(h * ds, w)
+        ctx.save_for_backward(h, ds, w)
+        ctx.s, ctx.compute_dtype = s, y.dtype
         return y
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        h, d, w = ctx.saved_tensors
-        dtype, s = ctx.compute_dtype, ctx.s
-        grad_y = grad_y.to(dtype)
-        grad_hd = grad_y @ w.to(dtype)  # ∂/∂(h ⊙ d·s), (..., r)
-        grad_h = (grad_hd * (d * s).to(dtype)).to(h.dtype) if ctx.needs_input_grad[0] else None
-        grad_d = None  # summed over every token: in float32 whatever the compute dtype
-        if ctx.needs_input_grad[1]:
-            grad_d = ((grad_hd.float() * h.float()).reshape(-1, d.shape[0]).sum(0) * s).to(d.dtype)
-        grad_w = None
+        h, ds, w = ctx.saved_tensors
+        r, dtype = ds.shape[0], ctx.compute_dtype
+        gy = grad_y.reshape(-1, grad_y.shape[-1]).to(dtype)  # (T, m)
+        grad_hd = gy @ w.to(dtype)  # ∂/∂(h ⊙ d·s), (T, r)
+        h2 = h.reshape(-1, r)
+        grad_h = grad_d = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_h = (grad_hd * ds.to(dtype)).to(h.dtype).view(h.shape)
+        if ctx.needs_input_grad[1]:  # summed over every token: in float32 whatever the compute dtype
+            grad_d = ((grad_hd.float() * h2.float()).sum(0) * ctx.s).to(ds.dtype)
         if ctx.needs_input_grad[2]:
-            hd = (h.to(dtype) * (d * s).to(dtype)).reshape(-1, d.shape[0])
-            grad_w = (grad_y.reshape(-1, grad_y.shape[-1]).T @ hd).to(w.dtype)
+            grad_w = (gy.T @ (h2.to(dtype) * ds.to(dtype))).to(w.dtype)
         return grad_h, grad_d, grad_w, None
 
 
