@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from typing import Callable, Optional
@@ -26,7 +25,7 @@ from .core.truncation import check_rank
 from .core.types import ExpertsTarget, KaSAReport, LayerReport, Target
 from .comm.schedule import DEFAULT_MAX_GATHER_BYTES
 from . import registry
-from .registry import classify, classify_experts, experts_layout_of, full_shape
+from .registry import classify, classify_experts, experts_layout_of
 
 CONFIG_ATTR = "kasa_config"  # where apply_kasa leaves the config on the model
 FINGERPRINT_ATTR = "kasa_base_fingerprint"  # and the sampled base weights (kasa_ds.core.fingerprint)
@@ -76,7 +75,7 @@ def apply_kasa(model: nn.Module, config: KaSAConfig, *, truncate: Optional[Trunc
     if counts is not None:
         trainable, total = counts()
     else:
-        numel = lambda p: math.prod(full_shape(p))  # noqa: E731  (ZeRO-3 partitions: the size they were cut from)
+        numel = registry.whole_numel(model)  # TP shards and ZeRO-3 partitions: the tensors they were cut from
         trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
         total = sum(numel(p) for p in model.parameters())
     return KaSAReport(layer_reports, saved, trainable, total, time.perf_counter() - start, config.svd_solver,

@@ -9,7 +9,8 @@ one module under formats/ or placements/ plus one line here (README, "Adding a b
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -108,6 +109,15 @@ def placement_of(item: AdapterTensor) -> Placement:
 def full_shape(param: torch.Tensor) -> tuple[int, ...]:
     """The whole shape of any parameter, asked of the placement that holds it (a ZeRO-3 partition is empty here)."""
     return placement_of(AdapterTensor("", param)).full_shape(param)
+
+
+def whole_numel(model: nn.Module) -> Callable[[torch.Tensor], int]:
+    """``numel(param)``: the element count of ``param`` unsplit, as one unsplit model holds it (a TP shard counts its
+    whole tensor, a ZeRO-3 partition the shape it was cut from); the same on every rank, no collective."""
+    whole: dict[int, int] = {}
+    for placement in PLACEMENTS:
+        whole.update(placement.whole_numels(model))
+    return lambda p: whole.get(id(p)) or math.prod(full_shape(p))
 
 
 def by_placement(items: list[AdapterTensor]) -> list[tuple[Placement, list[AdapterTensor]]]:

@@ -107,6 +107,11 @@ class Placement(ABC):
         """The whole shape of a tensor this placement holds (a partition knows the shape it was cut from)."""
         return tuple(param.shape)
 
+    def whole_numels(self, model: nn.Module) -> dict[int, int]:
+        """{id(tensor): element count of the unsplit tensor} for the tensors of ``model`` this placement holds split
+        in a way their own shape does not say (tensor parallelism); {} by default. The same on every rank."""
+        return {}
+
     def holds_tensor(self, param: torch.Tensor) -> bool:
         """Whether this placement holds ``param`` by its storage alone (a partition, say), whatever layer recorded
         it; a placement known only through its layers (tensor parallelism) says False."""

@@ -26,11 +26,10 @@ from torch import nn
 
 from ..comm.collectives import comm_device
 from ..comm.mappings import gather_last_dim
-from ..core.layer import kasa_layers
 from ..io.megatron_checkpoint import (Family, Layout, MegatronCheckpointError, family_of, hf_module_name,
                                       load_hf_checkpoint)
 from ..placements.tp.fused import ProjectionView, Projections
-from ..placements.tp.spec import sharded_factor
+from ..registry import whole_numel
 
 #: HF RoPE scalings megatron-core computes the same way (Llama-3.1's, with megatron's fixed factors)
 LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -212,22 +211,18 @@ class MegatronCausalLM(nn.Module):
         return {k: v for part in parts for k, v in part.items()}
 
     def parameter_counts(self) -> tuple[int, int]:
-        """(trainable, total) parameters of the whole model as one unsplit model holds them: a TP-split parameter
-        (megatron's ``tensor_model_parallel`` mark on a base weight; a KaSA layer's sharded factor) counts
-        tp_size times its shard, a replicated one once, and the stages' counts are summed (collective over the
-        pipeline group), a tied embedding once. The vocabulary counts as megatron pads it, to a multiple of TP
+        """(trainable, total) parameters of the whole model as one unsplit model holds them: a TP-split tensor counts
+        its unsplit size (kasa_ds.registry.whole_numel), the stages' counts are summed (collective over the pipeline
+        group), a tied embedding once. The vocabulary counts as megatron pads it, to a multiple of TP
         (kasa_ds.inject.apply_kasa prints these)."""
-        split = {id(p) for _, layer in kasa_layers(self) if getattr(layer, "spec", None) is not None
-                 for name, p in layer.adapter_parameters() if name == sharded_factor(layer.spec)}
+        numel = whole_numel(self)
         # with stages, the last one holds its own frozen copy of a tied embedding: the HF model has it once
         copy = self.layout.tied and self.pipeline is not None and self.last_stage
         skip = {id(self.gpt.output_layer.weight)} if copy else set()
         counts = torch.zeros(2, dtype=torch.float64, device=comm_device() if dist.is_initialized() else None)
         for p in (p for p in self.parameters() if id(p) not in skip):
-            whole = p.numel() * (self.layout.tp_size if id(p) in split or getattr(p, "tensor_model_parallel", False)
-                                 else 1)
-            counts[0] += whole if p.requires_grad else 0
-            counts[1] += whole
+            counts[0] += numel(p) if p.requires_grad else 0
+            counts[1] += numel(p)
         if self.pipeline is not None:
             dist.all_reduce(counts, group=self.pipeline[0])
         return int(counts[0].item()), int(counts[1].item())

@@ -47,15 +47,17 @@ def main():
     deepspeed.init_distributed(dist_backend="gloo")
     rank = dist.get_rank()
     ref = AutoModelForCausalLM.from_pretrained(a.base)
-    apply_kasa(ref, KaSAConfig(**CONFIG), show_progress=False)
+    ref_report = apply_kasa(ref, KaSAConfig(**CONFIG), show_progress=False)
     randomize_adapters(ref, seed=3)
     full = adapter_state_dict(ref)
 
     model = autotp_shard(AutoModelForCausalLM.from_pretrained(a.base), DS)
-    apply_kasa(model, KaSAConfig(**CONFIG), show_progress=rank == 0)
+    report = apply_kasa(model, KaSAConfig(**CONFIG), show_progress=rank == 0)
     load_adapter_state(model, full)  # full tensors cut to this rank's shards
     out = {"types": sorted({type(layer.base_layer).__name__ for _, layer in tp_layers(model)}),
-           "tp_layers": sum(1 for _ in tp_layers(model))}
+           "tp_layers": sum(1 for _ in tp_layers(model)),
+           "counts": {"one_process": [ref_report.trainable_params, ref_report.total_params],
+                      "autotp": [report.trainable_params, report.total_params]}}
     tokens = torch.randint(0, ref.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         out["logits_init"] = rel(model(input_ids=tokens).logits, ref(input_ids=tokens).logits)

@@ -72,6 +72,8 @@ def test_autotp_zero2_matches_one_process_and_exports_to_peft(tmp_path):
         r = json.loads((out / f"rank{rank}.json").read_text())
         assert r["types"] == ["LinearAllreduce", "LinearLayer"] and r["tp_layers"] == 14
         assert r["logits_init"] < 1e-5 and r["adapter_after"] < 1e-5, r
+        # each TP rank's report counts the whole model (AutoTP's split weights and KaSA's split factors unsplit)
+        assert r["counts"]["autotp"] == r["counts"]["one_process"], r["counts"]
         for a, b in zip(r["losses"]["tp"], r["losses"]["ref"]):
             assert a == pytest.approx(b, rel=1e-5)
     # the gathered TP adapter is a plain PEFT adapter of the unsharded model

@@ -7,6 +7,7 @@ Neither library is imported unless the model already uses it.
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Optional
 
@@ -96,6 +97,32 @@ class TPPlacement(Placement):
     def wrap(self, target: Target, config: KaSAConfig) -> KaSAParallelLinear:
         return KaSAParallelLinear(target.module, target.spec, config.r, config.alpha, config.dropout, config.beta,
                                   config.gamma, adapter_dtype=getattr(torch, config.adapter_dtype))
+
+    def whole_numels(self, model: nn.Module) -> dict[int, int]:
+        """Each KaSA layer's sharded factor (r × the unsplit dimension), AutoTP's split weights (the unsplit shape it
+        records) and their biases (the output size), and megatron-core's ``tensor_model_parallel`` tensors (× the TP
+        size). No collective."""
+        whole: dict[int, int] = {}
+        megatron_tp = 1
+        if "megatron.core" in sys.modules:
+            from megatron.core import parallel_state
+
+            if parallel_state.model_parallel_is_initialized():
+                megatron_tp = parallel_state.get_tensor_model_parallel_world_size()
+        for p in model.parameters():
+            if getattr(p, "tensor_model_parallel", False):
+                whole[id(p)] = p.numel() * megatron_tp
+        for module in model.modules():
+            orig = getattr(module, "_orig_weight_shape", None)  # DeepSpeed AutoTP's TensorParallel_Layer
+            if orig is not None and isinstance(getattr(module, "weight", None), torch.Tensor):
+                whole[id(module.weight)] = math.prod(orig)
+                if getattr(module, "bias", None) is not None:
+                    whole[id(module.bias)] = int(orig[0])
+            if isinstance(module, KaSAParallelLinear):
+                spec = module.spec
+                factor = module.lora_B.weight if sharded_factor(spec) == "lora_B.weight" else module.lora_A.weight
+                whole[id(factor)] = module.r * spec.full_shape[spec.dim]
+        return whole
 
     def gather_adapter(self, items: list[AdapterTensor]) -> dict[str, torch.Tensor]:
         """{key: full tensor} on every rank: each layer's sharded factor is all-gathered over its TP group (r × its
