@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .init import init_adapter_
+from .layer import DiagLinear
 from .penalty import OrthogonalityPenalty, SquaredNorm, orthogonality
 from .truncation import tail_factors
 
@@ -121,7 +122,7 @@ class ExpertFactors(nn.Module):
     def update(self, expert: int, x: torch.Tensor, scaling: float) -> torch.Tensor:
         """(α/r)·ΔU_e·diag(ΔΣ_e)·ΔV_eᵀ·x for the rows x (tokens, n) → (tokens, m)."""
         h = x.to(self.lora_A.dtype) @ self.lora_A[expert].T
-        return (h * self.lora_diag[expert]) @ self.lora_B[expert].T * scaling
+        return DiagLinear.apply(h, self.lora_diag[expert], self.lora_B[expert], scaling)  # saves h only
 
     def delta_weight(self, scaling: float) -> torch.Tensor:
         """ΔW of every expert, (E, m, n), float32 (merging only)."""
