@@ -72,7 +72,8 @@ LLAMA_70B = dict(hidden=8192, ff=28672, layers=80, heads=64, kv_heads=8)
 
 def zero3_worker(method: str, a, out: str) -> None:
     """One DeepSpeed rank: build the model partitioned (16-bit, or with --quant the 4-bit base streamed in from
-    --base), time the KaSA initialization, rank 0 writes the seconds."""
+    --base), time the KaSA initialization, rank 0 writes the seconds (for kasa_ds also the owners' solve seconds
+    summed over the matrices, from apply_kasa's report)."""
     import deepspeed
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
@@ -97,17 +98,21 @@ def zero3_worker(method: str, a, out: str) -> None:
             model = LlamaForCausalLM(config)
     torch.distributed.barrier()
     tic = time.perf_counter()
+    report = None
     if method == "peft" and a.quant:
         serial_dequantized_svds(model)
     elif method == "peft":
         init_peft(model, a.r, a.solver)
     else:
-        apply_kasa(model, KaSAConfig(r=a.r, alpha=2 * a.r, target_modules=TARGETS, svd_solver=a.solver),
-                   truncate=lambda ts, c: truncate_scheduled(ts, c, show_progress=False), show_progress=False)
+        report = apply_kasa(model, KaSAConfig(r=a.r, alpha=2 * a.r, target_modules=TARGETS, svd_solver=a.solver),
+                            truncate=lambda ts, c: truncate_scheduled(ts, c, show_progress=False),
+                            show_progress=False)
     torch.distributed.barrier()
     seconds = time.perf_counter() - tic
     if torch.distributed.get_rank() == 0:
-        Path(out).write_text(json.dumps({"seconds": seconds, "world": world, "threads": torch.get_num_threads()}))
+        solves = sum(layer.seconds for layer in report.layers) if report is not None else None
+        Path(out).write_text(json.dumps({"seconds": seconds, "world": world, "threads": torch.get_num_threads(),
+                                         "solve_seconds": solves}))
 
 
 def serial_dequantized_svds(model) -> None:
@@ -152,7 +157,10 @@ def run_zero3(a) -> dict:
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise RuntimeError(f"{method} at {world} ranks failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
-            results[key] = json.loads(out.read_text())["seconds"]
+            row = json.loads(out.read_text())
+            results[key] = row["seconds"]
+            if row["solve_seconds"] is not None:
+                results[f"{key}:solves"] = row["solve_seconds"]
     return results
 
 
@@ -274,6 +282,12 @@ def report_zero3(a) -> dict:
     if same:
         print(f"kasa_ds 2 ranks vs 1 rank at {same.split('x')[1].removesuffix('threads')} thread(s) per rank either "
               f"way: {z[same] / z['kasa_ds@2']:.2f}x (N = 2)")
+        # where the 2-rank run's time goes: the owners' solves (apply_kasa's per-matrix seconds) split over the
+        # ranks, and everything else (gathers to the owners, broadcasts, rewriting the shards, waiting)
+        s1, s2 = z[f"{same}:solves"], z["kasa_ds@2:solves"]
+        print(f"  solves summed over the matrices: {s1:.2f} s at 1 rank, {s2:.2f} s at 2 ranks (each solve "
+              f"{s2 / s1:.2f}x slower while two ranks and gloo's copies share the cores); the 2-rank run spent "
+              f"{z['kasa_ds@2'] - s2 / 2:.2f} s of its {z['kasa_ds@2']:.2f} s outside its half of them")
     proj = project_70b(a)
     result["projection_70b"] = proj
     print("\nProjection, Llama-70B (80 layers, hidden 8192, ff 28672, 8 kv heads; 560 matrices, r="
