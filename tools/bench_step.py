@@ -25,6 +25,7 @@ step's dense ΔW); PEFT's KaSA does not take parameters.
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import statistics
 import time
@@ -208,10 +209,10 @@ def step_seconds(methods: tuple[str, ...], a, device) -> dict[str, list[float]]:
 
 
 def profile_operators(methods: tuple[str, ...], a, device, rows: int = 12) -> dict:
-    """Self time per operator and step (CPU, plus CUDA kernels on a GPU) of each method under torch.profiler, the
-    methods interleaved as in the timing (one profiled step each per round, the order rotating); prints the totals
-    and the operators whose time differs most from PEFT LoRA's."""
-    from torch.profiler import ProfilerActivity, profile
+    """Self time per operator and step (CPU, plus CUDA kernels on a GPU) of each method, under one torch.profiler
+    session, the methods interleaved as in the timing (each step inside a ``bench_step:<method>`` range, the order
+    rotating); prints the totals and the operators whose time differs most from PEFT LoRA's."""
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     runs = {}
@@ -220,16 +221,26 @@ def profile_operators(methods: tuple[str, ...], a, device, rows: int = 12) -> di
         runs[method] = make_step(model, reg, batch_for(a, device))
         for _ in range(a.warmup):
             runs[method]()
-    per_op: dict[str, dict[str, list[float]]] = {m: {} for m in methods}  # operator → [calls, ms] summed
-    for i in range(a.steps):
-        shift = i % len(methods)
-        for method in methods[shift:] + methods[:shift]:
-            with profile(activities=activities) as prof:
-                runs[method]()
-            for e in prof.key_averages():
-                acc = per_op[method].setdefault(e.key, [0.0, 0.0])
-                acc[0] += e.count / a.steps
-                acc[1] += (e.self_cpu_time_total + getattr(e, "self_device_time_total", 0)) / a.steps / 1e3
+    with profile(activities=activities) as prof:
+        for i in range(a.steps):
+            shift = i % len(methods)
+            for method in methods[shift:] + methods[:shift]:
+                with record_function(f"bench_step:{method}"):
+                    runs[method]()
+    # an event belongs to the step whose range it starts in (backward may run on another thread, kernels on the GPU;
+    # each step ends by reading its loss, so its work lies inside its range)
+    events = prof.events()
+    steps = sorted((e.time_range.start, e.time_range.end, e.name.split(":", 1)[1]) for e in events
+                   if e.name.startswith("bench_step:"))
+    starts = [start for start, _, _ in steps]
+    per_op: dict[str, dict[str, list[float]]] = {m: {} for m in methods}  # operator → [calls, ms] per step
+    for event in events:
+        at = bisect.bisect_right(starts, event.time_range.start) - 1
+        if event.name.startswith("bench_step:") or at < 0 or event.time_range.start > steps[at][1]:
+            continue
+        acc = per_op[steps[at][2]].setdefault(event.name, [0.0, 0.0])
+        acc[0] += 1 / a.steps
+        acc[1] += (event.self_cpu_time_total + getattr(event, "self_device_time_total", 0)) / a.steps / 1e3
     total = {m: sum(ms for _, ms in ops.values()) for m, ops in per_op.items()}
     print(f"operator self time per step (ms, {device.type}), {a.steps} interleaved steps each: "
           + ", ".join(f"{m} {total[m]:.1f} ({total[m] / total['peft_lora']:.3f}x)" for m in methods))
