@@ -1,9 +1,10 @@
 """Per-step time and peak memory of KaSA (kasa_ds) vs PEFT LoRA vs PEFT KaSA on the same model, batch and length.
 
 Timing: the three run interleaved in one process (one step of each in turn, rotating the order), after warm-up;
-medians and ratios to PEFT LoRA are printed, the ratio of the medians and the median of each round's own ratio
-("paired": a round's steps run back to back, so a load change on the machine between rounds cancels). A step = forward, task loss (+ the KaSA regularizer for the KaSA
-methods, as each library exposes it), backward, AdamW step, zero_grad.
+medians and ratios to PEFT LoRA are printed: the ratio of the medians, and the median of each round's own ratio
+("paired": a round's steps run back to back, so a load change on the machine between rounds cancels). A step =
+forward, task loss (+ the KaSA regularizer for the KaSA methods, as each library exposes it), backward, AdamW step,
+zero_grad.
 Memory: on CUDA, torch.cuda.max_memory_allocated per method. On CPU (no allocator statistics), what the methods can
 differ in, counted exactly: the bytes autograd saves for backward in one step (unique storages, via
 saved_tensors_hooks; parameters themselves excluded) plus trainable state (parameter, gradient, two AdamW moments).
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import itertools
 import json
 import statistics
 import time
@@ -185,8 +187,22 @@ def main(argv=None) -> dict:
 
 
 def step_seconds(methods: tuple[str, ...], a, device) -> dict[str, list[float]]:
-    """All methods built at once and stepped in turn, the order rotating each round; each method's step times after
-    warm-up, round by round."""
+    """Each method's step times after warm-up, round by round (:func:`interleaved`)."""
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for method, step in interleaved(methods, a, device):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        tic = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times[method].append(time.perf_counter() - tic)
+    return times
+
+
+def interleaved(methods: tuple[str, ...], a, device):
+    """All methods built at once and warmed up, then (method, step) for ``a.steps`` rounds of one step each, the
+    order rotating each round."""
     runs = {}
     for method in methods:
         model, reg = build(method, a, device)
@@ -194,18 +210,10 @@ def step_seconds(methods: tuple[str, ...], a, device) -> dict[str, list[float]]:
     for _ in range(a.warmup):
         for method in methods:
             runs[method]()
-    times: dict[str, list[float]] = {m: [] for m in methods}
     for i in range(a.steps):
         shift = i % len(methods)
         for method in methods[shift:] + methods[:shift]:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            tic = time.perf_counter()
-            runs[method]()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[method].append(time.perf_counter() - tic)
-    return times
+            yield method, runs[method]
 
 
 def profile_operators(methods: tuple[str, ...], a, device, rows: int = 12) -> dict:
@@ -215,30 +223,24 @@ def profile_operators(methods: tuple[str, ...], a, device, rows: int = 12) -> di
     from torch.profiler import ProfilerActivity, profile, record_function
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    runs = {}
-    for method in methods:
-        model, reg = build(method, a, device)
-        runs[method] = make_step(model, reg, batch_for(a, device))
-        for _ in range(a.warmup):
-            runs[method]()
+    steps = interleaved(methods, a, device)
+    first = next(steps)  # built and warmed up before the profiler starts
     with profile(activities=activities) as prof:
-        for i in range(a.steps):
-            shift = i % len(methods)
-            for method in methods[shift:] + methods[:shift]:
-                with record_function(f"bench_step:{method}"):
-                    runs[method]()
+        for method, step in itertools.chain([first], steps):
+            with record_function(f"bench_step:{method}"):
+                step()
     # an event belongs to the step whose range it starts in (backward may run on another thread, kernels on the GPU;
     # each step ends by reading its loss, so its work lies inside its range)
     events = prof.events()
-    steps = sorted((e.time_range.start, e.time_range.end, e.name.split(":", 1)[1]) for e in events
+    ranges = sorted((e.time_range.start, e.time_range.end, e.name.split(":", 1)[1]) for e in events
                    if e.name.startswith("bench_step:"))
-    starts = [start for start, _, _ in steps]
+    starts = [start for start, _, _ in ranges]
     per_op: dict[str, dict[str, list[float]]] = {m: {} for m in methods}  # operator → [calls, ms] per step
     for event in events:
         at = bisect.bisect_right(starts, event.time_range.start) - 1
-        if event.name.startswith("bench_step:") or at < 0 or event.time_range.start > steps[at][1]:
+        if event.name.startswith("bench_step:") or at < 0 or event.time_range.start > ranges[at][1]:
             continue
-        acc = per_op[steps[at][2]].setdefault(event.name, [0.0, 0.0])
+        acc = per_op[ranges[at][2]].setdefault(event.name, [0.0, 0.0])
         acc[0] += 1 / a.steps
         acc[1] += (event.self_cpu_time_total + getattr(event, "self_device_time_total", 0)) / a.steps / 1e3
     total = {m: sum(ms for _, ms in ops.values()) for m, ops in per_op.items()}
@@ -254,8 +256,11 @@ def profile_operators(methods: tuple[str, ...], a, device, rows: int = 12) -> di
                 continue
             (c0, t0), (c1, t1) = ref.get(k, (0, 0)), ops.get(k, (0, 0))
             print(f"  {k[:48]:48s} {c0:6.1f} → {c1:6.1f} calls  {t0:8.2f} → {t1:8.2f} ms  {d:+.2f}")
-    return {"profile_ms_per_step": total, "profile_ratio_vs_peft_lora": {m: total[m] / total["peft_lora"]
-                                                                         for m in methods}}
+    result = {"profile_ms_per_step": total,
+              "profile_ratio_vs_peft_lora": {m: total[m] / total["peft_lora"] for m in methods}}
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=2))
+    return result
 
 
 def peak_memory(methods: tuple[str, ...], a, device) -> dict[str, int]:
