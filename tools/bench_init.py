@@ -278,7 +278,7 @@ def report_zero3(a) -> dict:
         print(f"{world:5d} {z[f'peft@{world}']:10.2f} {z[f'kasa_ds@{world}']:9.2f} "
               f"{z[f'peft@{world}'] / z[f'kasa_ds@{world}']:12.2f}x")
     print(f"kasa_ds 2 ranks vs 1 rank: {z['kasa_ds@1'] / z['kasa_ds@2']:.2f}x (the machine's cores split over the ranks)")
-    same = next((k for k in z if k.startswith("kasa_ds@1x")), None)
+    same = next((k for k in z if k.startswith("kasa_ds@1x") and ":" not in k), None)
     if same:
         print(f"kasa_ds 2 ranks vs 1 rank at {same.split('x')[1].removesuffix('threads')} thread(s) per rank either "
               f"way: {z[same] / z['kasa_ds@2']:.2f}x (N = 2)")
