@@ -23,7 +23,8 @@ Checks (each prints one line, PASS / FAIL / NOT AVAILABLE, and lands in the JSON
     trainer        the transformers Trainer drop-in (KaSATrainer) on CUDA: the loss falls, the base stays frozen
     megatron       the Megatron road at TP=1 on the GPU with megatron-core's own attention (DotProductAttention) and
                    RoPE, bf16: an HF Llama checkpoint loaded into a GPTModel gives the HF model's logits (bf16
-                   rounding: ≤ 3e-2 of the largest logit), and KaSA on its projections trains (10 steps, the loss falls)
+                   rounding: ≤ 3e-2 of the largest logit), and KaSA on its projections trains with its layers
+                   recomputed in backward (gradient checkpointing; 10 steps, the loss falls)
     llm_compare    the full-model version of the pre-registered comparison (docs/PROTOCOL_LLM_SIQA.md): every decoder
                    layer of gemma-3-270m adapted (tools/compare_llm.py --adapt-top all, results in
                    <out dir>/llm_siqa_full); NOT AVAILABLE (never a pass) under --smoke or before
@@ -250,6 +251,7 @@ def check_megatron(a, device) -> dict:
         error = ((want - got).abs().max() / want.abs().max()).item()
         attention = type(model.gpt.decoder.layers[0].self_attention.core_attention).__name__
         apply_kasa(model, KaSAConfig(r=8, alpha=16, target_modules=TARGETS), show_progress=False)
+        model.gradient_checkpointing_enable()  # the layers recomputed in backward, around megatron's own modules
         losses = train(model.train(), device, a.steps)
     finally:  # leave the process as it was: later checks (and the tests' process) see no process group
         parallel_state.destroy_model_parallel()
@@ -257,7 +259,7 @@ def check_megatron(a, device) -> dict:
             torch.distributed.destroy_process_group()
     ok = error <= 3e-2 and losses[-1] < losses[0] and (device.type != "cuda" or attention == "DotProductAttention")
     return {"pass": ok, "logits_vs_hf": error, "core_attention": attention, "dtype": str(dtype),
-            "loss_first": losses[0], "loss_last": losses[-1]}
+            "gradient_checkpointing": True, "loss_first": losses[0], "loss_last": losses[-1]}
 
 
 def _missing(*packages: str) -> dict | None:

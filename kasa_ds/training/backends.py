@@ -234,7 +234,10 @@ class MegatronBackend(PlainBackend):
         self.dp_rank, self.dp_world = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
 
     def load(self, section, pad_token_id: int, keep) -> nn.Module:
-        return load_megatron_lm(model_dir(section), dtype=getattr(torch, section.dtype), device=self.env.device)
+        model = load_megatron_lm(model_dir(section), dtype=getattr(torch, section.dtype), device=self.env.device)
+        if section.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        return model
 
     def place(self, model: nn.Module) -> nn.Module:
         return model  # built on its device, already split

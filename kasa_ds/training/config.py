@@ -279,8 +279,6 @@ def check_megatron(c: TrainConfig) -> None:
     need(c.ds_config is None, "backend: megatron runs megatron-core's own parallelism: drop --ds_config")
     need(m.task == "causal_lm", "backend: megatron trains causal LMs (model.task=causal_lm)")
     need(m.quantize is None, "backend: megatron with model.quantize: 4-bit bases (QKaSA) run on the default backend")
-    need(not m.gradient_checkpointing, "model.gradient_checkpointing is not wired to megatron-core's recompute yet: "
-         "drop it with backend: megatron")
     need(t.optimizer == "adamw", f"train.optimizer={t.optimizer} with backend: megatron: use adamw")
     need(t.autocast is None, "train.autocast with backend: megatron: set model.dtype (bfloat16) instead")
     need(t.max_memory_gib is None, "train.max_memory_gib with backend: megatron: plan with tools/plan_memory.py")

@@ -15,6 +15,7 @@ entries masked); ``generate`` decodes greedily for the recipe's samples.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -23,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..comm.collectives import comm_device
 from ..comm.mappings import gather_last_dim
@@ -163,6 +165,14 @@ def _send_back(grad: torch.Tensor, to: int) -> None:
     dist.send(grad.contiguous(), dst=to)
 
 
+def _checkpointed_forward(layer: nn.Module, *args, **kwargs):
+    """A decoder layer's forward under torch's non-reentrant checkpoint while it trains with gradients; as it is
+    otherwise (eval, generation)."""
+    if layer.training and torch.is_grad_enabled():
+        return checkpoint(layer.unchecked_forward, *args, use_reentrant=False, **kwargs)
+    return layer.unchecked_forward(*args, **kwargs)
+
+
 def expose_projections(gpt: nn.Module, layout: Layout) -> None:
     """Wrap each layer's linear_qkv, linear_proj, linear_fc1 and linear_fc2 in a :class:`Projections` whose children
     are the HF projections (q_proj … down_proj). The wrappers are re-registered in HF order (q, k, v, o, gate, up,
@@ -226,6 +236,32 @@ class MegatronCausalLM(nn.Module):
         if self.pipeline is not None:
             dist.all_reduce(counts, group=self.pipeline[0])
         return int(counts[0].item()), int(counts[1].item())
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None) -> None:
+        """Recompute each decoder layer of this stage in backward: a layer keeps only its input [s, b, h] and what its
+        recomputation needs, not its activations (the HF road's ``gradient_checkpointing``, on both devices).
+
+        torch's non-reentrant checkpoint (only ``use_reentrant=False`` is accepted), not megatron's own recompute:
+        its CheckpointFunction saves and restores CUDA RNG states and so runs on CUDA only. The layers draw no random
+        numbers (megatron's dropouts are 0 here), the adapters' dropout draws the same masks again (torch restores
+        the RNG state), and every TP rank recomputes, so the recomputation runs the same TP collectives in the same
+        order on every rank."""
+        if (gradient_checkpointing_kwargs or {}).get("use_reentrant", False):
+            raise ValueError("MegatronCausalLM checkpoints its layers with use_reentrant=False only")
+        for layer in self.gpt.decoder.layers:
+            if not hasattr(layer, "unchecked_forward"):
+                layer.unchecked_forward = layer.forward
+                layer.forward = functools.partial(_checkpointed_forward, layer)
+
+    def gradient_checkpointing_disable(self) -> None:
+        for layer in self.gpt.decoder.layers:
+            if hasattr(layer, "unchecked_forward"):
+                layer.forward = layer.unchecked_forward
+                del layer.unchecked_forward
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(hasattr(layer, "unchecked_forward") for layer in self.gpt.decoder.layers)
 
     def adapter_index_offset(self, targets_here: int) -> int:
         """The index in the whole model of this stage's first KaSA target (every stage holds as many layers, so as

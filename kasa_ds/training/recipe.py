@@ -170,6 +170,8 @@ class Recipe:
             self.say(f"tensor parallel: {cfg.tensor_parallel}-way {'megatron-core' if cfg.backend == 'megatron' else 'AutoTP'} "
                      + (f"× {cfg.pipeline_parallel} pipeline stages " if cfg.pipeline_parallel > 1 else "")
                      + f"× {backend.dp_world} data-parallel replicas")
+        if getattr(model, "is_gradient_checkpointing", False):  # what the model reports, not what was asked
+            self.say("gradient checkpointing: each decoder layer is recomputed in backward")
         truncate = None
         if cfg.kasa.svd_cache:
             cache = SVDCache(cfg.kasa.svd_cache, model_dir(cfg.model), self.kasa_config)

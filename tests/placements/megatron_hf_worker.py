@@ -1,6 +1,7 @@
 """Worker for tests/placements/test_megatron_hf.py: HF checkpoints through megatron-core at TP=t, against the HF road.
 
     torchrun --nproc_per_node N tests/placements/megatron_hf_worker.py --ckpts DIR --out DIR [--pp P] [--resume DIR]
+        [--checkpointing]
 
 (TP = N / P, P pipeline stages; stage-held tensors are merged over the stages before they are compared.)
 
@@ -10,6 +11,8 @@ For each family checkpoint under --ckpts (llama, qwen2, qwen3; written by the te
     truncated     each projection's truncated weight (HF names, gathered) vs the float64 SVD reference
     init          adapter tensors (HF names, gathered) vs the HF road's KaSA model with the same config
     steps         3 SGD steps (momentum) of the same batch on both: logits, and each adapter tensor's ‖Δ‖/‖tensor‖
+                  (with --checkpointing the megatron model recomputes its layers in backward; ``activations``: the
+                  bytes one training forward keeps for backward, without and with it)
     exported      rank 0: the adapter written from megatron, loaded with load_adapter on the HF checkpoint: logits
                   vs megatron's; and exported as the rank-2r LoRA (export_lora_files), loaded by PEFT
 With --resume (a TP=1 run after a TP=2 one): the adapter the TP=2 run wrote is loaded into this run's megatron model;
@@ -54,7 +57,23 @@ def hf_model(path: Path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-def run_family(path: Path, out: Path, tp_group, resume) -> dict:
+def activation_bytes(model, ids: torch.Tensor) -> int:
+    """Bytes of the distinct non-parameter storages one training forward keeps for backward (no backward runs)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(ids, labels=ids)
+    return sum(kept.values())
+
+
+def run_family(path: Path, out: Path, tp_group, resume, checkpointing: bool) -> dict:
     from peft import PeftModel
 
     family = path.name
@@ -85,6 +104,10 @@ def run_family(path: Path, out: Path, tp_group, resume) -> dict:
     result["init"] = max((mine[k] - theirs[k]).abs().max().item() for k in theirs)
 
     hf.train(), mg.train()
+    if checkpointing:
+        plain = activation_bytes(mg, ids)
+        mg.gradient_checkpointing_enable()
+        result["activations"] = [plain, activation_bytes(mg, ids)]
     # SGD with momentum: Adam divides by √v, so an element whose gradient is at rounding level takes a ±lr step in
     # either run, and comparing elements after Adam would measure rounding, not the method
     optimizers = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
@@ -127,6 +150,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--resume", type=Path)
     p.add_argument("--pp", type=int, default=1, help="pipeline stages (TP = world / pp)")
+    p.add_argument("--checkpointing", action="store_true", help="train the megatron model with its layers recomputed")
     a = p.parse_args()
     dist.init_process_group("gloo")
     from megatron.core import parallel_state as ps
@@ -134,7 +158,7 @@ def main() -> None:
     ps.initialize_model_parallel(tensor_model_parallel_size=dist.get_world_size() // a.pp,
                                  pipeline_model_parallel_size=a.pp)
     torch.manual_seed(0)
-    results = {path.name: run_family(path, a.out, ps.get_tensor_model_parallel_group(), a.resume)
+    results = {path.name: run_family(path, a.out, ps.get_tensor_model_parallel_group(), a.resume, a.checkpointing)
                for path in sorted(a.ckpts.iterdir())}
     results["tp_rank"] = ps.get_tensor_model_parallel_rank()
     (a.out / f"rank{dist.get_rank()}.json").write_text(json.dumps(results))

@@ -1,6 +1,6 @@
 """The recipe on the megatron backend (`backend: megatron`): a Hugging Face checkpoint split by megatron-core tensor
 parallelism, or into two pipeline stages, on 2 CPU ranks (torchrun, gloo) trains exactly as the HF road in one
-process, and a TP=2 checkpoint resumes at TP=1 and on two stages.
+process (the two stages with gradient checkpointing), and a TP=2 checkpoint resumes at TP=1 and on two stages.
 
 Same batches, packing (block-causal attention from position_ids), eval, samples, checkpoints; losses, gradient norms
 and eval losses agree to float32 rounding (1e-5 relative: the fused q/k/v and gate/up matmuls and the
@@ -49,9 +49,12 @@ def test_megatron_tp2_and_pp2_train_as_the_hf_road_and_resume_at_other_sizes(tmp
     mg_out = train([*base, "backend=megatron", "tensor_parallel=2", "--output_dir", str(tmp_path / "tp2")], tmp_path,
                    nproc=2)
     assert "tensor parallel: 2-way megatron-core × 1 data-parallel replicas" in mg_out
-    pp_out = train([*base, "backend=megatron", "pipeline_parallel=2", "--output_dir", str(tmp_path / "pp2")], tmp_path,
-                   nproc=2)
+    # the stages recompute their layers in backward (gradient checkpointing): the same losses and gradient norms
+    pp_out = train([*base, "backend=megatron", "pipeline_parallel=2", "model.gradient_checkpointing=true",
+                    "--output_dir", str(tmp_path / "pp2")], tmp_path, nproc=2)
     assert "1-way megatron-core × 2 pipeline stages × 1 data-parallel replicas" in pp_out
+    assert "gradient checkpointing: each decoder layer is recomputed in backward" in pp_out
+    assert "gradient checkpointing" not in mg_out
     hf = records(tmp_path / "hf", "train")
     a = load_file(str(tmp_path / "hf" / "adapter" / "adapter_model.safetensors"))
     for run in ("tp2", "pp2"):
@@ -83,10 +86,11 @@ def test_megatron_backend_refuses_what_it_does_not_run(tmp_path, tiny_llama_dir)
     """Settings the megatron backend does not support yet are one error line naming the fix, before any work."""
     proc = subprocess.run([sys.executable, str(REPO / "launch/train.py"), "--config",
                            str(REPO / "configs/tiny_llama_instruct.yaml"), f"model.path={tiny_llama_dir}",
-                           "backend=megatron", "model.gradient_checkpointing=true"], cwd=tmp_path,
+                           "backend=megatron", "train.optimizer=adamw8bit"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: model.gradient_checkpointing is not wired")
+    assert proc.stderr.strip().splitlines()[-1] == ("error: train.optimizer=adamw8bit with backend: megatron: "
+                                                    "use adamw")
 
 
 def test_former_megatron_demo_config_is_refused_by_the_alias(tmp_path):
