@@ -3,6 +3,7 @@
 
     python tools/plan_memory.py --model configs/models/llama-3-70b --gpus 64 --zero 3 --seq-len 4096 --gpu-gib 80
     python tools/plan_memory.py --model configs/models/llama-3-70b --gpus 16 --tp 8 --zero 1 --gpu-gib 80
+    python tools/plan_memory.py --model configs/models/llama-3-70b --megatron --tp 8 --pp 2 --gpus 16 --gpu-gib 80
     python tools/plan_memory.py --model DIR --method qkasa --gpus 1 --no-deepspeed --optimizer paged_adamw8bit \\
         --seq-len 2048 --gpu-gib 24
     python tools/plan_memory.py --model configs/models/qwen2-72b --min-gpus --gpus-per-node 8 --gpu-gib 80
@@ -41,6 +42,9 @@ def parse_args(argv=None):
     p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=d.zero)
     p.add_argument("--offload", choices=["none", "optimizer", "all"], default=d.offload)
     p.add_argument("--tp", type=positive_int, default=d.tp)
+    p.add_argument("--megatron", action="store_true",
+                   help="the Megatron road (backend: megatron): megatron-core TP and pipeline stages, no DeepSpeed")
+    p.add_argument("--pp", type=positive_int, default=d.pp, help="pipeline stages (with --megatron)")
     p.add_argument("--gpus", type=positive_int, default=d.gpus)
     p.add_argument("--gpu-gib", type=positive_float, default=80.0, help="memory of one GPU in GiB (H100 80 GB: 79.6)")
     p.add_argument("--dropout", type=probability, default=d.dropout)
@@ -60,22 +64,25 @@ def main(argv=None) -> dict:
 
     def run_for(gpus: int) -> RunShape:
         return RunShape(method=a.method, r=a.r, targets=targets, seq_len=a.seq_len, micro_batch=a.micro_batch,
-                        checkpointing=not a.no_checkpointing, optimizer=a.optimizer, deepspeed=not a.no_deepspeed,
-                        zero=a.zero, offload=a.offload, tp=a.tp, gpus=gpus, dropout=a.dropout,
-                        quant_mode=a.quant_mode, adapter_bytes=a.adapter_bytes)
+                        checkpointing=not a.no_checkpointing, optimizer=a.optimizer,
+                        deepspeed=not (a.no_deepspeed or a.megatron), zero=a.zero, offload=a.offload, tp=a.tp,
+                        pp=a.pp, megatron=a.megatron, gpus=gpus, dropout=a.dropout, quant_mode=a.quant_mode,
+                        adapter_bytes=a.adapter_bytes)
 
     gpus = a.gpus
-    if a.min_gpus:
-        step = max(a.gpus_per_node, a.tp)
-        gpus = next((g for g in range(step, 4097, step) if plan(shape, run_for(g), a.gpu_gib)["fits"]), None)
-        if gpus is None:
-            fail("no GPU count up to 4096 fits; use offload, checkpointing or a shorter sequence")
     with bad_input_fails():
-        result = plan(shape, run_for(gpus), a.gpu_gib)
-    run = run_for(gpus)
-    mode = "no DeepSpeed" if not run.deepspeed else f"ZeRO-{run.zero}, offload {run.offload}"
+        if a.min_gpus:
+            step = max(a.gpus_per_node, a.tp * a.pp)
+            gpus = next((g for g in range(step, 4097, step) if plan(shape, run_for(g), a.gpu_gib)["fits"]), None)
+            if gpus is None:
+                fail("no GPU count up to 4096 fits; use offload, checkpointing or a shorter sequence")
+        run = run_for(gpus)
+        result = plan(shape, run, a.gpu_gib)
+    mode = ("megatron-core" if run.megatron else "no DeepSpeed" if not run.deepspeed
+            else f"ZeRO-{run.zero}, offload {run.offload}")
+    stages = f" × PP {a.pp}" if a.pp > 1 else ""
     print(f"{a.model}: {shape.total:,} parameters, {describe_targets(shape)} (r={a.r}), "
-          f"{a.method}, {gpus} GPUs = TP {a.tp} × DP {result['data_parallel']}, {mode}, {a.optimizer}, "
+          f"{a.method}, {gpus} GPUs = TP {a.tp}{stages} × DP {result['data_parallel']}, {mode}, {a.optimizer}, "
           f"seq {a.seq_len} × micro batch {a.micro_batch}, checkpointing {'on' if run.checkpointing else 'off'}")
     print(format_plan(result))
     if a.min_gpus:

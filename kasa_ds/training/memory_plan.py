@@ -4,7 +4,9 @@ Parameter counts are exact (the model is built on the meta device). Bytes per pa
 
 - base weights: 2 B (bf16/fp16) or, for QKaSA, 4-bit NF4/FP4 linears (0.5 B + block constants: 4 B per 64 weights,
   or with double quantization 1 B per 64 + 4 B per 64·256) and 16-bit embeddings/norms/head; low_rank_correction adds
-  the frozen rank-r tail factors (16-bit). TP splits the decoder linears; ZeRO-3 splits everything over DP except,
+  the frozen rank-r tail factors (16-bit). TP splits the decoder linears (the Megatron road also the embedding and
+  the head: vocabulary-parallel); pipeline stages split the layers, the first stage holding the embedding and the last
+  the head (the larger of the two is counted); ZeRO-3 splits everything over DP except,
   for QKaSA, the block constants and correction factors, which every GPU keeps (kasa_ds.training.partitioned_4bit),
   and adds one gathered packed linear with its dequantized 16-bit copy (the largest target) while it computes.
 - adapters without DeepSpeed: float32 parameters, gradients and AdamW states (4 + 4 + 8 B; 8-bit AdamW: 2 B states).
@@ -18,6 +20,8 @@ Parameter counts are exact (the model is built on the meta device). Bytes per pa
   A mixture-of-experts layer's MLP terms are those of the top-k experts each token is routed to (and of a shared
   expert), plus the routed rows of h gathered per expert (2 B) with the experts' float32 outputs (4 B) per row, and
   the router's float32 softmax over the experts.
+  A pipeline stage keeps its own layers' activations of one micro-batch (the Megatron road's schedule runs one at a
+  time) and the last stage the loss's.
   With gradient checkpointing each layer keeps only its input (2h), and the peak is the larger of the loss's
   tensors and one layer recomputed in backward together with the gradients it is working on (h + 2·ffn). The loss
   adds float32 logits and their gradient (2 × 4·V per token) beside the bf16 logits (2·V).
@@ -26,7 +30,8 @@ Parameter counts are exact (the model is built on the meta device). Bytes per pa
 - a fixed 1.0 GiB per GPU for the CUDA context, NCCL buffers and allocator slack.
 
 Not modelled: fragmentation beyond that slack, DeepSpeed's prefetch/bucket buffers (bounded by the config's bucket
-sizes), pipeline parallelism, and GPU kernels' workspaces; GPU peaks have not been measured here (no GPU).
+sizes), the pipeline's activation messages, and GPU kernels' workspaces; GPU peaks have not been measured here (no
+GPU).
 """
 
 from __future__ import annotations
@@ -59,6 +64,8 @@ class RunShape:
     zero: int = 3
     offload: str = "none"  # none | optimizer | all
     tp: int = 1
+    pp: int = 1  # pipeline stages (the Megatron road)
+    megatron: bool = False  # the Megatron road: no DeepSpeed; TP splits the embedding and head too
     gpus: int = 8
     quant_mode: str = "low_rank_correction"
     double_quant: bool = True
@@ -67,11 +74,23 @@ class RunShape:
     compute_bytes: int = 2  # bytes of the base weights and activations: 2 (bf16/fp16) or 4 (float32)
 
     def __post_init__(self) -> None:
-        for key in ("r", "seq_len", "micro_batch", "tp", "gpus"):
+        for key in ("r", "seq_len", "micro_batch", "tp", "pp", "gpus"):
             if not (isinstance(getattr(self, key), int) and getattr(self, key) >= 1):
                 raise ValueError(f"{key}={getattr(self, key)!r}: must be an integer >= 1")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout!r}: must be in [0, 1)")
+        if self.megatron and self.method != "kasa":
+            raise ValueError("the Megatron road trains 16-bit bases: QKaSA (--method qkasa) runs on the default "
+                             "backend, without --megatron")
+        if self.megatron and self.deepspeed:
+            raise ValueError("the Megatron road runs megatron-core's parallelism, not DeepSpeed (deepspeed=False)")
+        if self.pp > 1 and not self.megatron:
+            raise ValueError(f"pp={self.pp}: pipeline stages are the Megatron road's: add --megatron")
+
+    @property
+    def model_parallel(self) -> int:
+        """GPUs holding one model replica: TP × PP."""
+        return self.tp * self.pp
 
 
 @dataclass
@@ -144,17 +163,20 @@ def describe_targets(shape: ModelShape) -> str:
 
 def plan(shape: ModelShape, run: RunShape, gpu_gib: Optional[float] = None) -> dict:
     """Bytes per GPU by category, their total and (given ``gpu_gib``) whether it fits."""
-    if run.gpus % run.tp:
-        raise ValueError(f"tp={run.tp} does not divide gpus={run.gpus}")
+    if run.gpus % run.model_parallel:
+        raise ValueError(f"tp={run.tp} × pp={run.pp} does not divide gpus={run.gpus}")
     if run.method == "qkasa" and (run.tp > 1 or (run.deepspeed and run.zero != 3)):
         raise ValueError(refusal("bnb4", "tp" if run.tp > 1 else "deepspeed"))
-    dp = run.gpus // run.tp
+    if shape.layers % run.pp:
+        raise ValueError(f"pp={run.pp} does not divide the {shape.layers} layers")
+    dp = run.gpus // run.model_parallel
     base, working = base_weight_bytes(shape, run, dp)
-    adapter = 0.0  # adapter parameters on this GPU: the sharded factor / tp
+    adapter = 0.0  # adapter parameters on this GPU: the sharded factor / tp, this stage's layers' (1/pp)
     for name, m, n in shape.targets:
         col = name.rsplit(".", 1)[-1] in COLUMN_PARALLEL
         adapter += run.r * (m / run.tp if col else m) + run.r * (n if col else n / run.tp) + run.r
     adapter += sum(count * (run.r * (m + n) + run.r) for _, m, n, count in shape.expert_targets)  # never TP-split
+    adapter /= run.pp
     params, grads, optimizer = adapter_state_bytes(adapter, run, dp)
     out = {"base_weights": base, "adapter_params": params, "adapter_grads": grads, "optimizer_states": optimizer,
            "activations": activation_bytes(shape, run), "cuda_context_and_slack": 1.0 * GiB}
@@ -182,6 +204,9 @@ def base_weight_bytes(shape: ModelShape, run: RunShape, dp: int) -> tuple[float,
         if zero3:  # one gathered packed linear and its dequantized 16-bit copy while it computes
             largest = max((m * n for _, m, n in shape.targets), default=0)
             working = largest * (0.5 + cb)
+    elif run.megatron:  # vocabulary-parallel embedding and head; with stages, the one holding the larger of them
+        partitionable = shape.linear * cb / run.model_parallel
+        partitionable += (other if run.pp == 1 else shape.vocab * shape.hidden) * cb / run.tp
     else:
         partitionable = shape.linear * cb / run.tp + other * cb
     if zero3:
@@ -203,16 +228,17 @@ def adapter_state_bytes(adapter: float, run: RunShape, dp: int) -> tuple[float, 
 
 
 def activation_bytes(shape: ModelShape, run: RunShape) -> float:
-    """Activation bytes of one micro-batch (GQA's k, v counted as h: repeated)."""
-    h, i, L, V, tp, cb = shape.hidden, shape.ffn, shape.layers, shape.vocab, run.tp, run.compute_bytes
+    """Activation bytes of one micro-batch on the stage holding the loss (GQA's k, v counted as h: repeated)."""
+    h, i, V, tp, cb = shape.hidden, shape.ffn, shape.vocab, run.tp, run.compute_bytes
+    L = shape.layers // run.pp
     tokens = run.seq_len * run.micro_batch
     split_terms = cb * 5 * h / tp + cb * 4 * i / tp
     per_layer = 2 * (4 * h + cb * h) + split_terms
     # routed layers: each token's top-k rows of h gathered (cb) and the experts' float32 outputs before the
     # weighted sum (4), and the router's float32 softmax over the experts (averaged over the layers)
-    per_layer += (shape.routed_rows * h * (cb + 4) + shape.router_logits * 4) / L
+    per_layer += (shape.routed_rows * h * (cb + 4) + shape.router_logits * 4) / shape.layers
     if run.dropout > 0:  # each adapter keeps its dropped-out input and the 1-byte mask (in_features per token)
-        per_layer += (cb + 1) * shape.adapter_inputs / L
+        per_layer += (cb + 1) * shape.adapter_inputs / shape.layers
     logits = tokens * V * (cb + 2 * 4) / (tp if run.tp > 1 else 1)
     if run.checkpointing:  # layer inputs, then the larger of: the loss's tensors, one layer recomputed in backward
         backward_grads = cb * (h + 2 * i / tp)  # with it: the incoming gradient and two MLP-width gradients

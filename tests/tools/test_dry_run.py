@@ -51,3 +51,30 @@ def test_moe_config_counts_experts_and_fits(capsys):
     printed = capsys.readouterr().out
     assert "48 experts modules of 128 experts" in printed and "fits a 80 GiB GPU" in printed
     assert out["memory_plan"]["fits"]
+
+
+def test_megatron_config_dry_runs_as_the_road_will_load_it(capsys):
+    """configs/llama3_70b_megatron.yaml: TP 8 on one node of 8, or with two pipeline stages on 16; a TP size that
+    splits a key/value group and a world size that is no multiple of TP × PP are one error line each."""
+    import subprocess
+    import sys
+
+    from dry_run import dry_run
+
+    config = str(REPO / "configs/llama3_70b_megatron.yaml")
+    one = dry_run(config, world=8, gpu_gib=40)
+    assert one["megatron"] == {"tp": 8, "pp": 1, "dp": 1} and one["memory_plan"]["fits"]
+    assert abs(one["total_params"] - PUBLISHED["llama3_70b_kasa"]) / PUBLISHED["llama3_70b_kasa"] < 0.005
+    assert "per_gpu_bytes" not in one  # ZeRO-3's split: not this road's
+    two = dry_run(config, world=16, overrides=["pipeline_parallel=2"], gpu_gib=24)
+    assert two["megatron"] == {"tp": 8, "pp": 2, "dp": 1} and two["memory_plan"]["fits"]
+    assert two["svd_matrices_per_rank"] == (35, 35)  # one stage's 40 layers × 7 targets over its 8 ranks
+    printed = capsys.readouterr().out
+    assert "TP 8 × PP 2 × DP 1" in printed and "megatron-core TP 8 × PP 2, bf16 base" in printed
+    with pytest.raises(ValueError, match="tensor_parallel=3 must divide the 64 attention heads and 8 key/value"):
+        dry_run(config, world=12, overrides=["tensor_parallel=3"])
+    proc = subprocess.run([sys.executable, str(REPO / "tools/dry_run.py"), "--config", config, "--world-size", "12"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == ("error: --world-size 12: a multiple of tensor_parallel × "
+                                                    "pipeline_parallel = 8")

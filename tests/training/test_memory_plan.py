@@ -47,11 +47,38 @@ def test_knobs_move_memory_the_right_way(shape):
     assert tp == pytest.approx((shape.linear * 2 / 8 + (shape.total - shape.linear) * 2))
 
 
+def test_megatron_splits_weights_over_tp_and_stages_exactly(shape):
+    """The Megatron road: TP splits the decoder linears and the (vocabulary-parallel) embedding and head; two stages
+    split the layers, adapters and activations, and the last stage holds the head (V·h / TP)."""
+    h, V = 8192, 128256
+    one = plan(shape, RunShape(megatron=True, deepspeed=False, tp=8, gpus=8))
+    two = plan(shape, RunShape(megatron=True, deepspeed=False, tp=8, pp=2, gpus=16))
+    assert one["per_gpu_bytes"]["base_weights"] == pytest.approx(shape.total * 2 / 8)  # the norms split too: < 1e-5
+    assert two["per_gpu_bytes"]["base_weights"] == pytest.approx(shape.linear * 2 / 16 + V * h * 2 / 8)
+    assert two["adapter_params_per_gpu"] == pytest.approx(one["adapter_params_per_gpu"] / 2)
+    assert two["per_gpu_bytes"]["activations"] < one["per_gpu_bytes"]["activations"]
+    assert one["data_parallel"] == two["data_parallel"] == 1
+
+
+def test_cli_megatron(capsys):
+    from plan_memory import main
+
+    out = main(["--model", LLAMA70, "--megatron", "--tp", "8", "--pp", "2", "--min-gpus", "--gpu-gib", "24"])
+    assert out["gpus"] == 16 and out["fits"]  # 8 GPUs (TP 8 × PP 2 needs 16) cannot hold it; 16 fit 24 GiB each
+    assert "16 GPUs = TP 8 × PP 2 × DP 1, megatron-core" in capsys.readouterr().out
+
+
 def test_bad_runs_refused(shape):
     with pytest.raises(ValueError, match="does not divide"):
         plan(shape, RunShape(tp=3, gpus=8))
     with pytest.raises(ValueError, match="QKaSA"):
         plan(shape, RunShape(method="qkasa", tp=2, gpus=2))
+    with pytest.raises(ValueError, match="pp=3 does not divide the 80 layers"):
+        plan(shape, RunShape(megatron=True, deepspeed=False, pp=3, gpus=3))
+    with pytest.raises(ValueError, match="add --megatron"):
+        RunShape(pp=2, gpus=2)
+    with pytest.raises(ValueError, match="QKaSA"):
+        RunShape(megatron=True, deepspeed=False, method="qkasa")
 
 
 def test_cli_min_gpus(capsys):
