@@ -23,6 +23,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..core.regularization import kasa_regularization
 from ..core.types import AdapterTensor
 from ..inject import across_stages
 from ..io.adapter import adapter_tensors
@@ -69,6 +70,20 @@ class PlainBackend:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(lr_factor, cfg=t))
         self.scaler = grad_scaler(self.env.device, t.autocast)
         self.guard = MemoryGuard(t.max_memory_gib, self.env.device)
+
+    def forward_backward(self, batches: list[dict], weights: list[float], step: int) -> tuple[list[float], float]:
+        """One step's micro-batches, forward and backward, one after the other; micro-batch k's loss is
+        weights[k]·task_k + the KaSA regularizer (averaged over the micro-batches by :meth:`backward`). Returns
+        every micro-batch's task loss and the regularizer's value (the whole model's)."""
+        losses, reg_value = [], 0.0
+        for batch, weight in zip(batches, weights):
+            with self.forward_context(step):
+                task_loss = self.forward(**batch).loss.float()
+                reg = kasa_regularization(self.model).to(task_loss.device).float()
+            self.backward((task_loss * weight if weight else 0.0) + reg, step)
+            losses.append(task_loss.item())
+            reg_value = self.whole_model(reg.item())
+        return losses, reg_value
 
     def forward_context(self, step: int):
         stack = contextlib.ExitStack()
@@ -241,6 +256,17 @@ class MegatronBackend(PlainBackend):
 
     def place(self, model: nn.Module) -> nn.Module:
         return model  # built on its device, already split
+
+    def forward_backward(self, batches: list[dict], weights: list[float], step: int) -> tuple[list[float], float]:
+        """With pipeline stages, the step's micro-batches go through the stages together, each stage working on
+        another micro-batch (:meth:`MegatronCausalLM.pipelined_forward_backward`); without, one after the other."""
+        if self.pipeline_group is None:
+            return super().forward_backward(batches, weights, step)
+        k = self.cfg.train.gradient_accumulation_steps
+        with self.forward_context(step):
+            losses, regs = self.model.pipelined_forward_backward(
+                batches, [w / k for w in weights], 1.0 / k, lambda: kasa_regularization(self.model).float())
+        return losses, self.whole_model(regs[-1])
 
     def step(self) -> float:
         """Average over the data-parallel replicas, clip by the global norm, step; a non-finite norm skips the step

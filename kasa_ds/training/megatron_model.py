@@ -4,7 +4,9 @@
 megatron-core's local layer spec (RoPE with the checkpoint's theta, GQA, RMSNorm, SwiGLU, Qwen2's q/k/v biases,
 Qwen3's q/k norms, tied or untied embeddings), fills them slice by slice from the safetensors files
 (kasa_ds.io.megatron_checkpoint) and exposes each fused linear's HF projections for KaSA. With pipeline stages each
-rank builds and reads only its stage's layers; a micro-batch goes through the stages in turn (:class:`_PipelineLoss`). megatron-core's modules run
+rank builds and reads only its stage's layers; a training step's micro-batches go through the stages together
+(:meth:`MegatronCausalLM.pipelined_forward_backward`), and a single call (eval, generation, a user's own loop) goes
+through them in turn (:class:`_PipelineLoss`). megatron-core's modules run
 as they are on CUDA; on a CPU device two of them are replaced, because they allocate on CUDA: the core attention
 (:class:`SDPACoreAttention`, torch SDPA behind megatron's interface) and RoPE's frequency table (computed where it is).
 
@@ -18,7 +20,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -165,6 +167,17 @@ def _send_back(grad: torch.Tensor, to: int) -> None:
     dist.send(grad.contiguous(), dst=to)
 
 
+def _causal_lm_loss(out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """HF's causal-LM loss from the last stage's vocabulary-parallel logits ``out`` [b, s, V_pad/t]: the mean
+    cross-entropy of labels[:, 1:] (−100 ignored) given logits[:, :-1] (collective over the TP group)."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    targets = labels[:, 1:]
+    valid = targets != -100
+    per_token = vocab_parallel_cross_entropy(out[:, :-1].contiguous(), targets.masked_fill(~valid, 0))
+    return (per_token * valid).sum() / valid.sum().clamp(min=1)
+
+
 def _checkpointed_forward(layer: nn.Module, *args, **kwargs):
     """A decoder layer's forward under torch's non-reentrant checkpoint while it trains with gradients; as it is
     otherwise (eval, generation)."""
@@ -274,19 +287,19 @@ class MegatronCausalLM(nn.Module):
         return hf_module_name(name.removeprefix("gpt."), self.layout.stage_layers.start) or name
 
     def _stage(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """This stage's output: hidden states [s, b, h] (a stage before the last), or the last stage's [b, s, V_pad/t]
-        float32 logits of this rank's vocabulary part, padded entries −inf. A later stage receives its input from
-        the previous one (and, when gradients are on, sends that input's gradient back during backward)."""
+        """:meth:`_run_stage`; a later stage first receives its input from the previous one (and, when gradients are
+        on, sends that input's gradient back during backward)."""
         if not self.first_stage:
             _, prev, _, _ = self.pipeline
-            dtype = next(self.gpt.parameters()).dtype
-            hidden = torch.empty(input_ids.shape[1], input_ids.shape[0], self.layout.hidden, dtype=dtype,
-                                 device=input_ids.device)
-            dist.recv(hidden, src=prev)
+            hidden = self._received_input(input_ids, prev)
             if torch.is_grad_enabled():
-                hidden.requires_grad_()
                 hidden.register_hook(lambda grad: _send_back(grad, prev))
-            self.gpt.set_input_tensor(hidden)
+        return self._run_stage(input_ids, attention_mask)
+
+    def _run_stage(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """This stage's output from its input (a later stage's: set by :meth:`_received_input`): hidden states
+        [s, b, h] (a stage before the last), or the last stage's [b, s, V_pad/t] float32 logits of this rank's
+        vocabulary part, padded entries −inf."""
         out = self.gpt(input_ids, None, attention_mask)
         if not self.last_stage:
             return out
@@ -303,8 +316,6 @@ class MegatronCausalLM(nn.Module):
                 **unused) -> CausalLMOutput:
         """loss: mean cross-entropy of labels[:, 1:] (−100 ignored) given logits[:, :-1], as HF computes it;
         logits ([b, s, V], gathered over TP) only when no labels are given."""
-        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
         mask = self._attention_mask(attention_mask, position_ids)
         out = self._stage(input_ids, mask)
         if not self.last_stage:  # send this stage's output on; the last stage's result comes back
@@ -324,13 +335,72 @@ class MegatronCausalLM(nn.Module):
             if self.pipeline is not None:
                 dist.broadcast(logits.detach(), src=self.pipeline[3], group=self.pipeline[0])
             return CausalLMOutput(logits=logits)
-        targets = labels[:, 1:]
-        valid = targets != -100
-        per_token = vocab_parallel_cross_entropy(out[:, :-1].contiguous(), targets.masked_fill(~valid, 0))
-        loss = (per_token * valid).sum() / valid.sum().clamp(min=1)
+        loss = _causal_lm_loss(out, labels)
         if self.pipeline is not None:
             dist.broadcast(loss.detach().clone(), src=self.pipeline[3], group=self.pipeline[0])
         return CausalLMOutput(loss=loss)
+
+    def pipelined_forward_backward(self, batches: list[dict], task_scales: list[float], reg_scale: float,
+                                   regularizer: Callable[[], torch.Tensor]) -> tuple[list[float], list[float]]:
+        """One training step's micro-batches through the pipeline stages at once, forward and backward (GPipe):
+        each stage runs its forwards back to back, sending each output on as soon as it is computed (isend), so
+        stage s works on micro-batch k while stage s+1 works on k−1; then its backwards in the same order, each as
+        soon as the next stage's gradient arrives. The last stage runs each micro-batch's backward right after its
+        forward. A stage keeps the activations of the micro-batches it has not run backward for (all of them,
+        before the last stage; with gradient checkpointing only each layer's input).
+
+        Micro-batch k's loss is ``task_scales[k]``·task_k + ``reg_scale``·``regularizer()`` (the KaSA terms of this
+        stage's layers; collective over its TP group). ``batches``: the same on every rank of the replica (HF
+        batches with labels). Returns each micro-batch's task loss (broadcast from the last stage) and this
+        stage's regularizer values. Collective over the pipeline group and each TP group."""
+        group, prev, following, last = self.pipeline
+        sending, waiting, regs, losses = [], [], [], []
+
+        def send(tensor: torch.Tensor, to: int) -> None:
+            tensor = tensor.detach().contiguous()
+            sending.append((tensor, dist.isend(tensor, dst=to)))  # the tensor stays referenced until it is sent
+
+        for k, batch in enumerate(batches):
+            ids = batch["input_ids"]
+            hidden = None if self.first_stage else self._received_input(ids, prev)
+            out = self._run_stage(ids, self._attention_mask(batch.get("attention_mask"), batch.get("position_ids")))
+            reg = regularizer()
+            regs.append(reg.item())
+            if self.last_stage:
+                task = _causal_lm_loss(out, batch["labels"])
+                losses.append(task.detach().float())
+                (task * task_scales[k] + reg * reg_scale).backward()
+                if hidden is not None:
+                    send(hidden.grad, prev)
+            else:
+                send(out, following)
+                waiting.append((hidden, out, reg))
+        for hidden, out, reg in waiting:
+            grad = torch.empty_like(out)
+            dist.recv(grad, src=following)
+            outputs, grads = [out], [grad]
+            if reg.requires_grad:
+                outputs.append(reg * reg_scale)
+                grads.append(torch.ones_like(outputs[-1]))
+            torch.autograd.backward(outputs, grads)
+            if hidden is not None:
+                send(hidden.grad, prev)
+        for _, work in sending:
+            work.wait()
+        task_losses = torch.stack(losses) if self.last_stage else torch.empty(len(batches))
+        dist.broadcast(task_losses, src=last, group=group)
+        return task_losses.tolist(), regs
+
+    def _received_input(self, input_ids: torch.Tensor, prev: int) -> torch.Tensor:
+        """The previous stage's output for ``input_ids`` ([s, b, h], received), set as this stage's input; a leaf
+        that requires grad, so that backward leaves its gradient in ``.grad``."""
+        dtype = next(self.gpt.parameters()).dtype
+        hidden = torch.empty(input_ids.shape[1], input_ids.shape[0], self.layout.hidden, dtype=dtype,
+                             device=input_ids.device)
+        dist.recv(hidden, src=prev)
+        hidden.requires_grad_()
+        self.gpt.set_input_tensor(hidden)
+        return hidden
 
     @staticmethod
     def _attention_mask(attention_mask, position_ids) -> Optional[torch.Tensor]:

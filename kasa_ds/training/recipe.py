@@ -24,7 +24,6 @@ from typing import Optional
 import torch
 
 from ..comm.processes import barrier, launcher_rank, launcher_world_size, shutdown_processes
-from ..core.regularization import kasa_regularization
 from ..inject import apply_kasa
 from ..io.adapter import adapter_metadata, gathered_adapter_state, load_adapter_state, write_adapter
 from ..io.files import atomic_directory
@@ -194,14 +193,8 @@ class Recipe:
                  for k in range(t.gradient_accumulation_steps)]
         batches = [to_device(self.batch_of(part), self.device) for part in items]
         weights = self.loss_weights(batches)
-        task_sum = reg_value = 0.0
-        for batch, weight in zip(batches, weights):
-            with backend.forward_context(step + 1):
-                task_loss = backend.forward(**batch).loss.float()
-                reg = kasa_regularization(self.model).to(task_loss.device).float()
-            backend.backward((task_loss * weight if weight else 0.0) + reg, step + 1)
-            task_sum += task_loss.item() * weight if weight else 0.0
-            reg_value = backend.whole_model(reg.item())
+        task_losses, reg_value = backend.forward_backward(batches, weights, step + 1)
+        task_sum = sum(loss * weight for loss, weight in zip(task_losses, weights) if weight)
         grad_norm = backend.step()
         loss = mean_over_ranks(task_sum / t.gradient_accumulation_steps, self.device, self.env.world)
         self.check_finite(step + 1, loss, grad_norm)

@@ -1,6 +1,7 @@
 """The recipe on the megatron backend (`backend: megatron`): a Hugging Face checkpoint split by megatron-core tensor
 parallelism, or into two pipeline stages, on 2 CPU ranks (torchrun, gloo) trains exactly as the HF road in one
-process (the two stages with gradient checkpointing), and a TP=2 checkpoint resumes at TP=1 and on two stages.
+process (the two stages with gradient checkpointing, each step's two micro-batches through the stages together),
+and a TP=2 checkpoint resumes at TP=1 and on two stages.
 
 Same batches, packing (block-causal attention from position_ids), eval, samples, checkpoints; losses, gradient norms
 and eval losses agree to float32 rounding (1e-5 relative: the fused q/k/v and gate/up matmuls and the
@@ -43,7 +44,8 @@ def records(out: Path, split: str) -> list[dict]:
 def test_megatron_tp2_and_pp2_train_as_the_hf_road_and_resume_at_other_sizes(tmp_path, tiny_llama_dir):
     base = ["--config", str(REPO / "configs/tiny_llama_instruct.yaml"), f"model.path={tiny_llama_dir}",
             "kasa.dropout=0.0", "data.max_eval_examples=16", "data.packing=true", "train.max_steps=4",
-            "train.save_every=2", "train.eval_every=4", "train.micro_batch_size=4", "train.log_every=1",
+            "train.save_every=2", "train.eval_every=4", "train.micro_batch_size=2",
+            "train.gradient_accumulation_steps=2", "train.log_every=1",
             "train.sample_prompts=1", "train.sample_max_new_tokens=6"]
     hf_out = train([*base, "--output_dir", str(tmp_path / "hf")], tmp_path)
     mg_out = train([*base, "backend=megatron", "tensor_parallel=2", "--output_dir", str(tmp_path / "tp2")], tmp_path,
