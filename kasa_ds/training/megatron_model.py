@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..comm.collectives import comm_device
 from ..comm.mappings import gather_last_dim
+from ..comm.pipeline import StageLinks, one_f_one_b
 from ..io.megatron_checkpoint import (Family, Layout, MegatronCheckpointError, family_of, hf_module_name,
                                       load_hf_checkpoint)
 from ..placements.tp.fused import ProjectionView, Projections
@@ -342,52 +343,49 @@ class MegatronCausalLM(nn.Module):
 
     def pipelined_forward_backward(self, batches: list[dict], task_scales: list[float], reg_scale: float,
                                    regularizer: Callable[[], torch.Tensor]) -> tuple[list[float], list[float]]:
-        """One training step's micro-batches through the pipeline stages at once, forward and backward (GPipe):
-        each stage runs its forwards back to back, sending each output on as soon as it is computed (isend), so
-        stage s works on micro-batch k while stage s+1 works on k−1; then its backwards in the same order, each as
-        soon as the next stage's gradient arrives. The last stage runs each micro-batch's backward right after its
-        forward. A stage keeps the activations of the micro-batches it has not run backward for (all of them,
-        before the last stage; with gradient checkpointing only each layer's input).
+        """One training step's micro-batches through the pipeline stages together, forward and backward, in
+        megatron-core's 1F1B order (:func:`kasa_ds.comm.pipeline.one_f_one_b`): stage s works on micro-batch k while
+        stage s+1 works on an earlier one, and keeps at most P − s micro-batches' activations (with gradient
+        checkpointing, each layer's input only).
 
         Micro-batch k's loss is ``task_scales[k]``·task_k + ``reg_scale``·``regularizer()`` (the KaSA terms of this
         stage's layers; collective over its TP group). ``batches``: the same on every rank of the replica (HF
         batches with labels). Returns each micro-batch's task loss (broadcast from the last stage) and this
         stage's regularizer values. Collective over the pipeline group and each TP group."""
         group, prev, following, last = self.pipeline
-        sending, waiting, regs, losses = [], [], [], []
+        regs, losses = [], []
+        dtype = next(self.gpt.parameters()).dtype
 
-        def send(tensor: torch.Tensor, to: int) -> None:
-            tensor = tensor.detach().contiguous()
-            sending.append((tensor, dist.isend(tensor, dst=to)))  # the tensor stays referenced until it is sent
-
-        for k, batch in enumerate(batches):
-            ids = batch["input_ids"]
-            hidden = None if self.first_stage else self._received_input(ids, prev)
-            out = self._run_stage(ids, self._attention_mask(batch.get("attention_mask"), batch.get("position_ids")))
+        def forward(k: int, x: Optional[torch.Tensor]):
+            batch = batches[k]
+            if x is not None:
+                self.gpt.set_input_tensor(x)
+            out = self._run_stage(batch["input_ids"],
+                                  self._attention_mask(batch.get("attention_mask"), batch.get("position_ids")))
             reg = regularizer()
             regs.append(reg.item())
-            if self.last_stage:
-                task = _causal_lm_loss(out, batch["labels"])
-                losses.append(task.detach().float())
-                (task * task_scales[k] + reg * reg_scale).backward()
-                if hidden is not None:
-                    send(hidden.grad, prev)
-            else:
-                send(out, following)
-                waiting.append((hidden, out, reg))
-        for hidden, out, reg in waiting:
-            grad = torch.empty_like(out)
-            dist.recv(grad, src=following)
+            if not self.last_stage:
+                return out, reg * reg_scale
+            task = _causal_lm_loss(out, batch["labels"])
+            losses.append(task.detach().float())
+            return task * task_scales[k] + reg * reg_scale, None
+
+        def backward(out: torch.Tensor, reg: Optional[torch.Tensor], grad: Optional[torch.Tensor]) -> None:
             outputs, grads = [out], [grad]
-            if reg.requires_grad:
-                outputs.append(reg * reg_scale)
-                grads.append(torch.ones_like(outputs[-1]))
+            if reg is not None and reg.requires_grad:  # this stage's regularizer: its own layers' terms
+                outputs.append(reg)
+                grads.append(torch.ones_like(reg))
             torch.autograd.backward(outputs, grads)
-            if hidden is not None:
-                send(hidden.grad, prev)
-        for _, work in sending:
-            work.wait()
-        task_losses = torch.stack(losses) if self.last_stage else torch.empty(len(batches))
+
+        def empty_activation(k: int) -> torch.Tensor:
+            ids = batches[k]["input_ids"]
+            return torch.empty(ids.shape[1], ids.shape[0], self.layout.hidden, dtype=dtype, device=ids.device)
+
+        links = StageLinks(None if self.first_stage else prev, None if self.last_stage else following)
+        one_f_one_b(len(batches), self.layout.pp_rank, self.layout.pp_size, links, forward, backward,
+                    empty_activation)
+        device = batches[0]["input_ids"].device  # NCCL broadcasts CUDA tensors
+        task_losses = torch.stack(losses) if self.last_stage else torch.empty(len(batches), device=device)
         dist.broadcast(task_losses, src=last, group=group)
         return task_losses.tolist(), regs
 

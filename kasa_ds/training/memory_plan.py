@@ -20,8 +20,9 @@ Parameter counts are exact (the model is built on the meta device). Bytes per pa
   A mixture-of-experts layer's MLP terms are those of the top-k experts each token is routed to (and of a shared
   expert), plus the routed rows of h gathered per expert (2 B) with the experts' float32 outputs (4 B) per row, and
   the router's float32 softmax over the experts.
-  A pipeline stage keeps its own layers' activations of one micro-batch (the Megatron road's schedule runs one at a
-  time) and the last stage the loss's.
+  With pipeline stages (the Megatron road's 1F1B schedule) stage s keeps its own layers' activations of up to P − s
+  micro-batches: the first stage P of them (as many layers' worth as one micro-batch of the whole model), the last
+  one micro-batch's and the loss's; the larger of the two is counted.
   With gradient checkpointing each layer keeps only its input (2h), and the peak is the larger of the loss's
   tensors and one layer recomputed in backward together with the gradients it is working on (h + 2·ffn). The loss
   adds float32 logits and their gradient (2 × 4·V per token) beside the bf16 logits (2·V).
@@ -228,9 +229,10 @@ def adapter_state_bytes(adapter: float, run: RunShape, dp: int) -> tuple[float, 
 
 
 def activation_bytes(shape: ModelShape, run: RunShape) -> float:
-    """Activation bytes of one micro-batch on the stage holding the loss (GQA's k, v counted as h: repeated)."""
+    """Activation bytes (GQA's k, v counted as h: repeated) of one micro-batch, or with pipeline stages of the stage
+    that holds the most: the first (P micro-batches of its layers in flight) or the last (one, and the loss)."""
     h, i, V, tp, cb = shape.hidden, shape.ffn, shape.vocab, run.tp, run.compute_bytes
-    L = shape.layers // run.pp
+    L, in_flight = shape.layers // run.pp, run.pp
     tokens = run.seq_len * run.micro_batch
     split_terms = cb * 5 * h / tp + cb * 4 * i / tp
     per_layer = 2 * (4 * h + cb * h) + split_terms
@@ -242,8 +244,11 @@ def activation_bytes(shape: ModelShape, run: RunShape) -> float:
     logits = tokens * V * (cb + 2 * 4) / (tp if run.tp > 1 else 1)
     if run.checkpointing:  # layer inputs, then the larger of: the loss's tensors, one layer recomputed in backward
         backward_grads = cb * (h + 2 * i / tp)  # with it: the incoming gradient and two MLP-width gradients
-        return tokens * cb * h * L + max(logits, tokens * (per_layer + backward_grads))
-    return tokens * per_layer * L + logits
+        kept, recomputed = tokens * cb * h * L, tokens * (per_layer + backward_grads)
+        last = kept + max(logits, recomputed)
+        return last if run.pp == 1 else max(in_flight * kept + recomputed, last)
+    kept = tokens * per_layer * L
+    return kept + logits if run.pp == 1 else max(in_flight * kept, kept + logits)
 
 
 def format_plan(result: dict) -> str:

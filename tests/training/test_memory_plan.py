@@ -49,14 +49,21 @@ def test_knobs_move_memory_the_right_way(shape):
 
 def test_megatron_splits_weights_over_tp_and_stages_exactly(shape):
     """The Megatron road: TP splits the decoder linears and the (vocabulary-parallel) embedding and head; two stages
-    split the layers, adapters and activations, and the last stage holds the head (V·h / TP)."""
+    split the layers and adapters, and one holds the embedding or the head (V·h / TP). Activations do not shrink:
+    under 1F1B the first stage keeps 2 micro-batches of its half of the layers (with checkpointing, as many layer
+    inputs as one micro-batch of the whole model) beside the layer it recomputes."""
     h, V = 8192, 128256
     one = plan(shape, RunShape(megatron=True, deepspeed=False, tp=8, gpus=8))
     two = plan(shape, RunShape(megatron=True, deepspeed=False, tp=8, pp=2, gpus=16))
     assert one["per_gpu_bytes"]["base_weights"] == pytest.approx(shape.total * 2 / 8)  # the norms split too: < 1e-5
     assert two["per_gpu_bytes"]["base_weights"] == pytest.approx(shape.linear * 2 / 16 + V * h * 2 / 8)
     assert two["adapter_params_per_gpu"] == pytest.approx(one["adapter_params_per_gpu"] / 2)
-    assert two["per_gpu_bytes"]["activations"] < one["per_gpu_bytes"]["activations"]
+    assert two["per_gpu_bytes"]["activations"] == pytest.approx(one["per_gpu_bytes"]["activations"])
+    # without checkpointing: the first stage's two micro-batches of 40 layers, and no loss (the last stage's)
+    no_checkpointing = dict(megatron=True, deepspeed=False, tp=8, checkpointing=False)
+    logits = 4096 * V * (2 + 2 * 4) / 8  # bf16 logits, float32 logits and their gradient, vocabulary / TP
+    assert plan(shape, RunShape(pp=2, gpus=16, **no_checkpointing))["per_gpu_bytes"]["activations"] == pytest.approx(
+        plan(shape, RunShape(gpus=8, **no_checkpointing))["per_gpu_bytes"]["activations"] - logits)
     assert one["data_parallel"] == two["data_parallel"] == 1
 
 
