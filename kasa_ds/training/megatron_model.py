@@ -144,7 +144,22 @@ def build_gpt(hf_config, family: Family, layout: Layout, *, dtype: torch.dtype, 
                      **rope_settings(hf_config))
     if on_cpu:
         _rope_where_it_is(model.rotary_pos_emb)
+    else:
+        _track_model_parallel_rng(layout.tp_rank)
     return model
+
+
+def _track_model_parallel_rng(tp_rank: int) -> None:
+    """megatron's DotProductAttention runs its (here p = 0) attention dropout inside the CUDA RNG tracker's
+    model-parallel state, and raises unless that state exists (megatron-LM adds it in
+    ``model_parallel_cuda_manual_seed``). Add it as that function does (seed 2718 + TP rank), without reseeding
+    the default CUDA generator: the adapters' dropout masks stay the recipe's."""
+    from megatron.core.tensor_parallel import random
+
+    name = getattr(random, "_MODEL_PARALLEL_RNG_TRACKER_NAME", "model-parallel-rng")  # fork()'s default state
+    tracker = random.get_cuda_rng_tracker()
+    if name not in tracker.get_states():
+        tracker.add(name, 2718 + tp_rank)
 
 
 class _PipelineLoss(torch.autograd.Function):
