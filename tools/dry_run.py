@@ -99,20 +99,18 @@ def dry_run(config_path: str, world: int, overrides: list[str] = (), gpu_gib: fl
               "each truncated by its own tail")
     print(f"KaSA r={kasa.r}: {len(targets)} adapted layers, {adapter:,} adapter parameters "
           f"({100 * adapter / total:.3f}%), {saved:,} in modules_to_save")
-    if megatron:
-        out["megatron"] = {"tp": tp, "pp": pp, "dp": world // (tp * pp)}
-        print(f"megatron-core: {world} ranks = TP {tp} × PP {pp} × DP {world // (tp * pp)}; each rank reads its "
-              f"stage's {hf_config.num_hidden_layers // pp} layers' TP slices only")
     spread = (f"{out['svd_matrices_per_rank'][0]}–{out['svd_matrices_per_rank'][1]} matrices per rank; largest "
               f"per-rank SVD cost {out['svd_load_imbalance']:.3f}× the mean")
     if megatron:
+        out["megatron"] = {"tp": tp, "pp": pp, "dp": world // (tp * pp)}
+        del out["per_gpu_bytes"]  # ZeRO-3's: the planner's TP- and stage-split plan replaces it
+        print(f"megatron-core: {world} ranks = TP {tp} × PP {pp} × DP {world // (tp * pp)}; each rank reads its "
+              f"stage's {hf_config.num_hidden_layers // pp} layers' TP slices only")
         print(f"distributed truncation within each stage's {world // pp} ranks: each weight's Gram reduced over its "
               f"TP group to one owner, solved there, its basis broadcast; {spread}")
     else:
         print(f"distributed truncation on {world} ranks: {out['svd_rounds']} round(s) of at most "
               f"{cfg.kasa.max_gather_mb} MB gathered per rank; {spread}")
-    if megatron:
-        del out["per_gpu_bytes"]  # ZeRO-3's: the planner's TP- and stage-split plan replaces it
     if cfg.model.task != "causal_lm":
         print(f"per GPU under ZeRO-3 ({cfg.model.dtype} base): " + ", ".join(
             f"{k} {v / GiB:.2f} GiB" for k, v in out["per_gpu_bytes"].items()) + " (+ activations)")

@@ -369,7 +369,6 @@ class MegatronCausalLM(nn.Module):
         stage's regularizer values. Collective over the pipeline group and each TP group."""
         group, prev, following, last = self.pipeline
         regs, losses = [], []
-        dtype = next(self.gpt.parameters()).dtype
 
         def forward(k: int, x: Optional[torch.Tensor]):
             batch = batches[k]
@@ -392,13 +391,9 @@ class MegatronCausalLM(nn.Module):
                 grads.append(torch.ones_like(reg))
             torch.autograd.backward(outputs, grads)
 
-        def empty_activation(k: int) -> torch.Tensor:
-            ids = batches[k]["input_ids"]
-            return torch.empty(ids.shape[1], ids.shape[0], self.layout.hidden, dtype=dtype, device=ids.device)
-
         links = StageLinks(None if self.first_stage else prev, None if self.last_stage else following)
         one_f_one_b(len(batches), self.layout.pp_rank, self.layout.pp_size, links, forward, backward,
-                    empty_activation)
+                    lambda k: self._empty_activation(batches[k]["input_ids"]))
         device = batches[0]["input_ids"].device  # NCCL broadcasts CUDA tensors
         task_losses = torch.stack(losses) if self.last_stage else torch.empty(len(batches), device=device)
         dist.broadcast(task_losses, src=last, group=group)
@@ -407,13 +402,17 @@ class MegatronCausalLM(nn.Module):
     def _received_input(self, input_ids: torch.Tensor, prev: int) -> torch.Tensor:
         """The previous stage's output for ``input_ids`` ([s, b, h], received), set as this stage's input; a leaf
         that requires grad, so that backward leaves its gradient in ``.grad``."""
-        dtype = next(self.gpt.parameters()).dtype
-        hidden = torch.empty(input_ids.shape[1], input_ids.shape[0], self.layout.hidden, dtype=dtype,
-                             device=input_ids.device)
+        hidden = self._empty_activation(input_ids)
         dist.recv(hidden, src=prev)
         hidden.requires_grad_()
         self.gpt.set_input_tensor(hidden)
         return hidden
+
+    def _empty_activation(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """An empty [s, b, h] tensor for the activation between stages of the batch ``input_ids`` [b, s] (or its
+        gradient), in the model's dtype."""
+        return torch.empty(input_ids.shape[1], input_ids.shape[0], self.layout.hidden,
+                           dtype=next(self.gpt.parameters()).dtype, device=input_ids.device)
 
     @staticmethod
     def _attention_mask(attention_mask, position_ids) -> Optional[torch.Tensor]:
