@@ -281,7 +281,6 @@ def check_megatron(c: TrainConfig) -> None:
     need(m.quantize is None, "backend: megatron with model.quantize: 4-bit bases (QKaSA) run on the default backend")
     need(t.optimizer == "adamw", f"train.optimizer={t.optimizer} with backend: megatron: use adamw")
     need(t.autocast is None, "train.autocast with backend: megatron: set model.dtype (bfloat16) instead")
-    need(t.max_memory_gib is None, "train.max_memory_gib with backend: megatron: plan with tools/plan_memory.py")
     need(not c.kasa.modules_to_save, "kasa.modules_to_save with backend: megatron: its modules are TP-sharded and "
          "are not saved whole yet; drop kasa.modules_to_save")
     need(c.kasa.svd_cache is None, "kasa.svd_cache with backend: megatron: the TP truncation reduces Grams "

@@ -261,12 +261,17 @@ def format_plan(result: dict) -> str:
 
 
 def recipe_estimate(cfg: TrainConfig) -> Optional[dict]:
-    """The plan of a one-process recipe run, or None where the planner does not model it (encoders /
+    """The per-GPU plan of a recipe run without DeepSpeed (one process, or one rank of the Megatron road's TP × PP
+    model replica: the same on every data-parallel replica), or None where the planner does not model it (encoders /
     classification, a regex target_modules)."""
     if cfg.model.task != "causal_lm" or isinstance(cfg.kasa.target_modules, str):
         return None
     names = tuple(cfg.kasa.target_modules)
-    run = recipe_run(cfg, names, deepspeed=False, zero=0, gpus=1)
+    if cfg.backend == "megatron":
+        run = recipe_run(cfg, names, deepspeed=False, megatron=True, tp=cfg.tensor_parallel,
+                         pp=cfg.pipeline_parallel, gpus=cfg.tensor_parallel * cfg.pipeline_parallel)
+    else:
+        run = recipe_run(cfg, names, deepspeed=False, zero=0, gpus=1)
     return plan(model_shape(model_dir(cfg.model), names), run, cfg.train.max_memory_gib)
 
 
@@ -294,9 +299,10 @@ def check_recipe_plan(cfg: TrainConfig) -> str:
     if estimate is None:
         return "max_memory_gib: no planner estimate for this model/task; the limit is enforced while training"
     if not estimate["fits"]:
+        knobs = ("raise tensor_parallel or pipeline_parallel" if cfg.backend == "megatron"
+                 else "set model.quantize: nf4 or train.optimizer: paged_adamw8bit")
         raise ValueError(f"train.max_memory_gib={cfg.train.max_memory_gib:g}: the planner estimates more "
                          f"(tools/plan_memory.py):\n{format_plan(estimate)}\nlower train.micro_batch_size or "
-                         "model.max_length, set model.gradient_checkpointing: true, model.quantize: nf4 or "
-                         "train.optimizer: paged_adamw8bit")
+                         f"model.max_length, set model.gradient_checkpointing: true, or {knobs}")
     return (f"memory plan: {estimate['total_bytes'] / (1 << 30):.2f} GiB estimated, limit "
             f"{cfg.train.max_memory_gib:g} GiB")

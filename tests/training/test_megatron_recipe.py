@@ -48,9 +48,11 @@ def test_megatron_tp2_and_pp2_train_as_the_hf_road_and_resume_at_other_sizes(tmp
             "train.gradient_accumulation_steps=2", "train.log_every=1",
             "train.sample_prompts=1", "train.sample_max_new_tokens=6"]
     hf_out = train([*base, "--output_dir", str(tmp_path / "hf")], tmp_path)
-    mg_out = train([*base, "backend=megatron", "tensor_parallel=2", "--output_dir", str(tmp_path / "tp2")], tmp_path,
-                   nproc=2)
+    # with a memory limit: the planner's per-rank estimate (TP-split) is checked first, each rank's peak after each step
+    mg_out = train([*base, "backend=megatron", "tensor_parallel=2", "train.max_memory_gib=16",
+                    "--output_dir", str(tmp_path / "tp2")], tmp_path, nproc=2)
     assert "tensor parallel: 2-way megatron-core × 1 data-parallel replicas" in mg_out
+    assert "memory plan: " in mg_out and "GiB estimated, limit 16 GiB" in mg_out
     # the stages recompute their layers in backward (gradient checkpointing): the same losses and gradient norms
     pp_out = train([*base, "backend=megatron", "pipeline_parallel=2", "model.gradient_checkpointing=true",
                     "--output_dir", str(tmp_path / "pp2")], tmp_path, nproc=2)
@@ -93,6 +95,17 @@ def test_megatron_backend_refuses_what_it_does_not_run(tmp_path, tiny_llama_dir)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == ("error: train.optimizer=adamw8bit with backend: megatron: "
                                                     "use adamw")
+
+
+def test_megatron_memory_limit_below_the_plan_is_refused_before_loading(tmp_path, tiny_llama_dir):
+    proc = subprocess.run([sys.executable, str(REPO / "launch/train.py"), "--config",
+                           str(REPO / "configs/tiny_llama_instruct.yaml"), f"model.path={tiny_llama_dir}",
+                           "backend=megatron", "train.max_memory_gib=0.001"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: train.max_memory_gib=0.001: the planner estimates more" in proc.stderr
+    assert "raise tensor_parallel or pipeline_parallel" in proc.stderr
+    assert "Loading" not in proc.stderr and not (tmp_path / "outputs").exists()
 
 
 def test_former_megatron_demo_config_is_refused_by_the_alias(tmp_path):
