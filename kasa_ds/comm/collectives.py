@@ -1,10 +1,12 @@
-"""Rank queries and the two owner collectives every distributed truncation uses.
+"""Rank queries, the two owner collectives every distributed truncation uses, and two packed collectives.
 
     gather_to_owner      the shards of one tensor, concatenated on the owner rank only (None elsewhere);
                          start_gather_to_owner starts it without waiting
     broadcast_from_owner a few tensors the owner computed, packed in one buffer, received by every rank
     all_gather_uneven    every rank's shard on every rank, shards of different lengths allowed (padded on the wire:
                          gloo and NCCL all-gather equal sizes only)
+    all_reduce_mean      many tensors averaged over the group in place, packed into a few buffers (one collective per
+                         bucket, not one per tensor)
 
 Ranks passed here are ranks *within* ``group`` (None: the world); the global rank torch needs for ``src``/``dst``
 is looked up once, in :func:`global_rank`.
@@ -107,3 +109,28 @@ def all_gather_uneven(shard: torch.Tensor, sizes: Sequence[int], dim: int, group
     parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded.contiguous(), group=group)
     return [part.narrow(dim, 0, n) for part, n in zip(parts, sizes)]
+
+
+DEFAULT_BUCKET_BYTES = 256 << 20
+
+
+def all_reduce_mean(tensors: Sequence[torch.Tensor], group=None, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
+    """Average ``tensors`` (same dtype and device; e.g. the adapters' gradients) over ``group`` in place. They are
+    packed in order into buckets of at most ``bucket_bytes`` (a larger tensor is a bucket of its own), one all-reduce
+    each: a step's hundreds of adapter tensors cost a few collectives. Collective: every rank passes the same shapes
+    in the same order."""
+    world = world_size(group)
+    if world == 1 or not tensors:
+        return
+    bucket, size = [], 0
+    for t in [*tensors, None]:
+        if bucket and (t is None or size + t.numel() * t.element_size() > bucket_bytes):
+            flat = torch.cat([b.reshape(-1) for b in bucket])
+            dist.all_reduce(flat, group=group)
+            flat /= world
+            for b, part in zip(bucket, flat.split([b.numel() for b in bucket])):
+                b.copy_(part.view_as(b))
+            bucket, size = [], 0
+        if t is not None:
+            bucket.append(t)
+            size += t.numel() * t.element_size()

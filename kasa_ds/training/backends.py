@@ -23,6 +23,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..comm.collectives import all_reduce_mean
 from ..core.regularization import kasa_regularization
 from ..core.types import AdapterTensor
 from ..inject import across_stages
@@ -225,10 +226,10 @@ class DeepSpeedBackend(PlainBackend):
 class MegatronBackend(PlainBackend):
     """megatron-core tensor and pipeline parallelism on a Hugging Face checkpoint (kasa_ds.training.megatron_model):
     ``tensor_parallel`` × ``pipeline_parallel`` ranks hold one model replica (megatron's parallel_state groups), data
-    parallel across the replicas. Adapter gradients are averaged over the data-parallel replicas and clipped by the
-    whole model's norm (a sharded factor's squares summed over its TP group, the stages' sums added). The optimizer
-    state is saved whole, like the adapter: a checkpoint resumes at any TP and PP size (with the same data-parallel
-    size: the global batch)."""
+    parallel across the replicas. Adapter gradients are averaged over the data-parallel replicas (a few packed
+    all-reduces, not one per tensor) and clipped by the whole model's norm (a sharded factor's squares summed over
+    its TP group, the stages' sums added). The optimizer state is saved whole, like the adapter: a checkpoint resumes
+    at any TP and PP size (with the same data-parallel size: the global batch)."""
 
     OPTIMIZER_FILE, SCHEDULER_FILE = "optimizer_moments.safetensors", "scheduler.json"
     MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -271,10 +272,7 @@ class MegatronBackend(PlainBackend):
     def step(self) -> float:
         """Average over the data-parallel replicas, clip by the global norm, step; a non-finite norm skips the step
         (the same decision on every rank: the norm is the same everywhere)."""
-        for p in self.params:
-            if p.grad is not None and self.dp_world > 1:
-                dist.all_reduce(p.grad, group=self.dp_group)
-                p.grad /= self.dp_world
+        all_reduce_mean([p.grad for p in self.params if p.grad is not None], self.dp_group)
         norm = model_parallel_grad_norm(self.model, self.pipeline_group)
         self.loss_scale_skipped = False
         if not math.isfinite(norm):

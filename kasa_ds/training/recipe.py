@@ -165,7 +165,7 @@ class Recipe:
         keep = self.kasa_config.in_module_to_save  # modules trained in full stay unquantized
         model = backend.load(cfg.model, self.tokenizer.pad_token_id, keep)
         self.model = backend.place(model)
-        if backend.dp_world != self.env.world:
+        if backend.dp_world != self.env.world or cfg.backend == "megatron":
             self.say(f"tensor parallel: {cfg.tensor_parallel}-way {'megatron-core' if cfg.backend == 'megatron' else 'AutoTP'} "
                      + (f"× {cfg.pipeline_parallel} pipeline stages " if cfg.pipeline_parallel > 1 else "")
                      + f"× {backend.dp_world} data-parallel replicas")

@@ -1,7 +1,7 @@
 """The recipe on the megatron backend (`backend: megatron`): a Hugging Face checkpoint split by megatron-core tensor
 parallelism, or into two pipeline stages, on 2 CPU ranks (torchrun, gloo) trains exactly as the HF road in one
-process (the two stages with gradient checkpointing, each step's two micro-batches through the stages together),
-and a TP=2 checkpoint resumes at TP=1 and on two stages.
+process (the two stages with gradient checkpointing, each step's two micro-batches through the stages together), as
+do two data-parallel replicas, and a TP=2 checkpoint resumes at TP=1 and on two stages.
 
 Same batches, packing (block-causal attention from position_ids), eval, samples, checkpoints; losses, gradient norms
 and eval losses agree to float32 rounding (1e-5 relative: the fused q/k/v and gate/up matmuls and the
@@ -59,9 +59,13 @@ def test_megatron_tp2_and_pp2_train_as_the_hf_road_and_resume_at_other_sizes(tmp
     assert "1-way megatron-core × 2 pipeline stages × 1 data-parallel replicas" in pp_out
     assert "gradient checkpointing: each decoder layer is recomputed in backward" in pp_out
     assert "gradient checkpointing" not in mg_out
+    # two data-parallel replicas of one micro-batch each: the same global batch of 2 × 2 rows per step
+    dp_out = train([*base, "backend=megatron", "train.micro_batch_size=1", "--output_dir", str(tmp_path / "dp2")],
+                   tmp_path, nproc=2)
+    assert "tensor parallel: 1-way megatron-core × 2 data-parallel replicas" in dp_out
     hf = records(tmp_path / "hf", "train")
     a = load_file(str(tmp_path / "hf" / "adapter" / "adapter_model.safetensors"))
-    for run in ("tp2", "pp2"):
+    for run in ("tp2", "pp2", "dp2"):
         mine = records(tmp_path / run, "train")
         for key in ("loss", "grad_norm", "kasa_reg"):
             assert [r[key] for r in mine] == pytest.approx([r[key] for r in hf], rel=1e-5), (run, key)
