@@ -122,15 +122,17 @@ def all_reduce_mean(tensors: Sequence[torch.Tensor], group=None, bucket_bytes: i
     world = world_size(group)
     if world == 1 or not tensors:
         return
-    bucket, size = [], 0
-    for t in [*tensors, None]:
-        if bucket and (t is None or size + t.numel() * t.element_size() > bucket_bytes):
-            flat = torch.cat([b.reshape(-1) for b in bucket])
-            dist.all_reduce(flat, group=group)
-            flat /= world
-            for b, part in zip(bucket, flat.split([b.numel() for b in bucket])):
-                b.copy_(part.view_as(b))
-            bucket, size = [], 0
-        if t is not None:
-            bucket.append(t)
-            size += t.numel() * t.element_size()
+    buckets, size = [[]], 0
+    for t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if buckets[-1] and size + nbytes > bucket_bytes:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(t)
+        size += nbytes
+    for bucket in buckets:
+        flat = torch.cat([t.reshape(-1) for t in bucket])
+        dist.all_reduce(flat, group=group)
+        flat /= world
+        for t, part in zip(bucket, flat.split([t.numel() for t in bucket])):
+            t.copy_(part.view_as(t))

@@ -57,7 +57,7 @@ def one_f_one_b(num_microbatches: int, stage: int, stages: int, links: StageLink
     """
     first, last = stage == 0, stage == stages - 1
     warmup = min(stages - stage - 1, num_microbatches)
-    held: deque = deque()  # (k, x, out, saved) of micro-batches whose backward has not run
+    held: deque = deque()  # (x, out, saved) of the micro-batches whose backward has not run, oldest first
     forwarded = backwarded = 0
 
     def receive_forward(k: int) -> Optional[torch.Tensor]:
@@ -79,6 +79,10 @@ def one_f_one_b(num_microbatches: int, stage: int, stages: int, links: StageLink
         backwarded += 1
         return None if x is None else x.grad
 
+    def send_backward(x_grad: Optional[torch.Tensor]) -> None:
+        if not first:
+            exchange(x_grad, links.prev, None, None)
+
     for _ in range(warmup):
         x = receive_forward(forwarded)
         out = run_forward(x)
@@ -91,15 +95,12 @@ def one_f_one_b(num_microbatches: int, stage: int, stages: int, links: StageLink
         x_grad = run_backward(grad)
         if i == steady - 1 or first:
             x = None
-            if not first:
-                exchange(x_grad, links.prev, None, None)
+            send_backward(x_grad)
         else:
             x = exchange(x_grad, links.prev, empty_activation(forwarded), links.prev)
     for _ in range(warmup):
         grad = None if last else exchange(None, None, empty_activation(backwarded), links.next)
-        x_grad = run_backward(grad)
-        if not first:
-            exchange(x_grad, links.prev, None, None)
+        send_backward(run_backward(grad))
 
 
 __all__ = ["StageLinks", "exchange", "one_f_one_b"]

@@ -109,7 +109,7 @@ def test_megatron_memory_limit_below_the_plan_is_refused_before_loading(tmp_path
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "error: train.max_memory_gib=0.001: the planner estimates more" in proc.stderr
     assert "raise tensor_parallel or pipeline_parallel" in proc.stderr
-    assert "Loading" not in proc.stderr and not (tmp_path / "outputs").exists()
+    assert not (tmp_path / "outputs").exists()  # refused before the run's directory was made
 
 
 def test_former_megatron_demo_config_is_refused_by_the_alias(tmp_path):
