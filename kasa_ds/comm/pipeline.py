@@ -44,17 +44,15 @@ def one_f_one_b(num_microbatches: int, stage: int, stages: int, links: StageLink
                 forward: Callable[[int, Optional[torch.Tensor]], tuple[torch.Tensor, Any]],
                 backward: Callable[[torch.Tensor, Any, Optional[torch.Tensor]], None],
                 empty_activation: Callable[[int], torch.Tensor]) -> None:
-    """Run the step's forwards and backwards on this stage, in 1F1B order.
-
+    """Run the step's forwards and backwards on this stage, in 1F1B order (every rank of a stage runs the same
+    schedule, so the TP collectives inside forward and backward stay in order).
     forward(k, x) → (out, saved): micro-batch k on this stage from its input ``x`` ([s, b, h] received from the
         previous stage, a leaf that requires grad; None on the first stage). ``out`` is sent to the next stage; on
         the last stage it is the loss to run backward from, and is not sent.
     backward(out, saved, grad): backward from ``out`` (``grad``: its gradient received from the next stage; None on
         the last stage, whose ``out`` is its loss).
     empty_activation(k): an empty tensor shaped as micro-batch k's activation between stages (its input, and its
-        output's gradient), on this rank's device.
-    Every rank of a stage runs the same schedule (the TP collectives inside forward and backward stay in order).
-    """
+        output's gradient), on this rank's device."""
     first, last = stage == 0, stage == stages - 1
     warmup = min(stages - stage - 1, num_microbatches)
     held: deque = deque()  # (x, out, saved) of the micro-batches whose backward has not run, oldest first
