@@ -265,9 +265,9 @@ class MegatronBackend(PlainBackend):
             return super().forward_backward(batches, weights, step)
         k = self.cfg.train.gradient_accumulation_steps
         with self.forward_context(step):
-            losses, regs = self.model.pipelined_forward_backward(
+            losses, reg = self.model.pipelined_forward_backward(
                 batches, [w / k for w in weights], 1.0 / k, lambda: kasa_regularization(self.model).float())
-        return losses, self.whole_model(regs[-1])
+        return losses, self.whole_model(reg)
 
     def step(self) -> float:
         """Average over the data-parallel replicas, clip by the global norm, step; a non-finite norm skips the step

@@ -236,6 +236,8 @@ class MegatronCausalLM(nn.Module):
         self.layout, self.family, self.config, self.tp_group = layout, family, hf_config, tp_group
         self.pipeline = pipeline
         self.first_stage, self.last_stage = layout.pp_rank == 0, layout.pp_rank == layout.pp_size - 1
+        #: the training step's pipeline schedule: megatron-core's own on CUDA, kasa_ds.comm.pipeline's elsewhere
+        self.pipeline_schedule = "megatron" if next(gpt.parameters()).is_cuda else "kasa_ds"
         eos = getattr(hf_config, "eos_token_id", None)
         self.eos_token_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
 
@@ -357,47 +359,84 @@ class MegatronCausalLM(nn.Module):
         return CausalLMOutput(loss=loss)
 
     def pipelined_forward_backward(self, batches: list[dict], task_scales: list[float], reg_scale: float,
-                                   regularizer: Callable[[], torch.Tensor]) -> tuple[list[float], list[float]]:
-        """One training step's micro-batches through the pipeline stages together, forward and backward, in
-        megatron-core's 1F1B order (:func:`kasa_ds.comm.pipeline.one_f_one_b`): stage s works on micro-batch k while
-        stage s+1 works on an earlier one, and keeps at most P − s micro-batches' activations (with gradient
-        checkpointing, each layer's input only).
+                                   regularizer: Callable[[], torch.Tensor]) -> tuple[list[float], float]:
+        """One training step's micro-batches through the pipeline stages together, forward and backward, in 1F1B
+        order: stage s works on micro-batch k while stage s+1 works on an earlier one, and keeps at most P − s
+        micro-batches' activations (with gradient checkpointing, each layer's input only). On CUDA megatron-core's
+        own schedule runs it (:meth:`_megatron_schedule`), on a CPU :func:`kasa_ds.comm.pipeline.one_f_one_b`
+        (``pipeline_schedule``: "megatron" or "kasa_ds").
 
-        Micro-batch k's loss is ``task_scales[k]``·task_k + ``reg_scale``·``regularizer()`` (the KaSA terms of this
-        stage's layers; collective over its TP group). ``batches``: the same on every rank of the replica (HF
-        batches with labels). Returns each micro-batch's task loss (broadcast from the last stage) and this
-        stage's regularizer values. Collective over the pipeline group and each TP group."""
-        group, prev, following, last = self.pipeline
-        regs, losses = [], []
+        The step's loss is Σ_k ``task_scales[k]``·task_k + K·``reg_scale``·``regularizer()`` (the KaSA terms of this
+        stage's layers, collective over its TP group; the parameters do not change within a step, so the term is
+        computed once). ``batches``: the same on every rank of the replica (HF batches with labels). Returns each
+        micro-batch's task loss (broadcast from the last stage) and this stage's regularizer value. Collective over
+        the pipeline group and each TP group."""
+        group, _, _, last = self.pipeline
+        run = self._megatron_schedule if self.pipeline_schedule == "megatron" else self._kasa_ds_schedule
+        losses = run(batches, task_scales)
+        reg = regularizer()
+        if reg.requires_grad:
+            (reg * (reg_scale * len(batches))).backward()
+        device = batches[0]["input_ids"].device  # NCCL broadcasts CUDA tensors
+        task_losses = torch.stack(losses) if self.last_stage else torch.empty(len(batches), device=device)
+        dist.broadcast(task_losses, src=last, group=group)
+        return task_losses.tolist(), reg.item()
+
+    def _stage_of(self, batch: dict) -> torch.Tensor:
+        return self._run_stage(batch["input_ids"],
+                               self._attention_mask(batch.get("attention_mask"), batch.get("position_ids")))
+
+    def _kasa_ds_schedule(self, batches: list[dict], task_scales: list[float]) -> list[torch.Tensor]:
+        """The step's forwards and backwards through :func:`kasa_ds.comm.pipeline.one_f_one_b`; returns the last
+        stage's task losses (nothing elsewhere)."""
+        _, prev, following, _ = self.pipeline
+        losses = []
 
         def forward(k: int, x: Optional[torch.Tensor]):
-            batch = batches[k]
             if x is not None:
                 self.gpt.set_input_tensor(x)
-            out = self._run_stage(batch["input_ids"],
-                                  self._attention_mask(batch.get("attention_mask"), batch.get("position_ids")))
-            reg = regularizer()
-            regs.append(reg.item())
+            out = self._stage_of(batches[k])
             if not self.last_stage:
-                return out, reg * reg_scale
-            task = _causal_lm_loss(out, batch["labels"])
+                return out, None
+            task = _causal_lm_loss(out, batches[k]["labels"])
             losses.append(task.detach().float())
-            return task * task_scales[k] + reg * reg_scale, None
+            return task * task_scales[k], None
 
-        def backward(out: torch.Tensor, reg: Optional[torch.Tensor], grad: Optional[torch.Tensor]) -> None:
-            outputs, grads = [out], [grad]
-            if reg is not None and reg.requires_grad:  # this stage's regularizer: its own layers' terms
-                outputs.append(reg)
-                grads.append(torch.ones_like(reg))
-            torch.autograd.backward(outputs, grads)
+        def backward(out: torch.Tensor, _, grad: Optional[torch.Tensor]) -> None:
+            torch.autograd.backward(out, grad)
 
         links = StageLinks(None if self.first_stage else prev, None if self.last_stage else following)
         one_f_one_b(len(batches), self.layout.pp_rank, self.layout.pp_size, links, forward, backward,
                     lambda k: self._empty_activation(batches[k]["input_ids"]))
-        device = batches[0]["input_ids"].device  # NCCL broadcasts CUDA tensors
-        task_losses = torch.stack(losses) if self.last_stage else torch.empty(len(batches), device=device)
-        dist.broadcast(task_losses, src=last, group=group)
-        return task_losses.tolist(), regs
+        return losses
+
+    def _megatron_schedule(self, batches: list[dict], task_scales: list[float]) -> list[torch.Tensor]:
+        """The step's forwards and backwards through megatron-core's non-interleaved 1F1B
+        (``forward_backward_pipelining_without_interleaving``, over megatron's parallel_state pipeline group): its
+        batched p2p operations, its release of each sent activation's storage (``deallocate_pipeline_outputs``) and,
+        when the micro-batches' lengths differ, each transfer's shape sent first. Returns the last stage's task
+        losses (nothing elsewhere). megatron allocates its buffers on the current CUDA device."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        losses = []
+
+        def loss_func(k: int, logits: torch.Tensor):
+            task = _causal_lm_loss(logits, batches[k]["labels"])
+            losses.append(task.detach().float())
+            return task * (task_scales[k] * len(batches)), {}  # the schedule divides by the number of micro-batches
+
+        def forward_step(micro_batches, gpt):
+            k = next(micro_batches)
+            return self._stage_of(batches[k]), functools.partial(loss_func, k)
+
+        config = self.gpt.config
+        config.variable_seq_lengths = len({tuple(b["input_ids"].shape) for b in batches}) > 1
+        config.deallocate_pipeline_outputs = True
+        b, s = batches[0]["input_ids"].shape
+        schedule = get_forward_backward_func(pp_size=self.layout.pp_size)
+        schedule(forward_step_func=forward_step, data_iterator=iter(range(len(batches))), model=self.gpt,
+                 num_microbatches=len(batches), seq_length=s, micro_batch_size=b)
+        return losses
 
     def _received_input(self, input_ids: torch.Tensor, prev: int) -> torch.Tensor:
         """The previous stage's output for ``input_ids`` ([s, b, h], received), set as this stage's input; a leaf

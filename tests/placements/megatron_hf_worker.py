@@ -13,6 +13,10 @@ For each family checkpoint under --ckpts (llama, qwen2, qwen3; written by the te
     steps         3 SGD steps (momentum) of the same batch on both: logits, and each adapter tensor's ‖Δ‖/‖tensor‖
                   (with --checkpointing the megatron model recomputes its layers in backward; ``activations``: the
                   bytes one training forward keeps for backward, without and with it)
+    schedules     with pipeline stages, after the steps: one step of 3 micro-batches (two lengths) through each
+                  pipeline schedule (kasa_ds's 1F1B, and megatron-core's own under :func:`megatron_schedule_on_cpu`;
+                  layers recomputed in backward) vs one forward and backward per micro-batch: this stage's adapter
+                  gradients (‖Δ‖/‖g‖ over all of them) and the task losses
     exported      rank 0: the adapter written from megatron, loaded with load_adapter on the HF checkpoint: logits
                   vs megatron's; and exported as the rank-2r LoRA (export_lora_files), loaded by PEFT
 With --resume (a TP=1 run after a TP=2 one): the adapter the TP=2 run wrote is loaded into this run's megatron model;
@@ -20,9 +24,11 @@ its logits vs the TP=2 run's (written to <resume>/<family>_logits.safetensors). 
 """
 
 import argparse
+import contextlib
 import json
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -73,6 +79,59 @@ def activation_bytes(model, ids: torch.Tensor) -> int:
     return sum(kept.values())
 
 
+@contextlib.contextmanager
+def megatron_schedule_on_cpu():
+    """megatron-core's pipeline schedule as it runs on a GPU, its buffers on the CPU: it allocates them with
+    ``device="cuda"`` and ``torch.cuda.current_device()`` and calls ``torch.cuda.synchronize()``, which a CPU-only
+    torch refuses. Those three are redirected; the schedule's order, its batched p2p operations (over gloo), its
+    loss scaling and its release of sent activations are megatron's."""
+    from megatron.core.pipeline_parallel import schedules
+
+    class TorchOnCpu:  # what the schedule's module sees as ``torch``
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        @staticmethod
+        def zeros(*size, device=None, **kwargs):
+            return torch.zeros(*size, device="cpu" if device == "cuda" else device, **kwargs)
+
+    with mock.patch.object(schedules, "torch", TorchOnCpu()), \
+            mock.patch.object(torch.cuda, "current_device", lambda: torch.device("cpu")), \
+            mock.patch.object(torch.cuda, "synchronize", lambda *args, **kwargs: None):
+        yield
+
+
+def schedules_agree(mg, ids: torch.Tensor) -> dict:
+    """See ``schedules`` in the module docstring; collective over the pipeline stages."""
+    batches = [{"input_ids": ids[:, :n], "labels": ids[:, :n]} for n in (12, 9, 12)]
+    scales, reg_scale = [0.5, 0.3, 0.2], 0.1
+    params = [p for p in mg.parameters() if p.requires_grad]
+
+    def take_grads() -> torch.Tensor:
+        flat = torch.cat([p.grad.flatten() for p in params])
+        mg.zero_grad(set_to_none=True)
+        return flat
+
+    mg.zero_grad(set_to_none=True)
+    reference = []
+    for batch, scale in zip(batches, scales):
+        loss = mg(**batch).loss
+        (loss * scale + reg_scale * kasa_regularization(mg)).backward()
+        reference.append(loss.item())
+    expected = take_grads()
+    mg.gradient_checkpointing_enable()
+    result = {}
+    for schedule in ("kasa_ds", "megatron"):
+        mg.pipeline_schedule = schedule
+        with megatron_schedule_on_cpu() if schedule == "megatron" else contextlib.nullcontext():
+            losses, _ = mg.pipelined_forward_backward(batches, scales, reg_scale, lambda: kasa_regularization(mg))
+        result[schedule] = {"grads": ((take_grads() - expected).norm() / expected.norm()).item(),
+                            "losses": max(abs(a - b) / abs(b) for a, b in zip(losses, reference))}
+    mg.gradient_checkpointing_disable()
+    mg.pipeline_schedule = "kasa_ds"
+    return result
+
+
 def run_family(path: Path, out: Path, tp_group, resume, checkpointing: bool) -> dict:
     from peft import PeftModel
 
@@ -119,6 +178,8 @@ def run_family(path: Path, out: Path, tp_group, resume, checkpointing: bool) -> 
             (loss + kasa_regularization(model)).backward()
             opt.step(), opt.zero_grad()
             losses[name].append(loss.item())
+    if mg.pipeline is not None:
+        result["schedules"] = schedules_agree(mg, ids)
     hf.eval(), mg.eval()
     with torch.no_grad():
         mg_logits = mg(ids).logits

@@ -113,6 +113,9 @@ def test_pp2_matches_the_hf_road(tp2_run, tmp_path):
             if "exported" in r:
                 assert r["exported"] < 1e-5 and r["exported_lora"] < 1e-5, (family, r)
             check_counts(r["counts"])
+            for schedule in ("kasa_ds", "megatron"):  # both pipeline schedules vs one micro-batch at a time
+                assert r["schedules"][schedule]["grads"] < 1e-5, (family, r["schedules"])
+                assert r["schedules"][schedule]["losses"] < 1e-6, (family, r["schedules"])
 
 
 def test_tp1_import_and_adapter_saved_at_tp2(tp2_run, tmp_path):
