@@ -127,8 +127,8 @@ def print_memory_plan(cfg, model, hf_config, targets, experts, world: int, gpu_g
             else f"{ {'bfloat16': 'bf16', 'float16': 'fp16'}.get(cfg.model.dtype, cfg.model.dtype)} base")
     if cfg.backend == "megatron":
         run = recipe_run(cfg, names, deepspeed=False, megatron=True, tp=cfg.tensor_parallel,
-                         pp=cfg.pipeline_parallel, gpus=world)
-        placement = f"megatron-core TP {run.tp} × PP {run.pp}, {base}"
+                         pp=cfg.pipeline_parallel, gpus=world, sequence_parallel=cfg.sequence_parallel)
+        placement = f"megatron-core TP {run.tp} × PP {run.pp}{' with SP' if run.sequence_parallel else ''}, {base}"
     else:
         ds = json.loads(Path(cfg.ds_config).read_text()) if cfg.ds_config else None
         run = recipe_run(cfg, names, deepspeed=True, zero=3, gpus=world, offload=offload_of(ds))

@@ -5,7 +5,11 @@ Each name says both directions, as in ``megatron.core.tensor_parallel.mappings``
     reduce_from_tp_region   forward all-reduce        backward identity
     gather_last_dim         forward all-gather (last) backward keep this rank's slice
     split_last_dim          forward keep my slice     backward all-gather
-``sizes`` are the split dimension's size on each rank of ``group``, in rank order (uneven splits allowed).
+    gather_first_dim        forward all-gather (dim 0) backward reduce-scatter (dim 0)
+    reduce_scatter_first_dim forward reduce-scatter (dim 0) backward all-gather (dim 0)
+``sizes`` are the split dimension's size on each rank of ``group``, in rank order (uneven splits allowed). The
+first-dim pair is megatron's sequence-parallel region ([s, b, h] tensors split evenly on s): a tensor whose first
+dimension is split over the ranks becomes whole and back.
 """
 
 from __future__ import annotations
@@ -72,6 +76,50 @@ class _SplitLastDim(torch.autograd.Function):
         return _GatherLastDim.apply(g, ctx.sizes, ctx.group), None, None
 
 
+def _all_gather_first(x: torch.Tensor, group) -> torch.Tensor:
+    x = x.contiguous()
+    out = x.new_empty((x.shape[0] * dist.get_world_size(group), *x.shape[1:]))
+    dist.all_gather_into_tensor(out, x, group=group)
+    return out
+
+
+def _reduce_scatter_first(x: torch.Tensor, group) -> torch.Tensor:
+    x = x.contiguous()
+    world = dist.get_world_size(group)
+    if x.shape[0] % world:
+        raise ValueError(f"reduce-scatter: the first dimension ({x.shape[0]}) must divide by the group's {world} "
+                         "ranks")
+    out = x.new_empty((x.shape[0] // world, *x.shape[1:]))
+    _REDUCE_SCATTER(out, x, group=group)
+    return out
+
+
+# torch ≥ 2.13 names it reduce_scatter_single (reduce_scatter_tensor warns there); earlier releases have only the latter
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+class _GatherFirstDim(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_gather_first(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _reduce_scatter_first(g, ctx.group), None
+
+
+class _ReduceScatterFirstDim(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter_first(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_gather_first(g, ctx.group), None
+
+
 def copy_to_tp_region(x: torch.Tensor, group) -> torch.Tensor:
     return _CopyToRegion.apply(x, group)
 
@@ -86,3 +134,13 @@ def gather_last_dim(x: torch.Tensor, sizes: Sequence[int], group) -> torch.Tenso
 
 def split_last_dim(x: torch.Tensor, sizes: Sequence[int], group) -> torch.Tensor:
     return _SplitLastDim.apply(x, tuple(sizes), group)
+
+
+def gather_first_dim(x: torch.Tensor, group) -> torch.Tensor:
+    """[s/t, …] on each of the t ranks → [s, …] (rank order); backward sums the ranks' gradients and keeps mine."""
+    return _GatherFirstDim.apply(x, group)
+
+
+def reduce_scatter_first_dim(x: torch.Tensor, group) -> torch.Tensor:
+    """[s, …] partial sums on each rank → my [s/t, …] of their sum; backward all-gathers the gradient."""
+    return _ReduceScatterFirstDim.apply(x, group)

@@ -45,6 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--megatron", action="store_true",
                    help="the Megatron road (backend: megatron): megatron-core TP and pipeline stages, no DeepSpeed")
     p.add_argument("--pp", type=positive_int, default=d.pp, help="pipeline stages (with --megatron)")
+    p.add_argument("--sequence-parallel", action="store_true",
+                   help="megatron's sequence parallelism (with --megatron and --tp > 1)")
     p.add_argument("--gpus", type=positive_int, default=d.gpus)
     p.add_argument("--gpu-gib", type=positive_float, default=80.0, help="memory of one GPU in GiB (H100 80 GB: 79.6)")
     p.add_argument("--dropout", type=probability, default=d.dropout)
@@ -67,7 +69,7 @@ def main(argv=None) -> dict:
                         checkpointing=not a.no_checkpointing, optimizer=a.optimizer,
                         deepspeed=not (a.no_deepspeed or a.megatron), zero=a.zero, offload=a.offload, tp=a.tp,
                         pp=a.pp, megatron=a.megatron, gpus=gpus, dropout=a.dropout, quant_mode=a.quant_mode,
-                        adapter_bytes=a.adapter_bytes)
+                        adapter_bytes=a.adapter_bytes, sequence_parallel=a.sequence_parallel)
 
     gpus = a.gpus
     with bad_input_fails():
@@ -78,7 +80,7 @@ def main(argv=None) -> dict:
                 fail("no GPU count up to 4096 fits; use offload, checkpointing or a shorter sequence")
         run = run_for(gpus)
         result = plan(shape, run, a.gpu_gib)
-    mode = ("megatron-core" if run.megatron else "no DeepSpeed" if not run.deepspeed
+    mode = ("megatron-core" + (" with sequence parallelism" if run.sequence_parallel else "") if run.megatron else "no DeepSpeed" if not run.deepspeed
             else f"ZeRO-{run.zero}, offload {run.offload}")
     stages = f" × PP {a.pp}" if a.pp > 1 else ""
     print(f"{a.model}: {shape.total:,} parameters, {describe_targets(shape)} (r={a.r}), "

@@ -238,6 +238,9 @@ class MegatronBackend(PlainBackend):
         from megatron.core import parallel_state
 
         super().__init__(cfg, env)
+        if cfg.sequence_parallel and env.device.type != "cuda":
+            raise ConfigError("sequence_parallel: true runs on CUDA only (megatron-core's sequence-parallel layers "
+                              "allocate their buffers on the GPU); set sequence_parallel: false on this machine")
         if env.world % (cfg.tensor_parallel * cfg.pipeline_parallel):
             raise ConfigError(f"tensor_parallel={cfg.tensor_parallel} × pipeline_parallel={cfg.pipeline_parallel} does "
                               f"not divide the {env.world} ranks")
@@ -250,7 +253,8 @@ class MegatronBackend(PlainBackend):
         self.dp_rank, self.dp_world = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
 
     def load(self, section, pad_token_id: int, keep) -> nn.Module:
-        model = load_megatron_lm(model_dir(section), dtype=getattr(torch, section.dtype), device=self.env.device)
+        model = load_megatron_lm(model_dir(section), dtype=getattr(torch, section.dtype), device=self.env.device,
+                                 sequence_parallel=self.cfg.sequence_parallel)
         if section.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         return model

@@ -135,6 +135,9 @@ class TrainConfig:
     tensor_parallel: int = 1  # > 1: TP of this size (AutoTP under DeepSpeed, or megatron-core), adapters sharded too
     backend: str = "auto"  # auto (DeepSpeed with --ds_config, else one process) | megatron (megatron-core TP)
     pipeline_parallel: int = 1  # backend: megatron: pipeline stages (layers split evenly)
+    # backend: megatron, tensor_parallel > 1, CUDA: megatron's sequence parallelism (the activations outside the TP
+    # regions, and each recomputed layer's input, split over the TP ranks' tokens)
+    sequence_parallel: bool = False
     distributed_timeout_minutes: int = 30  # a collective waiting longer than this fails the run (no silent hang)
     resume: str = "auto"  # auto (newest complete checkpoint in output_dir, if any) | none | <checkpoint dir>
     trust_checkpoint: bool = False  # resume from a checkpoint holding pickles that no run of this user sealed
@@ -285,6 +288,8 @@ def check_megatron(c: TrainConfig) -> None:
          "are not saved whole yet; drop kasa.modules_to_save")
     need(c.kasa.svd_cache is None, "kasa.svd_cache with backend: megatron: the TP truncation reduces Grams "
          "across ranks instead; drop kasa.svd_cache")
+    need(not c.sequence_parallel or c.tensor_parallel > 1, "sequence_parallel: true splits the tokens over the "
+         "tensor-parallel ranks: set tensor_parallel > 1, or sequence_parallel: false")
 
 
 def check_parallel(c: TrainConfig) -> None:
@@ -297,6 +302,7 @@ def check_parallel(c: TrainConfig) -> None:
     need(c.pipeline_parallel >= 1, f"pipeline_parallel={c.pipeline_parallel}: must be >= 1")
     need(c.pipeline_parallel == 1 or c.backend == "megatron",
          f"pipeline_parallel={c.pipeline_parallel} needs backend: megatron")
+    need(not c.sequence_parallel or c.backend == "megatron", "sequence_parallel: true needs backend: megatron")
     if c.backend == "megatron":
         check_megatron(c)
         return

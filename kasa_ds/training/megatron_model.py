@@ -69,6 +69,28 @@ class SDPACoreAttention(nn.Module):
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
 
+class FrozenTorchNorm:
+    """megatron's WrappedTorchNorm (torch's RMSNorm: the norm megatron's local spec takes without apex) also under
+    sequence parallelism, which megatron refuses for it because a trained norm weight's gradient, computed from this
+    rank's tokens only, would have to be summed over the TP ranks. The base's norms stay frozen here."""
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **unused):
+        return nn.RMSNorm(hidden_size, eps=eps)
+
+
+def _with_norm(spec, norm) -> None:
+    """Every torch norm in the layer spec ``spec`` (a ModuleSpec tree) replaced by ``norm``."""
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    submodules = getattr(spec, "submodules", None)
+    for name in getattr(submodules, "__dataclass_fields__", {}):
+        child = getattr(submodules, name)
+        if child is WrappedTorchNorm:
+            setattr(submodules, name, norm)
+        elif hasattr(child, "submodules"):
+            _with_norm(child, norm)
+
+
 def rope_settings(hf_config) -> dict:
     """GPTModel's RoPE arguments for the checkpoint; an HF RoPE scaling megatron-core does not compute is refused."""
     params = dict(getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {})
@@ -114,10 +136,13 @@ def _rope_where_it_is(rope) -> None:
     rope.get_emb = get_emb
 
 
-def build_gpt(hf_config, family: Family, layout: Layout, *, dtype: torch.dtype, device: torch.device):
-    """This rank's (uninitialized) TP shards of the GPTModel for ``hf_config``; megatron parallel_state must be set."""
+def build_gpt(hf_config, family: Family, layout: Layout, *, dtype: torch.dtype, device: torch.device,
+              sequence_parallel: bool = False):
+    """This rank's (uninitialized) TP shards of the GPTModel for ``hf_config``; megatron parallel_state must be set.
+    ``sequence_parallel`` (TP > 1): megatron's sequence parallelism, whose linears allocate on CUDA."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     config = TransformerConfig(
@@ -129,11 +154,15 @@ def build_gpt(hf_config, family: Family, layout: Layout, *, dtype: torch.dtype, 
         add_bias_linear=False, add_qkv_bias=family.qkv_bias, qk_layernorm=family.qk_norm, hidden_dropout=0.0,
         attention_dropout=0.0, bias_activation_fusion=False, persist_layer_norm=False, apply_rope_fusion=False,
         masked_softmax_fusion=False, gradient_accumulation_fusion=False, use_cpu_initialization=True,
-        perform_initialization=False, params_dtype=dtype, bf16=dtype == torch.bfloat16)
+        perform_initialization=False, params_dtype=dtype, bf16=dtype == torch.bfloat16,
+        sequence_parallel=sequence_parallel and layout.tp_size > 1)
     spec = get_gpt_layer_local_spec(qk_layernorm=family.qk_norm, normalization="RMSNorm")
     on_cpu = device.type != "cuda"
     if on_cpu:
         spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    if config.sequence_parallel:
+        _with_norm(spec, FrozenTorchNorm)
+        spec = TransformerBlockSubmodules(layer_specs=[spec] * len(layout.stage_layers), layer_norm=FrozenTorchNorm)
     model = GPTModel(config, spec, vocab_size=layout.padded_vocab, pre_process=layout.pp_rank == 0,
                      post_process=layout.pp_rank == layout.pp_size - 1,
                      max_sequence_length=getattr(hf_config, "max_position_embeddings", 4096),
@@ -236,6 +265,8 @@ class MegatronCausalLM(nn.Module):
         self.layout, self.family, self.config, self.tp_group = layout, family, hf_config, tp_group
         self.pipeline = pipeline
         self.first_stage, self.last_stage = layout.pp_rank == 0, layout.pp_rank == layout.pp_size - 1
+        #: megatron's sequence parallelism (TP > 1): activations outside the TP regions split on the token dimension
+        self.sequence_parallel = bool(gpt.config.sequence_parallel)
         #: the training step's pipeline schedule: megatron-core's own on CUDA, kasa_ds.comm.pipeline's elsewhere
         self.pipeline_schedule = "megatron" if next(gpt.parameters()).is_cuda else "kasa_ds"
         eos = getattr(hf_config, "eos_token_id", None)
@@ -304,7 +335,8 @@ class MegatronCausalLM(nn.Module):
         q_proj`` → ``model.layers.3.self_attn.q_proj``): the adapter loads on the HF checkpoint, at any TP size."""
         return hf_module_name(name.removeprefix("gpt."), self.layout.stage_layers.start) or name
 
-    def _stage(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def _stage(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+               position_ids: Optional[torch.Tensor]) -> torch.Tensor:
         """:meth:`_run_stage`; a later stage first receives its input from the previous one (and, when gradients are
         on, sends that input's gradient back during backward)."""
         if not self.first_stage:
@@ -312,16 +344,25 @@ class MegatronCausalLM(nn.Module):
             hidden = self._received_input(input_ids, prev)
             if torch.is_grad_enabled():
                 hidden.register_hook(lambda grad: _send_back(grad, prev))
-        return self._run_stage(input_ids, attention_mask)
+        return self._run_stage(input_ids, attention_mask, position_ids)
 
-    def _run_stage(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """This stage's output from its input (a later stage's: set by :meth:`_received_input`): hidden states
-        [s, b, h] (a stage before the last), or the last stage's [b, s, V_pad/t] float32 logits of this rank's
-        vocabulary part, padded entries −inf."""
-        out = self.gpt(input_ids, None, attention_mask)
+    def _run_stage(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                   position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """This stage's output from its input (HF's input_ids [b, s], attention_mask, position_ids; a later stage's
+        input is set by :meth:`_received_input`): hidden states [s, b, h] (a stage before the last; [s′/t, b, h]
+        under sequence parallelism, s′ = :meth:`_tokens`), or the last stage's [b, s, V_pad/t] float32 logits of this
+        rank's vocabulary part, padded entries −inf."""
+        length = input_ids.shape[1]
+        pad = self._tokens(length) - length
+        if pad:  # sequence parallelism splits the tokens evenly: pads go last, where causal attention hides them
+            input_ids = F.pad(input_ids, (0, pad))
+            if position_ids is not None:  # a packed row's last example runs on through the pads
+                steps = torch.arange(1, pad + 1, device=position_ids.device)
+                position_ids = torch.cat([position_ids, position_ids[:, -1:] + steps], dim=1)
+        out = self.gpt(input_ids, None, self._attention_mask(attention_mask, position_ids))
         if not self.last_stage:
             return out
-        logits = out.float()
+        logits = out.float()[:, :length]
         layout = self.layout
         if layout.padded_vocab > layout.vocab:
             per = layout.padded_vocab // layout.tp_size
@@ -334,8 +375,7 @@ class MegatronCausalLM(nn.Module):
                 **unused) -> CausalLMOutput:
         """loss: mean cross-entropy of labels[:, 1:] (−100 ignored) given logits[:, :-1], as HF computes it;
         logits ([b, s, V], gathered over TP) only when no labels are given."""
-        mask = self._attention_mask(attention_mask, position_ids)
-        out = self._stage(input_ids, mask)
+        out = self._stage(input_ids, attention_mask, position_ids)
         if not self.last_stage:  # send this stage's output on; the last stage's result comes back
             group, _, following, last = self.pipeline
             dist.send(out.detach().contiguous(), dst=following)
@@ -383,8 +423,7 @@ class MegatronCausalLM(nn.Module):
         return task_losses.tolist(), reg.item()
 
     def _stage_of(self, batch: dict) -> torch.Tensor:
-        return self._run_stage(batch["input_ids"],
-                               self._attention_mask(batch.get("attention_mask"), batch.get("position_ids")))
+        return self._run_stage(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
 
     def _kasa_ds_schedule(self, batches: list[dict], task_scales: list[float]) -> list[torch.Tensor]:
         """The step's forwards and backwards through :func:`kasa_ds.comm.pipeline.one_f_one_b`; returns the last
@@ -433,6 +472,7 @@ class MegatronCausalLM(nn.Module):
         config.variable_seq_lengths = len({tuple(b["input_ids"].shape) for b in batches}) > 1
         config.deallocate_pipeline_outputs = True
         b, s = batches[0]["input_ids"].shape
+        s = self._tokens(s)  # megatron divides it by TP under sequence parallelism
         schedule = get_forward_backward_func(pp_size=self.layout.pp_size)
         schedule(forward_step_func=forward_step, data_iterator=iter(range(len(batches))), model=self.gpt,
                  num_microbatches=len(batches), seq_length=s, micro_batch_size=b)
@@ -447,10 +487,15 @@ class MegatronCausalLM(nn.Module):
         self.gpt.set_input_tensor(hidden)
         return hidden
 
+    def _tokens(self, length: int) -> int:
+        """The tokens a row of ``length`` runs as: under sequence parallelism, rounded up to a multiple of TP."""
+        return length + (-length) % self.layout.tp_size if self.sequence_parallel else length
+
     def _empty_activation(self, input_ids: torch.Tensor) -> torch.Tensor:
         """An empty [s, b, h] tensor for the activation between stages of the batch ``input_ids`` [b, s] (or its
-        gradient), in the model's dtype."""
-        return torch.empty(input_ids.shape[1], input_ids.shape[0], self.layout.hidden,
+        gradient; [s′/t, b, h] under sequence parallelism), in the model's dtype."""
+        tokens = self._tokens(input_ids.shape[1]) // (self.layout.tp_size if self.sequence_parallel else 1)
+        return torch.empty(tokens, input_ids.shape[0], self.layout.hidden,
                            dtype=next(self.gpt.parameters()).dtype, device=input_ids.device)
 
     @staticmethod
@@ -483,9 +528,11 @@ class MegatronCausalLM(nn.Module):
         return ids
 
 
-def load_megatron_lm(model_dir: str | Path, *, dtype: torch.dtype, device: torch.device) -> MegatronCausalLM:
+def load_megatron_lm(model_dir: str | Path, *, dtype: torch.dtype, device: torch.device,
+                     sequence_parallel: bool = False) -> MegatronCausalLM:
     """The HF checkpoint at ``model_dir`` as this rank's shards of a GPTModel, projections exposed for KaSA.
-    megatron parallel_state must be initialized (its TP group splits the model)."""
+    megatron parallel_state must be initialized (its TP group splits the model). ``sequence_parallel`` (TP > 1):
+    megatron's sequence parallelism (CUDA: its sequence-parallel linears allocate their buffers there)."""
     from megatron.core import parallel_state as ps
     from transformers import AutoConfig
 
@@ -495,7 +542,7 @@ def load_megatron_lm(model_dir: str | Path, *, dtype: torch.dtype, device: torch
     pp, pp_rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
     check_supported(hf_config, family, tp, pp)
     layout = Layout.of(hf_config, tp, tp_rank, pp, pp_rank)
-    gpt = build_gpt(hf_config, family, layout, dtype=dtype, device=device)
+    gpt = build_gpt(hf_config, family, layout, dtype=dtype, device=device, sequence_parallel=sequence_parallel)
     load_hf_checkpoint(gpt, model_dir, family, layout)
     expose_projections(gpt, layout)
     pipeline = None

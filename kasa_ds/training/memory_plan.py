@@ -23,6 +23,8 @@ Parameter counts are exact (the model is built on the meta device). Bytes per pa
   With pipeline stages (the Megatron road's 1F1B schedule) stage s keeps its own layers' activations of up to P − s
   micro-batches: the first stage P of them (as many layers' worth as one micro-batch of the whole model), the last
   one micro-batch's and the loss's; the larger of the two is counted.
+  With sequence parallelism (the Megatron road, TP > 1) the terms outside the TP regions (the norms' inputs and
+  outputs, a checkpointed layer's input) are split over the TP ranks too.
   With gradient checkpointing each layer keeps only its input (2h), and the peak is the larger of the loss's
   tensors and one layer recomputed in backward together with the gradients it is working on (h + 2·ffn). The loss
   adds float32 logits and their gradient (2 × 4·V per token) beside the bf16 logits (2·V).
@@ -67,6 +69,7 @@ class RunShape:
     tp: int = 1
     pp: int = 1  # pipeline stages (the Megatron road)
     megatron: bool = False  # the Megatron road: no DeepSpeed; TP splits the embedding and head too
+    sequence_parallel: bool = False  # the Megatron road at TP > 1: tokens outside the TP regions split over TP
     gpus: int = 8
     quant_mode: str = "low_rank_correction"
     double_quant: bool = True
@@ -87,6 +90,8 @@ class RunShape:
             raise ValueError("the Megatron road runs megatron-core's parallelism, not DeepSpeed (deepspeed=False)")
         if self.pp > 1 and not self.megatron:
             raise ValueError(f"pp={self.pp}: pipeline stages are the Megatron road's: add --megatron")
+        if self.sequence_parallel and not (self.megatron and self.tp > 1):
+            raise ValueError("sequence parallelism is the Megatron road's, at TP > 1: add --megatron and --tp")
 
     @property
     def model_parallel(self) -> int:
@@ -235,7 +240,8 @@ def activation_bytes(shape: ModelShape, run: RunShape) -> float:
     L, in_flight = shape.layers // run.pp, run.pp
     tokens = run.seq_len * run.micro_batch
     split_terms = cb * 5 * h / tp + cb * 4 * i / tp
-    per_layer = 2 * (4 * h + cb * h) + split_terms
+    sp = tp if run.sequence_parallel else 1  # the tokens outside the TP regions are split too
+    per_layer = 2 * (4 * h + cb * h) / sp + split_terms
     # routed layers: each token's top-k rows of h gathered (cb) and the experts' float32 outputs before the
     # weighted sum (4), and the router's float32 softmax over the experts (averaged over the layers)
     per_layer += (shape.routed_rows * h * (cb + 4) + shape.router_logits * 4) / shape.layers
@@ -244,7 +250,7 @@ def activation_bytes(shape: ModelShape, run: RunShape) -> float:
     logits = tokens * V * (cb + 2 * 4) / (tp if run.tp > 1 else 1)
     if run.checkpointing:  # layer inputs, then the larger of: the loss's tensors, one layer recomputed in backward
         backward_grads = cb * (h + 2 * i / tp)  # with it: the incoming gradient and two MLP-width gradients
-        kept, recomputed = tokens * cb * h * L, tokens * (per_layer + backward_grads)
+        kept, recomputed = tokens * cb * h * L / sp, tokens * (per_layer + backward_grads)
         last = kept + max(logits, recomputed)
         return last if run.pp == 1 else max(in_flight * kept + recomputed, last)
     kept = tokens * per_layer * L
@@ -269,7 +275,8 @@ def recipe_estimate(cfg: TrainConfig) -> Optional[dict]:
     names = tuple(cfg.kasa.target_modules)
     if cfg.backend == "megatron":
         run = recipe_run(cfg, names, deepspeed=False, megatron=True, tp=cfg.tensor_parallel,
-                         pp=cfg.pipeline_parallel, gpus=cfg.tensor_parallel * cfg.pipeline_parallel)
+                         pp=cfg.pipeline_parallel, gpus=cfg.tensor_parallel * cfg.pipeline_parallel,
+                         sequence_parallel=cfg.sequence_parallel)
     else:
         run = recipe_run(cfg, names, deepspeed=False, zero=0, gpus=1)
     return plan(model_shape(model_dir(cfg.model), names), run, cfg.train.max_memory_gib)

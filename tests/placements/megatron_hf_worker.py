@@ -1,7 +1,7 @@
 """Worker for tests/placements/test_megatron_hf.py: HF checkpoints through megatron-core at TP=t, against the HF road.
 
     torchrun --nproc_per_node N tests/placements/megatron_hf_worker.py --ckpts DIR --out DIR [--pp P] [--resume DIR]
-        [--checkpointing]
+        [--checkpointing] [--sequence-parallel]
 
 (TP = N / P, P pipeline stages; stage-held tensors are merged over the stages before they are compared.)
 
@@ -14,9 +14,10 @@ For each family checkpoint under --ckpts (llama, qwen2, qwen3; written by the te
                   (with --checkpointing the megatron model recomputes its layers in backward; ``activations``: the
                   bytes one training forward keeps for backward, without and with it)
     schedules     with pipeline stages, after the steps: one step of 3 micro-batches (two lengths) through each
-                  pipeline schedule (kasa_ds's 1F1B, and megatron-core's own under :func:`megatron_schedule_on_cpu`;
+                  pipeline schedule (kasa_ds's 1F1B, and megatron-core's own under :func:`megatron_cuda_on_cpu`;
                   layers recomputed in backward) vs one forward and backward per micro-batch: this stage's adapter
                   gradients (‖Δ‖/‖g‖ over all of them) and the task losses
+    odd_logits    with --sequence-parallel: logits of an 11-token row (padded to a multiple of TP inside) vs HF's
     exported      rank 0: the adapter written from megatron, loaded with load_adapter on the HF checkpoint: logits
                   vs megatron's; and exported as the rank-2r LoRA (export_lora_files), loaded by PEFT
 With --resume (a TP=1 run after a TP=2 one): the adapter the TP=2 run wrote is loaded into this run's megatron model;
@@ -80,12 +81,15 @@ def activation_bytes(model, ids: torch.Tensor) -> int:
 
 
 @contextlib.contextmanager
-def megatron_schedule_on_cpu():
-    """megatron-core's pipeline schedule as it runs on a GPU, its buffers on the CPU: it allocates them with
-    ``device="cuda"`` and ``torch.cuda.current_device()`` and calls ``torch.cuda.synchronize()``, which a CPU-only
-    torch refuses. Those three are redirected; the schedule's order, its batched p2p operations (over gloo), its
-    loss scaling and its release of sent activations are megatron's."""
+def megatron_cuda_on_cpu():
+    """megatron-core's CUDA-only code as it runs on a GPU, its buffers on the CPU. Its pipeline schedule, its
+    sequence-parallel mappings and linears allocate with ``device="cuda"`` and ``torch.cuda.current_device()`` and
+    call ``torch.cuda.synchronize()``, and its sequence-parallel embedding enters the CUDA RNG tracker around its
+    dropout (p = 0 here), which a CPU-only torch refuses. Those four are redirected (the tracker's fork does
+    nothing); the rest (the schedule's order and batched p2p operations over gloo, its loss scaling, its release of
+    sent activations, the sequence-parallel all-gathers and reduce-scatters) is megatron's."""
     from megatron.core.pipeline_parallel import schedules
+    from megatron.core.tensor_parallel import random
 
     class TorchOnCpu:  # what the schedule's module sees as ``torch``
         def __getattr__(self, name):
@@ -97,7 +101,8 @@ def megatron_schedule_on_cpu():
 
     with mock.patch.object(schedules, "torch", TorchOnCpu()), \
             mock.patch.object(torch.cuda, "current_device", lambda: torch.device("cpu")), \
-            mock.patch.object(torch.cuda, "synchronize", lambda *args, **kwargs: None):
+            mock.patch.object(torch.cuda, "synchronize", lambda *args, **kwargs: None), \
+            mock.patch.object(random.CudaRNGStatesTracker, "fork", lambda self, *args: contextlib.nullcontext()):
         yield
 
 
@@ -123,7 +128,7 @@ def schedules_agree(mg, ids: torch.Tensor) -> dict:
     result = {}
     for schedule in ("kasa_ds", "megatron"):
         mg.pipeline_schedule = schedule
-        with megatron_schedule_on_cpu() if schedule == "megatron" else contextlib.nullcontext():
+        with megatron_cuda_on_cpu() if schedule == "megatron" else contextlib.nullcontext():
             losses, _ = mg.pipelined_forward_backward(batches, scales, reg_scale, lambda: kasa_regularization(mg))
         result[schedule] = {"grads": ((take_grads() - expected).norm() / expected.norm()).item(),
                             "losses": max(abs(a - b) / abs(b) for a, b in zip(losses, reference))}
@@ -132,15 +137,19 @@ def schedules_agree(mg, ids: torch.Tensor) -> dict:
     return result
 
 
-def run_family(path: Path, out: Path, tp_group, resume, checkpointing: bool) -> dict:
+def run_family(path: Path, out: Path, tp_group, resume, checkpointing: bool, sequence_parallel: bool) -> dict:
     from peft import PeftModel
 
     family = path.name
     rank = dist.get_rank()
     ids = torch.randint(0, 250, (2, 12), generator=torch.Generator().manual_seed(1))
-    hf, mg = hf_model(path), load_megatron_lm(path, dtype=torch.float32, device=torch.device("cpu")).eval()
+    hf = hf_model(path)
+    mg = load_megatron_lm(path, dtype=torch.float32, device=torch.device("cpu"),
+                          sequence_parallel=sequence_parallel).eval()
     with torch.no_grad():
         result = {"logits": rel(hf(ids).logits, mg(ids).logits)}
+        if sequence_parallel:  # 11 tokens: padded to 12 to split evenly over the TP ranks
+            result["odd_logits"] = rel(hf(ids[:, :11]).logits, mg(ids[:, :11]).logits)
         stored = dict(iter_tensors(path))
         gathered = mg.gather_stages(hf_state(mg.gpt, mg.family, mg.layout, tp_group))
         result["roundtrip_keys"] = sorted(gathered) == sorted(stored)
@@ -212,6 +221,8 @@ def main() -> None:
     p.add_argument("--resume", type=Path)
     p.add_argument("--pp", type=int, default=1, help="pipeline stages (TP = world / pp)")
     p.add_argument("--checkpointing", action="store_true", help="train the megatron model with its layers recomputed")
+    p.add_argument("--sequence-parallel", action="store_true",
+                   help="megatron's sequence parallelism (its CUDA allocations on the CPU: megatron_cuda_on_cpu)")
     a = p.parse_args()
     dist.init_process_group("gloo")
     from megatron.core import parallel_state as ps
@@ -219,8 +230,10 @@ def main() -> None:
     ps.initialize_model_parallel(tensor_model_parallel_size=dist.get_world_size() // a.pp,
                                  pipeline_model_parallel_size=a.pp)
     torch.manual_seed(0)
-    results = {path.name: run_family(path, a.out, ps.get_tensor_model_parallel_group(), a.resume, a.checkpointing)
-               for path in sorted(a.ckpts.iterdir())}
+    with megatron_cuda_on_cpu() if a.sequence_parallel else contextlib.nullcontext():
+        results = {path.name: run_family(path, a.out, ps.get_tensor_model_parallel_group(), a.resume,
+                                         a.checkpointing, a.sequence_parallel)
+                   for path in sorted(a.ckpts.iterdir())}
     results["tp_rank"] = ps.get_tensor_model_parallel_rank()
     (a.out / f"rank{dist.get_rank()}.json").write_text(json.dumps(results))
     ps.destroy_model_parallel()

@@ -118,6 +118,27 @@ def test_pp2_matches_the_hf_road(tp2_run, tmp_path):
                 assert r["schedules"][schedule]["losses"] < 1e-6, (family, r["schedules"])
 
 
+def test_sequence_parallel_at_tp2_and_pp2_matches_the_hf_road(tp2_run, tmp_path):
+    """megatron's sequence parallelism at TP=2 × PP=2 on 4 ranks (tokens split between the TP regions and in the
+    activations sent between stages; the adapters' r-wide tensors all-gathered / reduce-scattered with the base's;
+    megatron's CUDA allocations and RNG tracker on the CPU: megatron_cuda_on_cpu; layers recomputed): the same checks
+    as without, an 11-token row (padded inside) too, the losses of the TP=2 run without it, and both pipeline
+    schedules (the micro-batches of 12 and 9 tokens: 9 is padded) vs one micro-batch at a time."""
+    ckpts, _, plain = tp2_run
+    for rank in torchrun(4, ckpts, tmp_path, "--pp", "2", "--sequence-parallel", "--checkpointing"):
+        for family in FAMILIES:
+            r = rank[family]
+            assert r["logits"] < 1e-5 and r["odd_logits"] < 1e-5 and r["truncated"] < 1e-6, (family, r)
+            assert r["adapter_keys"] and r["init"] == 0.0, (family, r)
+            assert r["steps_logits"] < 1e-5 and r["steps_adapter"] < 1e-5, (family, r)
+            if "exported" in r:
+                assert r["exported"] < 1e-5 and r["exported_lora"] < 1e-5, (family, r)
+            assert r["losses"]["megatron"] == pytest.approx(plain[0][family]["losses"]["megatron"], rel=1e-5)
+            for schedule in ("kasa_ds", "megatron"):
+                assert r["schedules"][schedule]["grads"] < 1e-5, (family, r["schedules"])
+                assert r["schedules"][schedule]["losses"] < 1e-6, (family, r["schedules"])
+
+
 def test_tp1_import_and_adapter_saved_at_tp2(tp2_run, tmp_path):
     """TP=1: the import is exact, and the adapters written at TP=2 load into a TP=1 megatron model with the same
     logits."""

@@ -24,6 +24,8 @@ def test_mappings_and_gather_split_adapter_paths_equal_one_process(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for rank in (0, 1):
         errors = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert len(errors) == 8 + 2 * 5  # 4 mappings × (forward, backward); 2 layer paths × (y, ∂x, ∂ΔΣ, ∂A, ∂B)
+        # 6 mappings × (forward, backward); 4 layer paths (gathered/scattered, and sequence-parallel column/row)
+        # × (y, ∂x, ∂ΔΣ, ∂A, ∂B)
+        assert len(errors) == 12 + 4 * 5
         bad = {k: v for k, v in errors.items() if not v <= 1e-5}
         assert not bad, (rank, bad)

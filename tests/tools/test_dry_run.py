@@ -70,7 +70,7 @@ def test_megatron_config_dry_runs_as_the_road_will_load_it(capsys):
     assert two["megatron"] == {"tp": 8, "pp": 2, "dp": 1} and two["memory_plan"]["fits"]
     assert two["svd_matrices_per_rank"] == (35, 35)  # one stage's 40 layers × 7 targets over its 8 ranks
     printed = capsys.readouterr().out
-    assert "TP 8 × PP 2 × DP 1" in printed and "megatron-core TP 8 × PP 2, bf16 base" in printed
+    assert "TP 8 × PP 2 × DP 1" in printed and "megatron-core TP 8 × PP 2 with SP, bf16 base" in printed
     with pytest.raises(ValueError, match="tensor_parallel=3 must divide the 64 attention heads and 8 key/value"):
         dry_run(config, world=12, overrides=["tensor_parallel=3"])
     proc = subprocess.run([sys.executable, str(REPO / "tools/dry_run.py"), "--config", config, "--world-size", "12"],

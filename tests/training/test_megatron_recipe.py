@@ -90,15 +90,23 @@ def test_megatron_tp2_and_pp2_train_as_the_hf_road_and_resume_at_other_sizes(tmp
     assert "eval after" in hf_out
 
 
-def test_megatron_backend_refuses_what_it_does_not_run(tmp_path, tiny_llama_dir):
-    """Settings the megatron backend does not support yet are one error line naming the fix, before any work."""
+@pytest.mark.parametrize("overrides,message", [
+    (["train.optimizer=adamw8bit"], "train.optimizer=adamw8bit with backend: megatron: use adamw"),
+    (["sequence_parallel=true"], "sequence_parallel: true splits the tokens over the tensor-parallel ranks: set "
+                                 "tensor_parallel > 1, or sequence_parallel: false"),
+    # checked when the backend starts, before megatron's groups or the model: the device is known there
+    (["sequence_parallel=true", "tensor_parallel=2"], "sequence_parallel: true runs on CUDA only (megatron-core's "
+     "sequence-parallel layers allocate their buffers on the GPU); set sequence_parallel: false on this machine"),
+])
+def test_megatron_backend_refuses_what_it_does_not_run(tmp_path, tiny_llama_dir, overrides, message):
+    """Settings the megatron backend does not support (here) are one error line naming the fix, before any work."""
     proc = subprocess.run([sys.executable, str(REPO / "launch/train.py"), "--config",
                            str(REPO / "configs/tiny_llama_instruct.yaml"), f"model.path={tiny_llama_dir}",
-                           "backend=megatron", "train.optimizer=adamw8bit"], cwd=tmp_path,
+                           "backend=megatron", *overrides], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == ("error: train.optimizer=adamw8bit with backend: megatron: "
-                                                    "use adamw")
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {message}"
+    assert "KaSA:" not in proc.stdout  # nothing was loaded
 
 
 def test_megatron_memory_limit_below_the_plan_is_refused_before_loading(tmp_path, tiny_llama_dir):

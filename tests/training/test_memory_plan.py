@@ -67,6 +67,24 @@ def test_megatron_splits_weights_over_tp_and_stages_exactly(shape):
     assert one["data_parallel"] == two["data_parallel"] == 1
 
 
+def test_sequence_parallel_splits_the_tokens_outside_the_tp_regions(shape):
+    """Sequence parallelism at TP 8 splits over the 8 ranks each layer's norm inputs (float32) and outputs (bf16)
+    without checkpointing; with it, each layer's kept input, and the norm terms of the layer recomputed in backward
+    (here the larger of the two peaks, beside the loss's tensors)."""
+    h, L, tokens = 8192, 80, 4096
+    norms = 2 * (4 * h + 2 * h)
+    run = dict(megatron=True, deepspeed=False, tp=8, gpus=8)
+    for checkpointing, per_token in ((False, L * norms), (True, L * 2 * h + norms)):
+        def activations(sp: bool) -> float:
+            return plan(shape, RunShape(checkpointing=checkpointing, sequence_parallel=sp,
+                                        **run))["per_gpu_bytes"]["activations"]
+
+        saved = activations(False) - activations(True)
+        assert saved == pytest.approx(tokens * per_token * (1 - 1 / 8)), checkpointing
+    with pytest.raises(ValueError, match="add --megatron and --tp"):
+        RunShape(megatron=True, deepspeed=False, sequence_parallel=True)
+
+
 def test_cli_megatron(capsys):
     from plan_memory import main
 

@@ -93,6 +93,7 @@ def test_corrupted_or_foreign_checkpoint_is_refused_and_kept(tiny_llama_dir, tmp
     (["kasa.target_modules=5"], "kasa.target_modules=5: expected list or str"),
     (["lr=1"], "unknown config key 'lr'"),
     (["tensor_parallel=2"], "tensor_parallel=2 needs the DeepSpeed launcher and --ds_config"),
+    (["sequence_parallel=true"], "sequence_parallel: true needs backend: megatron"),
     (["tensor_parallel=2", "--ds_config", "ds_configs/zero2.json"], "tensor_parallel is supported for model.task=causal_lm"),
     (["train.optimizer=adamw8bit", "--ds_config", "ds_configs/zero2.json"],
      "train.optimizer=adamw8bit with --ds_config"),

@@ -11,15 +11,27 @@ Column-parallel base (rows of W split; output split):           Row-parallel bas
 so every replicated parameter receives the full gradient on every TP rank, and the sharded one its own rows or
 columns: forward, gradients and weights equal the TP=1 layer's, split. The r×r orthogonality Gram of the sharded
 factor is a sum over shards (all-reduced in :meth:`KaSAParallelLinear.grams`), the replicated one is local.
+
+With megatron's sequence parallelism the tokens are split too (first dimension, s/t per rank) where the base's are:
+
+    column: x_i [s/t, b, n] (the base all-gathers it)     row: y_i [s/t, b, m] (the base reduce-scatters it)
+    z = gather_first_dim(ΔΣ ⊙ A·x_i)   [s, b, r]           h_i = reduce_scatter_first_dim(A_i·x_i)   [s/t, b, r]
+    y_i += (α/r) · B_i z                                  y_i += (α/r) · B (ΔΣ ⊙ h_i)
+
+(r-wide tensors cross the ranks, never n- or m-wide ones). A replicated parameter that meets only this rank's tokens
+(A and ΔΣ of a column layer, B and ΔΣ of a row layer) is taken through copy_to_tp_region, whose backward sums its
+gradient over the TP group: every rank again holds the TP=1 gradient.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from ...core.layer import KaSALinear
+from ...core.layer import DiagLinear, KaSALinear
 from ...core.penalty import gram
-from ...comm.mappings import copy_to_tp_region, gather_last_dim, reduce_from_tp_region, split_last_dim
+from ...comm.mappings import (copy_to_tp_region, gather_first_dim, gather_last_dim, reduce_from_tp_region,
+                              reduce_scatter_first_dim, split_last_dim)
 from .spec import ShardSpec
 
 
@@ -51,6 +63,8 @@ class KaSAParallelLinear(KaSALinear):
     def update(self, x: torch.Tensor) -> torch.Tensor:
         spec, group = self.spec, self.spec.group
         xa = self.lora_dropout(x.to(self.lora_A.weight.dtype))
+        if spec.sequence_parallel and spec.tp_size > 1:
+            return self._sequence_parallel_update(xa)
         if spec.dim == 0:
             z = self.lora_A(xa) * self.lora_diag
             if spec.tp_size > 1:
@@ -65,6 +79,17 @@ class KaSAParallelLinear(KaSALinear):
         if spec.tp_size > 1:
             h = reduce_from_tp_region(h, group)
         return self.lora_B(h, self.lora_diag, self.scaling)
+
+    def _sequence_parallel_update(self, xa: torch.Tensor) -> torch.Tensor:
+        """The update under sequence parallelism (module docstring): column [s/t, b, n] → [s, b, m_i], row
+        [s, b, n_i] → [s/t, b, m]."""
+        group = self.spec.group
+        diag = copy_to_tp_region(self.lora_diag, group)
+        if self.spec.dim == 0:
+            z = gather_first_dim(F.linear(xa, copy_to_tp_region(self.lora_A.weight, group)) * diag, group)
+            return self.lora_B(z) * self.scaling
+        h = reduce_scatter_first_dim(self.lora_A(xa), group)
+        return DiagLinear.apply(h, diag, copy_to_tp_region(self.lora_B.weight, group), self.scaling)
 
     def grams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(ΔUᵀΔU, ΔVᵀΔV) r×r float32: the sharded factor's Gram is summed over the TP group (forward all-reduce,

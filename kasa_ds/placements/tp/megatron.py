@@ -24,15 +24,13 @@ def megatron_spec(module: nn.Module, name: str) -> Optional[ShardSpec]:
             return spec
         tp = spec.tp_size
         return ShardSpec(0, (module.full_rows, spec.full_shape[1]), (len(module.rows),) * tp, spec.group,
-                         returns_bias=True, dp_group=spec.dp_group, rows=module.rows, stage_group=spec.stage_group)
+                         returns_bias=True, dp_group=spec.dp_group, rows=module.rows, stage_group=spec.stage_group,
+                         sequence_parallel=spec.sequence_parallel)
     if not isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
         return None
     if module.weight is None:
         raise ValueError(f"{name}: skip_weight_param_allocation=True (the weight is passed at run time); KaSA needs "
                          "the layer to own its weight")
-    if module.sequence_parallel:
-        raise ValueError(f"{name}: sequence parallelism is not supported by KaSA's TP layers yet; set "
-                         "sequence_parallel=False in the TransformerConfig")
     if module.explicit_expert_comm:
         raise ValueError(f"{name}: expert-parallel linears are not supported; exclude the MoE experts "
                          "(exclude_modules)")
@@ -47,7 +45,7 @@ def megatron_spec(module: nn.Module, name: str) -> Optional[ShardSpec]:
                                                                   "gated_linear_unit", False)
         return ShardSpec(0, (module.output_size, module.input_size), (module.output_size_per_partition,) * tp,
                          module.tp_group, gather_output=module.gather_output, returns_bias=True, dp_group=dp_group,
-                         chunks=2 if glu else 1, stage_group=stage)
+                         chunks=2 if glu else 1, stage_group=stage, sequence_parallel=module.sequence_parallel)
     return ShardSpec(1, (module.output_size, module.input_size), (module.input_size_per_partition,) * tp,
                      module.tp_group, input_is_parallel=module.input_is_parallel, returns_bias=True,
-                     dp_group=dp_group, stage_group=stage)
+                     dp_group=dp_group, stage_group=stage, sequence_parallel=module.sequence_parallel)

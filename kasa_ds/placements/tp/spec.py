@@ -42,6 +42,9 @@ class ShardSpec:
     #: the ranks that hold this layer's pipeline stage (DP × TP ranks of one stage; None: the whole world): the
     #: truncation's schedule and broadcasts run over it
     stage_group: Optional[dist.ProcessGroup] = None
+    #: megatron's sequence parallelism: the layer's input (column-parallel) or output (row-parallel) is split over
+    #: the TP ranks on its first (sequence) dimension
+    sequence_parallel: bool = False
 
     @property
     def tp_size(self) -> int:
