@@ -80,8 +80,10 @@ def main(argv=None) -> dict:
                 fail("no GPU count up to 4096 fits; use offload, checkpointing or a shorter sequence")
         run = run_for(gpus)
         result = plan(shape, run, a.gpu_gib)
-    mode = ("megatron-core" + (" with sequence parallelism" if run.sequence_parallel else "") if run.megatron else "no DeepSpeed" if not run.deepspeed
-            else f"ZeRO-{run.zero}, offload {run.offload}")
+    if run.megatron:
+        mode = "megatron-core" + (" with sequence parallelism" if run.sequence_parallel else "")
+    else:
+        mode = "no DeepSpeed" if not run.deepspeed else f"ZeRO-{run.zero}, offload {run.offload}"
     stages = f" × PP {a.pp}" if a.pp > 1 else ""
     print(f"{a.model}: {shape.total:,} parameters, {describe_targets(shape)} (r={a.r}), "
           f"{a.method}, {gpus} GPUs = TP {a.tp}{stages} × DP {result['data_parallel']}, {mode}, {a.optimizer}, "

@@ -119,8 +119,13 @@ def test_gram_unless_it_is_larger_than_the_weight():
 
 
 def test_unsupported_tp_layout_is_refused_before_any_work():
-    """megatron layers with sequence parallelism: a clear error naming the layer and the fix."""
+    """megatron's expert-parallel linears: a clear error naming the layer and the fix."""
     import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.model_parallel_config import ModelParallelConfig
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+
+    from kasa_ds import KaSAConfig, apply_kasa
 
     if dist.is_initialized():
         pytest.skip("needs a fresh process group")
@@ -128,22 +133,16 @@ def test_unsupported_tp_layout_is_refused_before_any_work():
     os.environ["MASTER_PORT"] = str(free_port())
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
-        from megatron.core import parallel_state
-        from megatron.core.model_parallel_config import ModelParallelConfig
-        from megatron.core.tensor_parallel import ColumnParallelLinear
-
-        from kasa_ds import KaSAConfig, apply_kasa
-
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
         cfg = ModelParallelConfig(use_cpu_initialization=True, params_dtype=torch.float32,
                                   tensor_model_parallel_size=1)
         model = torch.nn.ModuleDict({"up": ColumnParallelLinear(16, 32, config=cfg, init_method=torch.nn.init.zeros_,
                                                                 bias=False, gather_output=False)})
-        model.up.sequence_parallel = True  # megatron refuses the config flag at TP=1; KaSA reads the layer's
-        with pytest.raises(ValueError, match="up: sequence parallelism is not supported.*sequence_parallel=False"):
+        model.up.explicit_expert_comm = True  # megatron sets it for experts with TP or EP > 1; KaSA reads the layer's
+        with pytest.raises(ValueError, match="up: expert-parallel linears are not supported.*exclude_modules"):
             apply_kasa(model, KaSAConfig(r=2, target_modules=["up"]))
-        parallel_state.destroy_model_parallel()
     finally:
+        parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
 
 
