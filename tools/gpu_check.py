@@ -25,6 +25,12 @@ Checks (each prints one line, PASS / FAIL / NOT AVAILABLE, and lands in the JSON
                    RoPE, bf16: an HF Llama checkpoint loaded into a GPTModel gives the HF model's logits (bf16
                    rounding: ≤ 3e-2 of the largest logit), and KaSA on its projections trains with its layers
                    recomputed in backward (gradient checkpointing; 10 steps, the loss falls)
+    megatron_parallel  the Megatron road on 2 GPUs (NCCL), float32, a tiny random Llama on the bundled data,
+                   against the same recipe at TP=1 on one GPU: two pipeline stages through megatron-core's own 1F1B
+                   schedule (2 micro-batches per step), and TP=2 with sequence parallelism; each run's losses equal
+                   the TP=1 run's (≤ 1e-3 relative: the layouts sum in other orders). NOT AVAILABLE with one GPU;
+                   under --smoke the two stages run on 2 CPU ranks (gloo, kasa_ds's 1F1B; sequence parallelism is
+                   CUDA-only)
     llm_compare    the full-model version of the pre-registered comparison (docs/PROTOCOL_LLM_SIQA.md): every decoder
                    layer of gemma-3-270m adapted (tools/compare_llm.py --adapt-top all, results in
                    <out dir>/llm_siqa_full); NOT AVAILABLE (never a pass) under --smoke or before
@@ -262,6 +268,42 @@ def check_megatron(a, device) -> dict:
             "gradient_checkpointing": True, "loss_first": losses[0], "loss_last": losses[-1]}
 
 
+def check_megatron_parallel(a, device) -> dict:
+    if missing := _missing("megatron.core", "datasets"):
+        return missing
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cuda" and gpus < 2:
+        return {"pass": None, "reason": f"needs 2 CUDA GPUs (this machine has {gpus})"}
+    work = Path(a.work) / "megatron_parallel"
+    subprocess.run([sys.executable, str(TOOLS / "make_tiny_llama.py"), "--out", str(work / "model"), "--hidden",
+                    "64" if a.smoke else "512", "--layers", "2"], check=True)
+    runs = {"tp1": (1, []), "pp2": (2, ["pipeline_parallel=2"])}
+    if device.type == "cuda":
+        runs["tp2_sequence_parallel"] = (2, ["tensor_parallel=2", "sequence_parallel=true"])
+    losses, failed = {}, {}
+    for name, (nproc, overrides) in runs.items():
+        out = work / name
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+             str(29500 + (os.getpid() + nproc) % 1000), str(REPO / "launch/train.py"), "--config",
+             str(REPO / "configs/tiny_llama_instruct.yaml"), f"model.path={work / 'model'}", "backend=megatron",
+             "model.dtype=float32", "kasa.dropout=0.0", f"train.max_steps={2 if a.smoke else 6}",
+             "train.micro_batch_size=2", "train.gradient_accumulation_steps=2", "train.log_every=1",
+             "train.eval_every=100", "train.save_every=100", "--output_dir", str(out), *overrides],
+            cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if proc.returncode:
+            failed[name] = (proc.stdout + proc.stderr)[-2000:]
+            continue
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        losses[name] = [r["loss"] for r in rows if r.get("split") == "train"]
+    ref = losses.get("tp1")
+    errors = {name: max(abs(x - y) / abs(y) for x, y in zip(run, ref)) for name, run in losses.items()
+              if ref and name != "tp1" and len(run) == len(ref)}
+    ok = not failed and len(errors) == len(runs) - 1 and all(e <= 1e-3 for e in errors.values())
+    return {"pass": ok, "loss_error_vs_tp1": errors, "losses": losses, "gpus": gpus,
+            **({"failed": failed} if failed else {})}
+
+
 def _missing(*packages: str) -> dict | None:
     absent = [p for p in packages if importlib.util.find_spec(p) is None]
     if absent:
@@ -292,7 +334,7 @@ def _sync(device) -> None:
 
 def _figure(result: dict) -> str:
     """The headline figure of one check's result, for its line."""
-    keys = ("time_ratio_vs_peft_lora", "projected_560_matrices_seconds", "effective_base_rel_error", "losses",
+    keys = ("time_ratio_vs_peft_lora", "loss_error_vs_tp1", "projected_560_matrices_seconds", "effective_base_rel_error", "losses",
             "loss_last", "error")
     return next((f"{k}={json.dumps(result[k], default=str)[:200]}" for k in keys if k in result), "")
 
@@ -316,14 +358,15 @@ def main(argv=None) -> int:
     for check, run in (("qkasa_4bit", check_qkasa_4bit), ("bf16_autocast", check_bf16_autocast),
                        ("init_70b", check_init_70b), ("step_8b", check_step_8b), ("step_qkasa", check_step_qkasa),
                        ("recipe_zero3", check_recipe_zero3), ("trainer", check_trainer),
-                       ("megatron", check_megatron), ("llm_compare", check_llm_compare)):
+                       ("megatron", check_megatron), ("megatron_parallel", check_megatron_parallel),
+                       ("llm_compare", check_llm_compare)):
         try:
             results["checks"][check] = run(a, device)
         except Exception as e:  # one failing check must not hide the others' results
             results["checks"][check] = {"pass": False, "error": f"{type(e).__name__}: {e}"}
         r = results["checks"][check]
         verdict = "NOT AVAILABLE (" + r["reason"] + ")" if r["pass"] is None else "PASS" if r["pass"] else "FAIL"
-        print(f"{check:<14} {verdict}  {_figure(r)}", flush=True)
+        print(f"{check:<17} {verdict}  {_figure(r)}", flush=True)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(results, indent=2, default=str) + "\n")

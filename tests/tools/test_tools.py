@@ -130,7 +130,7 @@ def test_bench_recipe_measures_all_three_runs(tmp_path, capsys):
 def test_gpu_check_smoke_runs_every_check_on_the_cpu(tmp_path, capsys):
     """tools/gpu_check.py --smoke: the GPU checks' code paths with tiny shapes on the CPU (the recipe through the real
     deepspeed launcher, the Trainer, both step benchmarks, the 70B-shaped init and its 560-matrix projection); the
-    Megatron road on an HF Llama checkpoint; the whole-model comparison (tested in tests/tools/test_compare_llm.py) is
+    Megatron road on an HF Llama checkpoint, and on two pipeline stages against TP=1; the whole-model comparison (tested in tests/tools/test_compare_llm.py) is
     reported as not available, never as a pass. Without --smoke on a GPU-less machine: exit 2."""
     import gpu_check
     import torch
@@ -139,8 +139,12 @@ def test_gpu_check_smoke_runs_every_check_on_the_cpu(tmp_path, capsys):
     result = json.loads((tmp_path / "gpu.json").read_text())
     checks = result["checks"]
     assert [c for c, r in checks.items() if r["pass"]] == ["qkasa_4bit", "bf16_autocast", "init_70b", "step_8b",
-                                                          "step_qkasa", "recipe_zero3", "trainer", "megatron"]
+                                                          "step_qkasa", "recipe_zero3", "trainer", "megatron",
+                                                          "megatron_parallel"]
     assert checks["llm_compare"] == {"pass": None, "reason": "--smoke"}
+    # two pipeline stages on 2 CPU ranks against TP=1 (sequence parallelism only where there are 2 GPUs)
+    assert set(checks["megatron_parallel"]["losses"]) == {"tp1", "pp2"}
+    assert checks["megatron_parallel"]["loss_error_vs_tp1"]["pp2"] <= 1e-3
     assert checks["megatron"]["logits_vs_hf"] < 1e-5 and checks["megatron"]["core_attention"] == "SDPACoreAttention"
     assert checks["qkasa_4bit"]["effective_base_rel_error"] < 1e-4
     assert set(checks["step_qkasa"]["time_ratio_vs_peft_lora"]) == {"peft_lora", "kasa_ds"}
@@ -148,7 +152,7 @@ def test_gpu_check_smoke_runs_every_check_on_the_cpu(tmp_path, capsys):
     assert set(projected) == {"1_gpus", "8_gpus"} and projected["8_gpus"]["auto"] < projected["1_gpus"]["auto"]
     assert len(checks["recipe_zero3"]["losses"]) == 6 and checks["recipe_zero3"]["adapter_written"]
     out = capsys.readouterr().out
-    assert "recipe_zero3   PASS" in out and "megatron       PASS" in out
+    assert all(f"{check:<17} PASS" in out for check in ("recipe_zero3", "megatron", "megatron_parallel"))
     if not torch.cuda.is_available():
         assert gpu_check.main([]) == 2 and "no CUDA GPU" in capsys.readouterr().err
 
