@@ -8,6 +8,8 @@
 For each family checkpoint under --ckpts (llama, qwen2, qwen3; written by the test):
     logits        HF model vs the megatron GPTModel built from the same files (float32), relative to max |logit|
     roundtrip     the megatron shards gathered back to HF tensors vs the stored ones (bit-exact expected)
+    own_*         without pipeline stages: megatron's own attention and RoPE (the CUDA road's), see
+                  :func:`megatron_own_modules`
     truncated     each projection's truncated weight (HF names, gathered) vs the float64 SVD reference
     init          adapter tensors (HF names, gathered) vs the HF road's KaSA model with the same config
     steps         3 SGD steps (momentum) of the same batch on both: logits, and each adapter tensor's ‖Δ‖/‖tensor‖
@@ -43,6 +45,7 @@ from kasa_ds.io.adapter import adapter_state_dict, gathered_adapter_state  # noq
 from kasa_ds.io.hf_checkpoint import iter_tensors  # noqa: E402
 from kasa_ds.io.lora import export_lora_files  # noqa: E402
 from kasa_ds.io.megatron_checkpoint import hf_state  # noqa: E402
+from kasa_ds.training import megatron_model  # noqa: E402
 from kasa_ds.training.megatron_model import load_megatron_lm  # noqa: E402
 
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -83,27 +86,60 @@ def activation_bytes(model, ids: torch.Tensor) -> int:
 @contextlib.contextmanager
 def megatron_cuda_on_cpu():
     """megatron-core's CUDA-only code as it runs on a GPU, its buffers on the CPU. Its pipeline schedule, its
-    sequence-parallel mappings and linears allocate with ``device="cuda"`` and ``torch.cuda.current_device()`` and
-    call ``torch.cuda.synchronize()``, and its sequence-parallel embedding enters the CUDA RNG tracker around its
-    dropout (p = 0 here), which a CPU-only torch refuses. Those four are redirected (the tracker's fork does
-    nothing); the rest (the schedule's order and batched p2p operations over gloo, its loss scaling, its release of
-    sent activations, the sequence-parallel all-gathers and reduce-scatters) is megatron's."""
+    sequence-parallel mappings and linears, its attention and RoPE allocate with ``device="cuda"`` and
+    ``torch.cuda.current_device()`` and call ``torch.cuda.synchronize()``, and its sequence-parallel embedding and
+    attention enter the CUDA RNG tracker around their dropouts (p = 0 here), which a CPU-only torch refuses. Those are
+    redirected (the tracker's fork does nothing); the rest (the schedule's order and batched p2p operations over
+    gloo, its loss scaling, its release of sent activations, the sequence-parallel all-gathers and reduce-scatters,
+    the attention's masking and softmax, RoPE's tables) is megatron's."""
     from megatron.core.pipeline_parallel import schedules
     from megatron.core.tensor_parallel import random
+    from megatron.core.transformer import utils
 
-    class TorchOnCpu:  # what the schedule's module sees as ``torch``
+    factories = {"zeros", "ones", "empty", "full", "arange", "tensor"}
+
+    class TorchOnCpu:  # what a megatron module that writes device="cuda" sees as ``torch``
         def __getattr__(self, name):
-            return getattr(torch, name)
+            attr = getattr(torch, name)
+            if name not in factories:
+                return attr
+            return lambda *args, device=None, **kwargs: attr(*args, device="cpu" if device == "cuda" else device,
+                                                             **kwargs)
 
-        @staticmethod
-        def zeros(*size, device=None, **kwargs):
-            return torch.zeros(*size, device="cpu" if device == "cuda" else device, **kwargs)
-
-    with mock.patch.object(schedules, "torch", TorchOnCpu()), \
+    with mock.patch.object(schedules, "torch", TorchOnCpu()), mock.patch.object(utils, "torch", TorchOnCpu()), \
             mock.patch.object(torch.cuda, "current_device", lambda: torch.device("cpu")), \
             mock.patch.object(torch.cuda, "synchronize", lambda *args, **kwargs: None), \
             mock.patch.object(random.CudaRNGStatesTracker, "fork", lambda self, *args: contextlib.nullcontext()):
         yield
+
+
+def megatron_own_modules(hf, mg, ids: torch.Tensor) -> dict:
+    """The modules the CUDA road runs, on the CPU under :func:`megatron_cuda_on_cpu`: each layer's SDPA core attention
+    swapped back for megatron-core's DotProductAttention and RoPE's frequency table computed by megatron's own
+    get_emb. Logits vs HF's (relative to max |logit|): ``own_logits`` for ``ids``; ``own_packed`` for one packed row
+    of two documents (5 and 7 tokens, position_ids restarting: the block-causal mask goes to megatron's attention)
+    vs HF's logits of each document alone. The CPU modules are put back."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    attentions = [layer.self_attention for layer in mg.gpt.decoder.layers]
+    kept = [attention.core_attention for attention in attentions]
+    for attention in attentions:
+        attention.core_attention = DotProductAttention(
+            mg.gpt.config, layer_number=attention.layer_number, attn_mask_type=attention.attn_mask_type,
+            attention_type="self", softmax_scale=mg.gpt.config.softmax_scale)
+    del mg.gpt.rotary_pos_emb.get_emb  # the instance's CPU override: megatron's own method again
+    docs = [ids[:1, :5], ids[1:, :7]]
+    row, positions = torch.cat(docs, dim=1), torch.cat([torch.arange(5), torch.arange(7)])[None]
+    try:
+        with torch.no_grad(), megatron_cuda_on_cpu():
+            return {"own_attention": type(attentions[0].core_attention).__name__,
+                    "own_logits": rel(hf(ids).logits, mg(ids).logits),
+                    "own_packed": rel(torch.cat([hf(d).logits for d in docs], dim=1),
+                                      mg(row, position_ids=positions).logits)}
+    finally:
+        for attention, core in zip(attentions, kept):
+            attention.core_attention = core
+        megatron_model._rope_where_it_is(mg.gpt.rotary_pos_emb)
 
 
 def schedules_agree(mg, ids: torch.Tensor) -> dict:
@@ -154,6 +190,8 @@ def run_family(path: Path, out: Path, tp_group, resume, checkpointing: bool, seq
         gathered = mg.gather_stages(hf_state(mg.gpt, mg.family, mg.layout, tp_group))
         result["roundtrip_keys"] = sorted(gathered) == sorted(stored)
         result["roundtrip"] = max((gathered[k] - stored[k]).abs().max().item() for k in stored)
+    if mg.pipeline is None:
+        result.update(megatron_own_modules(hf, mg, ids))
     if resume is not None:  # the adapter written at another TP size, loaded here
         load_adapter(mg, resume / f"adapter_{family}", show_progress=False)
         with torch.no_grad():

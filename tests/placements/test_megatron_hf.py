@@ -73,7 +73,9 @@ def check_counts(counts: dict) -> None:
 
 
 def test_tp2_matches_the_hf_road(tp2_run):
-    """Import: logits and the HF ← megatron round trip; KaSA per projection: truncated weights, adapter init, three
+    """Import: logits (also through megatron's own attention and RoPE, the CUDA road's modules, on the CPU:
+    megatron_cuda_on_cpu; a packed row against HF's logits of each document alone) and the HF ← megatron round
+    trip; KaSA per projection: truncated weights, adapter init, three
     training steps (the megatron model recomputing its layers in backward: gradient checkpointing, whose TP
     collectives run again in backward); export: the adapter loaded on the HF checkpoint, and its rank-2r LoRA loaded
     by PEFT."""
@@ -82,6 +84,9 @@ def test_tp2_matches_the_hf_road(tp2_run):
         for family in FAMILIES:
             r = rank[family]
             assert r["logits"] < 1e-5, (family, r)
+            # megatron's own attention and RoPE (what runs on CUDA), a packed row's block-causal mask included
+            assert r["own_attention"] == "DotProductAttention", (family, r)
+            assert r["own_logits"] < 1e-5 and r["own_packed"] < 1e-5, (family, r)
             assert r["roundtrip_keys"] and r["roundtrip"] == 0.0, (family, r)
             assert r["truncated"] < 1e-6, (family, r)
             assert r["adapter_keys"] and r["init"] == 0.0, (family, r)
@@ -147,4 +152,5 @@ def test_tp1_import_and_adapter_saved_at_tp2(tp2_run, tmp_path):
     for family in FAMILIES:
         r = result[family]
         assert r["logits"] < 1e-6 and r["roundtrip"] == 0.0, (family, r)
+        assert r["own_logits"] < 1e-5 and r["own_packed"] < 1e-5, (family, r)
         assert r["resumed"] < 1e-5, (family, r)
