@@ -76,6 +76,10 @@ class _SplitLastDim(torch.autograd.Function):
         return _GatherLastDim.apply(g, ctx.sizes, ctx.group), None, None
 
 
+# torch ≥ 2.13 names it reduce_scatter_single (reduce_scatter_tensor warns there); earlier releases have only the latter
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def _all_gather_first(x: torch.Tensor, group) -> torch.Tensor:
     x = x.contiguous()
     out = x.new_empty((x.shape[0] * dist.get_world_size(group), *x.shape[1:]))
@@ -92,10 +96,6 @@ def _reduce_scatter_first(x: torch.Tensor, group) -> torch.Tensor:
     out = x.new_empty((x.shape[0] // world, *x.shape[1:]))
     _REDUCE_SCATTER(out, x, group=group)
     return out
-
-
-# torch ≥ 2.13 names it reduce_scatter_single (reduce_scatter_tensor warns there); earlier releases have only the latter
-_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 class _GatherFirstDim(torch.autograd.Function):

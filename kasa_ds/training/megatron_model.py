@@ -4,9 +4,10 @@
 megatron-core's local layer spec (RoPE with the checkpoint's theta, GQA, RMSNorm, SwiGLU, Qwen2's q/k/v biases,
 Qwen3's q/k norms, tied or untied embeddings), fills them slice by slice from the safetensors files
 (kasa_ds.io.megatron_checkpoint) and exposes each fused linear's HF projections for KaSA. With pipeline stages each
-rank builds and reads only its stage's layers; a training step's micro-batches go through the stages together
-(:meth:`MegatronCausalLM.pipelined_forward_backward`), and a single call (eval, generation, a user's own loop) goes
-through them in turn (:class:`_PipelineLoss`). megatron-core's modules run
+rank builds and reads only its stage's layers; a training step's micro-batches go through the stages together in 1F1B
+order (:meth:`MegatronCausalLM.pipelined_forward_backward`: megatron-core's own schedule on CUDA, kasa_ds's on a CPU),
+and a single call (eval, generation, a user's own loop) goes through them in turn (:class:`_PipelineLoss`). With
+sequence parallelism (CUDA) the tokens outside the TP regions are split over the TP ranks. megatron-core's modules run
 as they are on CUDA; on a CPU device two of them are replaced, because they allocate on CUDA: the core attention
 (:class:`SDPACoreAttention`, torch SDPA behind megatron's interface) and RoPE's frequency table (computed where it is).
 
