@@ -98,26 +98,17 @@ def _reduce_scatter_first(x: torch.Tensor, group) -> torch.Tensor:
     return out
 
 
-class _GatherFirstDim(torch.autograd.Function):
+class _FirstDim(torch.autograd.Function):
+    """The sequence-parallel pair: forward all-gathers (``gather``) or reduce-scatters dim 0, backward the other."""
+
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_gather_first(x, group)
+    def forward(ctx, x, group, gather: bool):
+        ctx.group, ctx.gather = group, gather
+        return (_all_gather_first if gather else _reduce_scatter_first)(x, group)
 
     @staticmethod
     def backward(ctx, g):
-        return _reduce_scatter_first(g, ctx.group), None
-
-
-class _ReduceScatterFirstDim(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _reduce_scatter_first(x, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _all_gather_first(g, ctx.group), None
+        return (_reduce_scatter_first if ctx.gather else _all_gather_first)(g, ctx.group), None, None
 
 
 def copy_to_tp_region(x: torch.Tensor, group) -> torch.Tensor:
@@ -138,9 +129,9 @@ def split_last_dim(x: torch.Tensor, sizes: Sequence[int], group) -> torch.Tensor
 
 def gather_first_dim(x: torch.Tensor, group) -> torch.Tensor:
     """[s/t, …] on each of the t ranks → [s, …] (rank order); backward sums the ranks' gradients and keeps mine."""
-    return _GatherFirstDim.apply(x, group)
+    return _FirstDim.apply(x, group, True)
 
 
 def reduce_scatter_first_dim(x: torch.Tensor, group) -> torch.Tensor:
     """[s, …] partial sums on each rank → my [s/t, …] of their sum; backward all-gathers the gradient."""
-    return _ReduceScatterFirstDim.apply(x, group)
+    return _FirstDim.apply(x, group, False)
