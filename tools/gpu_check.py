@@ -46,6 +46,7 @@ import argparse
 import importlib.util
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -285,7 +286,7 @@ def check_megatron_parallel(a, device) -> dict:
         out = work / name
         proc = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-             str(29500 + (os.getpid() + nproc) % 1000), str(REPO / "launch/train.py"), "--config",
+             str(_free_port()), str(REPO / "launch/train.py"), "--config",
              str(REPO / "configs/tiny_llama_instruct.yaml"), f"model.path={work / 'model'}", "backend=megatron",
              "model.dtype=float32", "kasa.dropout=0.0", f"train.max_steps={2 if a.smoke else 6}",
              "train.micro_batch_size=2", "train.gradient_accumulation_steps=2", "train.log_every=1",
@@ -302,6 +303,12 @@ def check_megatron_parallel(a, device) -> dict:
     ok = not failed and len(errors) == len(runs) - 1 and all(e <= 1e-3 for e in errors.values())
     return {"pass": ok, "loss_error_vs_tp1": errors, "losses": losses, "gpus": gpus,
             **({"failed": failed} if failed else {})}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _missing(*packages: str) -> dict | None:
