@@ -16,6 +16,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -74,11 +75,14 @@ class SVDCache:
         with safe_open(str(self.dir / self.entries[key]), "pt") as f:
             return f.get_tensor(key + ".left"), f.get_tensor(key + ".right")
 
-    def truncate(self, targets: list[Target], config: KaSAConfig, show_progress: bool = True) -> list[LayerReport]:
+    def truncate(self, targets: list[Target], config: KaSAConfig, show_progress: bool = True,
+                 name_of: Callable[[str], str] = str) -> list[LayerReport]:
         """Step 2 of apply_kasa from the cache: each rank applies the factors to what it holds through the target's
-        format and placement (its ZeRO-3 shard, its TP rows, the whole weight); no gather, no SVD, no collective."""
+        format and placement (its ZeRO-3 shard, its TP rows, the whole weight); no gather, no SVD, no collective.
+        ``name_of``: a target's module name as the checkpoint names it (a Megatron model's projections: the HF
+        model's, kasa_ds.inject.adapter_module_name), whose factors are in the checkpoint's (TP=1) layout."""
         keys = self.keys()
-        names = {t.name: module_key(t.name, keys) for t in targets}
+        names = {t.name: module_key(name_of(t.name), keys) for t in targets}
         missing = [name for name, key in names.items() if key is None]
         if missing:
             raise ValueError(f"SVD cache {self.dir} has no entry for {len(missing)} targets (e.g. {missing[:2]}); it "

@@ -286,8 +286,6 @@ def check_megatron(c: TrainConfig) -> None:
     need(t.autocast is None, "train.autocast with backend: megatron: set model.dtype (bfloat16) instead")
     need(not c.kasa.modules_to_save, "kasa.modules_to_save with backend: megatron: its modules are TP-sharded and "
          "are not saved whole yet; drop kasa.modules_to_save")
-    need(c.kasa.svd_cache is None, "kasa.svd_cache with backend: megatron: the TP truncation reduces Grams "
-         "across ranks instead; drop kasa.svd_cache")
     need(not c.sequence_parallel or c.tensor_parallel > 1, "sequence_parallel: true splits the tokens over the "
          "tensor-parallel ranks: set tensor_parallel > 1, or sequence_parallel: false")
 

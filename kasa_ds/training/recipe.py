@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from ..comm.processes import barrier, launcher_rank, launcher_world_size, shutdown_processes
-from ..inject import apply_kasa
+from ..inject import adapter_module_name, apply_kasa
 from ..io.adapter import adapter_metadata, gathered_adapter_state, load_adapter_state, write_adapter
 from ..io.files import atomic_directory
 from ..io.hf_checkpoint import content_digest
@@ -174,7 +174,8 @@ class Recipe:
         truncate = None
         if cfg.kasa.svd_cache:
             cache = SVDCache(cfg.kasa.svd_cache, model_dir(cfg.model), self.kasa_config)
-            truncate = partial(cache.truncate, show_progress=self.rank == 0)
+            truncate = partial(cache.truncate, show_progress=self.rank == 0,
+                               name_of=partial(adapter_module_name, self.model))
         self.say(apply_kasa(self.model, self.kasa_config, truncate=truncate, show_progress=self.rank == 0,
                             distributed=backend.distributed_truncation, max_gather_bytes=cfg.kasa.max_gather_mb << 20))
         backend.prepare(self.model)

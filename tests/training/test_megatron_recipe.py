@@ -63,9 +63,18 @@ def test_megatron_tp2_and_pp2_train_as_the_hf_road_and_resume_at_other_sizes(tmp
     dp_out = train([*base, "backend=megatron", "train.micro_batch_size=1", "--output_dir", str(tmp_path / "dp2")],
                    tmp_path, nproc=2)
     assert "tensor parallel: 1-way megatron-core × 2 data-parallel replicas" in dp_out
+    # the truncation read from an SVD cache of the HF checkpoint (its TP=1 layout, HF names), each rank subtracting
+    # its own rows or columns of every projection's tail
+    subprocess.run([sys.executable, str(REPO / "tools/precompute_svd.py"), "--model", str(tiny_llama_dir),
+                    "--kasa-r", "8", "--targets", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                    "--out", str(tmp_path / "svd")], check=True, capture_output=True, timeout=300)
+    cache = f"kasa.svd_cache={tmp_path / 'svd'}"
+    cached_out = train([*base, "backend=megatron", "tensor_parallel=2", cache, "--output_dir",
+                        str(tmp_path / "tp2-cached")], tmp_path, nproc=2)
+    assert "max dropped energy nan" in cached_out  # the cache's report: its factors were applied, nothing solved
     hf = records(tmp_path / "hf", "train")
     a = load_file(str(tmp_path / "hf" / "adapter" / "adapter_model.safetensors"))
-    for run in ("tp2", "pp2", "dp2"):
+    for run in ("tp2", "pp2", "dp2", "tp2-cached"):
         mine = records(tmp_path / run, "train")
         for key in ("loss", "grad_norm", "kasa_reg"):
             assert [r[key] for r in mine] == pytest.approx([r[key] for r in hf], rel=1e-5), (run, key)
@@ -81,8 +90,8 @@ def test_megatron_tp2_and_pp2_train_as_the_hf_road_and_resume_at_other_sizes(tmp
     tp2 = records(tmp_path / "tp2", "train")
     step2 = f"resume={tmp_path / 'tp2' / 'checkpoints' / 'step-0000002'}"
     train([*base, "backend=megatron", step2, "--output_dir", str(tmp_path / "tp1")], tmp_path)
-    train([*base, "backend=megatron", "pipeline_parallel=2", step2, "--output_dir", str(tmp_path / "pp2-resumed")],
-          tmp_path, nproc=2)
+    train([*base, "backend=megatron", "pipeline_parallel=2", step2, cache,  # the base rebuilt from the cache
+           "--output_dir", str(tmp_path / "pp2-resumed")], tmp_path, nproc=2)
     for run in ("tp1", "pp2-resumed"):
         resumed = records(tmp_path / run, "train")
         assert [r["step"] for r in resumed] == [3, 4], run
